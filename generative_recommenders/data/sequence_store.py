@@ -1,0 +1,153 @@
+"""Per-user interaction sequences in a flat, fast-loading form.
+
+A data set is one `.npz` file of flat arrays plus offsets: user u's
+interactions, in time order, are rows `offsets[u]:offsets[u + 1]` of
+`item_ids`, `ratings` and `timestamps`. Item ids are the ids the model sees
+(1..max_item_id; 0 is padding). Loading ml-1m takes milliseconds, against
+seconds for re-parsing the release's CSV of comma-joined strings.
+
+Files are written atomically (temporary file, fsync, rename), so a reader
+never sees a half-written cache; `load_sequences` also checks the arrays
+against each other and against the counts stored with them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Dict
+
+import numpy as np
+
+CACHE_FILE = "sequences.npz"
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass
+class SequenceData:
+    """All users' sequences of one data set, plus its candidate item ids."""
+
+    name: str
+    item_ids: np.ndarray  # int32 (total,)
+    ratings: np.ndarray  # float32 (total,)
+    timestamps: np.ndarray  # int64 (total,)
+    offsets: np.ndarray  # int64 (num_users + 1,)
+    user_ids: np.ndarray  # int64 (num_users,), the data set's own user ids
+    candidate_ids: np.ndarray  # int32 sorted: items that can be recommended / sampled
+    user_features: Dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+    @property
+    def num_users(self) -> int:
+        return int(self.offsets.shape[0] - 1)
+
+    @property
+    def num_interactions(self) -> int:
+        return int(self.item_ids.shape[0])
+
+    @property
+    def max_item_id(self) -> int:
+        return int(max(self.item_ids.max(initial=0), self.candidate_ids.max(initial=0)))
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def sequence(self, user: int) -> np.ndarray:
+        return self.item_ids[self.offsets[user] : self.offsets[user + 1]]
+
+    def validate(self) -> None:
+        """Raises ValueError when the arrays are inconsistent."""
+        total = self.num_interactions
+        problems = []
+        if self.offsets.ndim != 1 or self.offsets.shape[0] < 1 or self.offsets[0] != 0:
+            problems.append("offsets must be 1-D and start at 0")
+        elif self.offsets[-1] != total or np.any(np.diff(self.offsets) < 0):
+            problems.append("offsets must be non-decreasing and end at the number of interactions")
+        for field in ("ratings", "timestamps"):
+            if getattr(self, field).shape != (total,):
+                problems.append(f"{field} has shape {getattr(self, field).shape}, expected ({total},)")
+        if self.user_ids.shape != (self.num_users,):
+            problems.append("user_ids must have one entry per user")
+        if total and self.item_ids.min() < 1:
+            problems.append("item ids must be >= 1 (0 is padding)")
+        if self.candidate_ids.size == 0 or self.candidate_ids.min() < 1:
+            problems.append("candidate ids must be non-empty and >= 1")
+        for key, values in self.user_features.items():
+            if values.shape[0] != self.num_users:
+                problems.append(f"user feature {key} must have one entry per user")
+        if problems:
+            raise ValueError(f"invalid sequence data {self.name!r}: " + "; ".join(problems))
+
+    def summary(self) -> Dict[str, int]:
+        return {
+            "users": self.num_users,
+            "items": int(np.unique(self.item_ids).size),
+            "max_item_id": self.max_item_id,
+            "candidates": int(self.candidate_ids.size),
+            "interactions": self.num_interactions,
+        }
+
+
+def atomic_write(path: Path, write_fn, suffix: str = "") -> None:
+    """Calls write_fn(temp_path), then renames the finished file onto `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write_fn(Path(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_sequences(data: SequenceData, path: Path) -> None:
+    """Writes `data` to `path` (an .npz file) atomically."""
+    data.validate()
+    arrays = {
+        "item_ids": data.item_ids.astype(np.int32),
+        "ratings": data.ratings.astype(np.float32),
+        "timestamps": data.timestamps.astype(np.int64),
+        "offsets": data.offsets.astype(np.int64),
+        "user_ids": data.user_ids.astype(np.int64),
+        "candidate_ids": data.candidate_ids.astype(np.int32),
+    }
+    for key, values in data.user_features.items():
+        arrays[f"user_feature.{key}"] = values
+    meta = {"format_version": FORMAT_VERSION, "name": data.name, **data.summary()}
+    arrays["meta_json"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    atomic_write(path, write)
+
+
+def load_sequences(path: Path) -> SequenceData:
+    """Reads a file written by `save_sequences`; raises ValueError if it is not one."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(path)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+        meta = json.loads(arrays.pop("meta_json").tobytes().decode())
+    except Exception as exc:
+        raise ValueError(f"{path} is not a readable sequence cache ({exc}); re-run preprocessing") from exc
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path} has cache format {meta.get('format_version')}, expected {FORMAT_VERSION}")
+    features = {
+        key.split(".", 1)[1]: arrays.pop(key) for key in list(arrays) if key.startswith("user_feature.")
+    }
+    data = SequenceData(name=meta["name"], user_features=features, **arrays)
+    data.validate()
+    if data.summary() != {k: meta[k] for k in data.summary()}:
+        raise ValueError(f"{path}: arrays do not match the counts stored with them; re-run preprocessing")
+    return data

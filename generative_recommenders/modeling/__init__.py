@@ -1,0 +1,1 @@
+"""Encoders (HSTU, SASRec) and the embedding/input/output modules they share."""

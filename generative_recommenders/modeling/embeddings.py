@@ -1,0 +1,55 @@
+"""Item table, input preprocessing and output normalisation shared by both encoders."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def truncated_normal_(tensor: torch.Tensor, std: float) -> torch.Tensor:
+    """In-place normal(0, std) truncated at +/- 2 std."""
+    return nn.init.trunc_normal_(tensor, mean=0.0, std=std, a=-2.0 * std, b=2.0 * std)
+
+
+class ItemEmbedding(nn.Module):
+    """(max_item_id + 1) x D table; row 0 is padding and gets no gradient."""
+
+    def __init__(self, max_item_id: int, dim: int) -> None:
+        super().__init__()
+        self.table = nn.Embedding(max_item_id + 1, dim, padding_idx=0)
+        truncated_normal_(self.table.weight.data, std=0.02)
+
+    @property
+    def dim(self) -> int:
+        return self.table.embedding_dim
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.table(ids)
+
+
+class InputPreprocessor(nn.Module):
+    """x = item_emb * sqrt(D) + position_emb, dropout, zeroed where id == 0."""
+
+    def __init__(self, max_seq_len: int, dim: int, dropout_rate: float) -> None:
+        super().__init__()
+        self.position = nn.Embedding(max_seq_len, dim)
+        truncated_normal_(self.position.weight.data, std=math.sqrt(1.0 / dim))
+        self.dropout = nn.Dropout(dropout_rate)
+        self.scale = math.sqrt(dim)
+
+    def forward(self, ids: torch.Tensor, item_embeddings: torch.Tensor) -> torch.Tensor:
+        n = ids.shape[1]
+        x = item_embeddings * self.scale + self.position.weight[:n].unsqueeze(0)
+        return self.dropout(x) * (ids != 0).unsqueeze(-1).to(x.dtype)
+
+
+def normalize_output(x: torch.Tensor, kind: str, eps: float = 1e-6) -> torch.Tensor:
+    """User embedding post-processing: "l2_norm" or parameter-free "layer_norm"."""
+    if kind == "l2_norm":
+        return F.normalize(x, p=2.0, dim=-1, eps=eps)
+    if kind == "layer_norm":
+        return F.layer_norm(x, (x.shape[-1],), eps=eps)
+    raise ValueError(f"unknown user_embedding_norm {kind!r}: use l2_norm or layer_norm")

@@ -1,0 +1,104 @@
+"""HSTU encoder on jagged sequences (REFERENCE.md section 5)."""
+
+from __future__ import annotations
+
+import gin
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ops.hstu_attention import NUM_TIME_BUCKETS, hstu_attention
+from ops.jagged import dense_to_jagged
+
+
+class HSTULayer(nn.Module):
+    """One HSTU block: pointwise projection, SiLU attention with relative bias, gated output."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        dqk: int,
+        dv: int,
+        max_seq_len: int,
+        linear_dropout_rate: float,
+        normalization: str = "silu",
+        relative_bias: bool = True,
+        attention_kernel: str = "auto",
+        eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        self.num_heads, self.dqk, self.dv = num_heads, dqk, dv
+        self.max_seq_len = max_seq_len
+        self.normalization = normalization
+        self.attention_kernel = attention_kernel
+        self.eps = eps
+        self.uvqk = nn.Parameter(torch.empty(dim, num_heads * (2 * dv + 2 * dqk)).normal_(0.0, 0.02))
+        self.output = nn.Linear(num_heads * dv, dim)
+        nn.init.xavier_uniform_(self.output.weight)
+        self.dropout = nn.Dropout(linear_dropout_rate)
+        if relative_bias:
+            self.ts_w = nn.Parameter(torch.empty(NUM_TIME_BUCKETS + 1).normal_(0.0, 0.02))
+            self.pos_w = nn.Parameter(torch.empty(2 * max_seq_len - 1).normal_(0.0, 0.02))
+        else:
+            self.register_parameter("ts_w", None)
+            self.register_parameter("pos_w", None)
+
+    def forward(self, x: torch.Tensor, seq_offsets: torch.Tensor, timestamps: torch.Tensor) -> torch.Tensor:
+        """x: (L, D) jagged; timestamps: (B, N). Returns (L, D)."""
+        h, dqk, dv = self.num_heads, self.dqk, self.dv
+        normed = F.layer_norm(x, (x.shape[-1],), eps=self.eps)
+        u, v, q, k = torch.split(F.silu(normed @ self.uvqk), [h * dv, h * dv, h * dqk, h * dqk], dim=-1)
+        attn = hstu_attention(
+            q.reshape(-1, h, dqk),
+            k.reshape(-1, h, dqk),
+            v.reshape(-1, h, dv),
+            seq_offsets,
+            self.max_seq_len,
+            timestamps if self.ts_w is not None else None,
+            self.ts_w,
+            self.pos_w,
+            normalization=self.normalization,
+            kernel=self.attention_kernel,
+        ).reshape(-1, h * dv)
+        gated = u * F.layer_norm(attn, (h * dv,), eps=self.eps)
+        return x + self.output(self.dropout(gated))
+
+
+@gin.configurable("hstu_encoder")
+class HSTUEncoder(nn.Module):
+    """A stack of HSTU layers; dense padded input in, jagged output out."""
+
+    def __init__(
+        self,
+        dim: int,
+        max_seq_len: int,
+        num_blocks: int = gin.REQUIRED,
+        num_heads: int = gin.REQUIRED,
+        dqk: int = gin.REQUIRED,
+        dv: int = gin.REQUIRED,
+        linear_dropout_rate: float = 0.0,
+        normalization: str = "silu",
+        relative_bias: bool = True,
+        attention_kernel: str = "auto",
+    ) -> None:
+        super().__init__()
+        if normalization not in ("silu", "softmax"):
+            raise ValueError(f"hstu_encoder.normalization must be silu or softmax, got {normalization!r}")
+        if attention_kernel not in ("auto", "triton", "torch"):
+            raise ValueError(f"hstu_encoder.attention_kernel must be auto, triton or torch, got {attention_kernel!r}")
+        self.layers = nn.ModuleList(
+            HSTULayer(dim, num_heads, dqk, dv, max_seq_len, linear_dropout_rate, normalization,
+                      relative_bias, attention_kernel)
+            for _ in range(num_blocks)
+        )
+
+    def forward(
+        self, x: torch.Tensor, ids: torch.Tensor, seq_offsets: torch.Tensor, total: int,
+        timestamps: torch.Tensor,
+    ) -> torch.Tensor:
+        """x: (B, N, D) padded input; returns the (L, D) jagged outputs of valid positions."""
+        x = dense_to_jagged(x, seq_offsets, total)
+        for layer in self.layers:
+            x = layer(x, seq_offsets, timestamps)
+        return x

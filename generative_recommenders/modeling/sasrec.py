@@ -1,0 +1,80 @@
+"""SASRec baseline encoder on dense padded sequences (REFERENCE.md section 6)."""
+
+from __future__ import annotations
+
+import gin
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ops.jagged import dense_to_jagged
+
+_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+
+
+class PointwiseFeedForward(nn.Module):
+    """z + Dropout(Conv1x1(Dropout(act(Conv1x1(z))))); a 1x1 conv is a Linear."""
+
+    def __init__(self, dim: int, hidden_dim: int, activation: str, dropout_rate: float) -> None:
+        super().__init__()
+        if activation not in _ACTIVATIONS:
+            raise ValueError(f"sasrec_encoder.ffn_activation_fn must be one of {sorted(_ACTIVATIONS)}")
+        self.inner = nn.Linear(dim, hidden_dim)
+        self.outer = nn.Linear(hidden_dim, dim)
+        self.activation = _ACTIVATIONS[activation]
+        self.dropout = nn.Dropout(dropout_rate)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return z + self.dropout(self.outer(self.dropout(self.activation(self.inner(z)))))
+
+
+class SASRecBlock(nn.Module):
+    def __init__(self, dim: int, num_heads: int, ffn_hidden_dim: int, activation: str, dropout_rate: float) -> None:
+        super().__init__()
+        self.attention = nn.MultiheadAttention(dim, num_heads, dropout=dropout_rate, batch_first=True)
+        self.ffn = PointwiseFeedForward(dim, ffn_hidden_dim, activation, dropout_rate)
+
+    def forward(self, x: torch.Tensor, causal_mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        d = x.shape[-1]
+        query = F.layer_norm(x, (d,), eps=1e-8)
+        attended, _ = self.attention(query, x, x, attn_mask=causal_mask, need_weights=False)
+        x = self.ffn(F.layer_norm(query + attended, (d,), eps=1e-8))
+        return x * valid
+
+
+@gin.configurable("sasrec_encoder")
+class SASRecEncoder(nn.Module):
+    """Self-attentive sequential recommendation encoder (Kang & McAuley, 2018)."""
+
+    def __init__(
+        self,
+        dim: int,
+        max_seq_len: int,
+        num_blocks: int = gin.REQUIRED,
+        num_heads: int = gin.REQUIRED,
+        ffn_hidden_dim: int = gin.REQUIRED,
+        ffn_activation_fn: str = "relu",
+        ffn_dropout_rate: float = 0.2,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"item_embedding_dim {dim} must be divisible by sasrec_encoder.num_heads {num_heads}")
+        self.blocks = nn.ModuleList(
+            SASRecBlock(dim, num_heads, ffn_hidden_dim, ffn_activation_fn, ffn_dropout_rate)
+            for _ in range(num_blocks)
+        )
+        for param in self.parameters():
+            if param.dim() >= 2:
+                nn.init.xavier_normal_(param)
+
+    def forward(
+        self, x: torch.Tensor, ids: torch.Tensor, seq_offsets: torch.Tensor, total: int,
+        timestamps: torch.Tensor,
+    ) -> torch.Tensor:
+        """x: (B, N, D) padded input; returns the (L, D) jagged outputs of valid positions."""
+        n = x.shape[1]
+        causal_mask = torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1)
+        valid = (ids != 0).unsqueeze(-1).to(x.dtype)
+        for block in self.blocks:
+            x = block(x, causal_mask, valid)
+        return dense_to_jagged(x, seq_offsets, total)
