@@ -36,57 +36,70 @@ class NegativesSampler:
     def normalize(self, embeddings: torch.Tensor) -> torch.Tensor:
         return F.normalize(embeddings, dim=-1, eps=self.eps) if self.l2_norm else embeddings
 
-    def sample_ids(
-        self, positive_ids: torch.Tensor, num: int, generator: Optional[torch.Generator] = None
-    ) -> torch.Tensor:
-        """(L,) positives -> (L, num) negative ids."""
-        pool = self.candidate_ids if self.strategy == "local" else torch.unique(positive_ids[positive_ids != 0])
-        index = torch.randint(
-            0, pool.numel(), (positive_ids.numel(), num), device=pool.device, generator=generator
-        )
-        return pool[index]
+    def pool(self, positive_ids: torch.Tensor) -> torch.Tensor:
+        """The ids negatives are drawn from (uniformly, with replacement)."""
+        if self.strategy == "local":
+            return self.candidate_ids
+        return torch.unique(positive_ids[positive_ids != 0])
 
 
 def sampled_softmax_loss(
-    query: torch.Tensor,
-    positive_embeddings: torch.Tensor,
-    negative_embeddings: torch.Tensor,
+    positive_logits: torch.Tensor,
+    negative_logits: torch.Tensor,
     positive_ids: torch.Tensor,
     negative_ids: torch.Tensor,
     weights: torch.Tensor,
-    temperature: float,
 ) -> torch.Tensor:
-    """Weighted mean of -log softmax([pos, negs] / T)[0]; (L, D), (L, D), (L, R, D)."""
-    positive_logits = (query * positive_embeddings).sum(-1, keepdim=True) / temperature
-    negative_logits = torch.einsum("ld,lrd->lr", query, negative_embeddings) / temperature
+    """Weighted mean of -log softmax([pos, negs])[0]; logits (L,) and (L, R), already / T."""
     negative_logits = negative_logits.masked_fill(
         negative_ids == positive_ids.unsqueeze(1), NEGATIVE_EQUALS_POSITIVE_LOGIT
     )
-    logits = torch.cat([positive_logits, negative_logits], dim=1)
+    logits = torch.cat([positive_logits.unsqueeze(1), negative_logits], dim=1)
     losses = -F.log_softmax(logits, dim=1)[:, 0]
     return (losses * weights).sum() / weights.sum().clamp(min=1.0)
 
 
 def bce_loss(
-    query: torch.Tensor,
-    positive_embeddings: torch.Tensor,
-    negative_embeddings: torch.Tensor,
+    positive_logits: torch.Tensor,
+    negative_logits: torch.Tensor,
     positive_ids: torch.Tensor,
     negative_ids: torch.Tensor,
     weights: torch.Tensor,
-    temperature: float,
 ) -> torch.Tensor:
-    """Binary cross-entropy of the positive (label 1) and one negative (label 0)."""
-    positive_logits = (query * positive_embeddings).sum(-1) / temperature
-    negative_logits = (query * negative_embeddings[:, 0]).sum(-1) / temperature
+    """Binary cross-entropy of the positive (label 1) and the first negative (label 0)."""
     # A negative that equals the positive is no negative: it contributes nothing.
     negative_weights = weights * (negative_ids[:, 0] != positive_ids).to(weights.dtype)
     losses = F.binary_cross_entropy_with_logits(
         positive_logits, torch.ones_like(positive_logits), reduction="none"
     ) * weights + F.binary_cross_entropy_with_logits(
-        negative_logits, torch.zeros_like(negative_logits), reduction="none"
+        negative_logits[:, 0], torch.zeros_like(positive_logits), reduction="none"
     ) * negative_weights
     return losses.sum() / weights.sum().clamp(min=1.0)
+
+
+def negative_logits(
+    query: torch.Tensor,
+    positive_ids: torch.Tensor,
+    item_table: torch.nn.Module,
+    sampler: NegativesSampler,
+    num: int,
+    generator: Optional[torch.Generator] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(L, num) negative ids and their dot products with the (L, D) queries.
+
+    Two equivalent ways, chosen by cost: gather the (L, num, D) negative
+    embeddings, or, when the candidate set is small (C <= 2 * num * D, e.g.
+    MovieLens), score every candidate with one matmul and pick the sampled
+    columns, which avoids the embedding gather and its scatter-add backward.
+    Both draw the same negatives from the same random numbers.
+    """
+    pool = sampler.pool(positive_ids)
+    columns = torch.randint(0, pool.numel(), (positive_ids.numel(), num), device=pool.device, generator=generator)
+    ids = pool[columns]
+    if pool.numel() <= 2 * num * query.shape[-1]:
+        scores = query @ sampler.normalize(item_table(pool)).T
+        return ids, scores.gather(1, columns)
+    return ids, torch.einsum("ld,lrd->lr", query, sampler.normalize(item_table(ids)))
 
 
 def autoregressive_loss(
@@ -98,15 +111,13 @@ def autoregressive_loss(
     num_negatives: int,
     temperature: float,
     generator: Optional[torch.Generator] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Loss for (L, D) queries and their (L,) next ids (0 = unsupervised). Returns (loss, #supervised)."""
+) -> torch.Tensor:
+    """Loss for (L, D) queries and their (L,) next ids (0 = unsupervised)."""
     if loss_module not in LOSSES:
         raise ValueError(f"train_fn.loss_module must be one of {LOSSES}, got {loss_module!r}")
     weights = (positive_ids != 0).to(query.dtype)
     num = num_negatives if loss_module == "SampledSoftmaxLoss" else 1
-    negative_ids = sampler.sample_ids(positive_ids, num, generator)
-    positive_embeddings = sampler.normalize(item_table(positive_ids))
-    negative_embeddings = sampler.normalize(item_table(negative_ids))
+    negative_ids, negatives = negative_logits(query, positive_ids, item_table, sampler, num, generator)
+    positives = (query * sampler.normalize(item_table(positive_ids))).sum(-1)
     fn = sampled_softmax_loss if loss_module == "SampledSoftmaxLoss" else bce_loss
-    loss = fn(query, positive_embeddings, negative_embeddings, positive_ids, negative_ids, weights, temperature)
-    return loss, weights.sum()
+    return fn(positives / temperature, negatives / temperature, positive_ids, negative_ids, weights)

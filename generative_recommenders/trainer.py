@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from generative_recommenders.data.samples import DeviceSequences, make_splits, selection_split
+from generative_recommenders.data.samples import Batch, DeviceSequences, make_splits, selection_split
 from generative_recommenders.data.sequence_store import SequenceData, atomic_write
 from generative_recommenders.data.datasets import load_dataset
 from generative_recommenders.evaluation import CandidateIndex, average, format_metrics, metric_names, metrics_from_ranks, target_ranks
@@ -134,6 +134,22 @@ def training_popularity(data: SequenceData, train_samples: np.ndarray, index: Ca
     position = np.arange(data.num_interactions) - data.offsets[user_of_row]
     counts = np.bincount(data.item_ids[position < ends[user_of_row]], minlength=data.max_item_id + 1)
     return torch.as_tensor(counts, device=index.candidate_ids.device)[index.candidate_ids.long()]
+
+
+def batch_loss(
+    train_model: torch.nn.Module,
+    model: SequentialRecommender,
+    batch: Batch,
+    sampler: NegativesSampler,
+    loss_module: str,
+    num_negatives: int,
+    temperature: float,
+) -> torch.Tensor:
+    """Forward pass and loss of one training batch (train_model may be the DDP wrapper of model)."""
+    out, offsets = train_model(batch.ids, batch.timestamps, batch.lengths)
+    labels = torch.nn.functional.pad(batch.ids[:, 1:], (0, 1))
+    positive_ids = dense_to_jagged(labels.unsqueeze(-1), offsets, out.shape[0]).squeeze(-1)
+    return autoregressive_loss(loss_module, out, positive_ids, model.item_embedding, sampler, num_negatives, temperature)
 
 
 def _versions() -> Dict[str, str]:
@@ -291,11 +307,7 @@ def train_fn(
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate * min(1.0, (state.step + 1) / num_warmup_steps)
             batch = sequences.batch(shard[start : start + local_batch_size], max_sequence_length, padded_len)
-            out, offsets = train_model(batch.ids, batch.timestamps, batch.lengths)
-            labels = torch.nn.functional.pad(batch.ids[:, 1:], (0, 1))
-            positive_ids = dense_to_jagged(labels.unsqueeze(-1), offsets, out.shape[0]).squeeze(-1)
-            loss, _ = autoregressive_loss(loss_module, out, positive_ids, model.item_embedding, sampler,
-                                          num_negatives, temperature)
+            loss = batch_loss(train_model, model, batch, sampler, loss_module, num_negatives, temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

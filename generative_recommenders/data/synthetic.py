@@ -68,3 +68,29 @@ def generate_synthetic(
         user_ids=np.arange(1, num_users + 1, dtype=np.int64),
         candidate_ids=items.astype(np.int32),
     )
+
+
+def random_sequences(
+    num_users: int, max_item_id: int, num_candidates: int, mean_length: float, max_length: int, seed: int = 0
+) -> SequenceData:
+    """Fast, structureless sequences with a real data set's shape (for throughput benchmarks).
+
+    Lengths are log-normal with the given mean, clipped to [5, max_length];
+    items are Zipf-distributed over the candidates; timestamps increase.
+    """
+    rng = np.random.default_rng(seed)
+    sigma = 0.8
+    lengths = np.clip(rng.lognormal(np.log(mean_length) - sigma**2 / 2, sigma, num_users), 5, max_length).astype(np.int64)
+    candidates = np.unique(np.linspace(1, max_item_id, num_candidates).astype(np.int32))
+    ranks = np.minimum(rng.zipf(1.2, lengths.sum()), candidates.size) - 1
+    item_ids = candidates[rng.permutation(candidates.size)[ranks]]
+    timestamps = 978_300_000 + np.cumsum(rng.integers(1, 100_000, lengths.sum()))
+    return SequenceData(
+        name=f"random-{num_users}x{max_item_id}",
+        item_ids=item_ids.astype(np.int32),
+        ratings=np.full(lengths.sum(), 4.0, dtype=np.float32),
+        timestamps=timestamps.astype(np.int64),
+        offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+        user_ids=np.arange(1, num_users + 1, dtype=np.int64),
+        candidate_ids=candidates,
+    )

@@ -1,0 +1,148 @@
+"""Training throughput of each frozen config on random data of the real data sets' shapes.
+
+    python3 benchmarks/train_throughput.py --out benchmarks/results/train_throughput_h100.jsonl
+
+For every config under configs/{ml-1m,ml-20m,amzn-books} it builds the model
+and loss exactly as main.py does, times `--steps` optimizer steps (after
+`--warmup` steps) and `--eval_batches` evaluation batches on structureless
+sequences with the data set's number of users, item ids, candidates and
+sequence lengths, and projects the wall time of the full recipe (every epoch's
+training plus the evaluations the config asks for). One JSON line per config.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+import gin
+import torch
+from absl import app, flags
+
+from generative_recommenders.data.samples import DeviceSequences, make_splits
+from generative_recommenders.data.synthetic import random_sequences
+from generative_recommenders.evaluation import CandidateIndex
+from generative_recommenders.loss import NegativesSampler
+from generative_recommenders.modeling.recommender import SequentialRecommender
+from generative_recommenders.trainer import _versions, batch_loss, evaluate
+
+flags.DEFINE_multi_string("config", None, "Config files (default: the nine frozen ones).")
+flags.DEFINE_integer("steps", 50, "Timed training steps per config.")
+flags.DEFINE_integer("warmup", 10, "Untimed steps first (compilation, autotuning).")
+flags.DEFINE_integer("eval_batches", 20, "Timed evaluation batches per config.")
+flags.DEFINE_string("out", None, "Append JSON lines here.")
+FLAGS = flags.FLAGS
+
+# users, max item id, candidates, mean sequence length (before truncation), longest sequence.
+# MovieLens figures are the real data sets'. For Books only the item count is known here
+# (the raw file is not available): its user count and mean length are ASSUMPTIONS
+# (600,000 users, mean 15 interactions), flagged in the output.
+SHAPES = {
+    "ml-1m": (6_040, 3_952, 3_883, 165.6, 2_314),
+    "ml-20m": (138_493, 131_262, 26_744, 144.4, 9_254),
+    "amzn-books": (600_000, 695_762, 695_762, 15.0, 400),
+}
+ASSUMED_SHAPES = {"amzn-books"}
+
+
+def _param(name: str, default):
+    try:
+        return gin.query_parameter(name)
+    except ValueError:
+        return default
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def bench(config_file: str, device: torch.device) -> Dict:
+    gin.clear_config()
+    gin.parse_config_files_and_bindings([config_file], [])
+    dataset = _param("train_fn.dataset_name", "synthetic")
+    users, max_item_id, num_candidates, mean_len, longest = SHAPES[dataset]
+    data = random_sequences(users, max_item_id, num_candidates, mean_len, longest)
+    max_len = _param("train_fn.max_sequence_length", 200)
+    padded_len = max_len + _param("train_fn.gr_output_length", 10) + 1
+    batch_size = _param("train_fn.local_batch_size", 128)
+    epochs = _param("train_fn.num_epochs", 101)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    model = SequentialRecommender(
+        _param("train_fn.main_module", "HSTU"), data.max_item_id, padded_len,
+        _param("train_fn.item_embedding_dim", 50), _param("train_fn.dropout_rate", 0.2),
+    ).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.98))
+    candidates = torch.as_tensor(data.candidate_ids, dtype=torch.long, device=device)
+    sampler = NegativesSampler("local", candidates)
+    sequences = DeviceSequences(data, device)
+    splits = {k: torch.as_tensor(v, device=device) for k, v in make_splits(data.lengths, "paper").items()}
+    train = splits["train"][torch.randperm(splits["train"].shape[0], device=device)]
+    num_negatives = _param("train_fn.num_negatives", 128)
+
+    def step(i: int) -> torch.Tensor:
+        start = (i * batch_size) % (train.shape[0] - batch_size)
+        batch = sequences.batch(train[start : start + batch_size], max_len, padded_len)
+        loss = batch_loss(model, model, batch, sampler, "SampledSoftmaxLoss", num_negatives, 0.05)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return batch.lengths.sum()
+
+    for i in range(FLAGS.warmup):
+        step(i)
+    _sync()
+    torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
+    start = time.perf_counter()
+    tokens = sum(step(FLAGS.warmup + i) for i in range(FLAGS.steps))
+    tokens = int(tokens)
+    _sync()
+    train_s = (time.perf_counter() - start) / FLAGS.steps
+    index = CandidateIndex(candidates, data.max_item_id)
+    eval_batch = _param("train_fn.eval_batch_size", 128)
+    evaluate(model, sequences, splits["eval"], index, max_len, eval_batch, max_batches=2)
+    _sync()
+    start = time.perf_counter()
+    evaluate(model, sequences, splits["eval"], index, max_len, eval_batch, max_batches=FLAGS.eval_batches)
+    _sync()
+    eval_s = (time.perf_counter() - start) / FLAGS.eval_batches
+    steps_per_epoch = -(-train.shape[0] // batch_size)
+    eval_batches_full = -(-splits["eval"].shape[0] // eval_batch)
+    full_every = _param("train_fn.full_eval_every_n", 1)
+    partial = min(_param("train_fn.partial_eval_num_batches", 64), eval_batches_full)
+    full_evals = len([e for e in range(epochs) if e % full_every == 0 or e == epochs - 1])
+    projected = epochs * steps_per_epoch * train_s + (full_evals * eval_batches_full + (epochs - full_evals) * partial) * eval_s
+    return {
+        "config": config_file, "dataset": dataset, "users": users, "shape_assumed": dataset in ASSUMED_SHAPES, "batch_size": batch_size,
+        "steps_per_s": 1.0 / train_s, "tokens_per_s": tokens / FLAGS.steps / train_s,
+        "eval_batches_per_s": 1.0 / eval_s, "steps_per_epoch": steps_per_epoch, "epochs": epochs,
+        "projected_recipe_minutes": projected / 60.0,
+        "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", **_versions(),
+    }
+
+
+def main(argv: List[str]) -> None:
+    del argv
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    configs = FLAGS.config or sorted(str(p) for d in SHAPES for p in Path("configs", d).glob("*.gin"))
+    for config in configs:
+        torch.manual_seed(0)
+        result = bench(config, device)
+        line = json.dumps(result)
+        print(line, flush=True)
+        if FLAGS.out:
+            with open(FLAGS.out, "a") as f:
+                f.write(line + "\n")
+        del result
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    app.run(main)
