@@ -60,19 +60,19 @@ def _log(rank: int, message: str) -> None:
         print(message, flush=True)
 
 
-def _shard(num: int, epoch: int, seed: int, rank: int, world_size: int, shuffle: bool) -> torch.Tensor:
-    """This rank's indices of a (seeded, per-epoch) permutation, padded so every rank gets as many."""
-    order = torch.randperm(num, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)) if shuffle else torch.arange(num)
+def _shard(num: int, epoch: int, seed: int, rank: int, world_size: int) -> np.ndarray:
+    """This rank's indices of a seeded per-epoch permutation, padded so every rank gets as many."""
+    order = np.random.default_rng([seed, epoch]).permutation(num)
     per_rank = -(-num // world_size)
-    order = torch.cat([order, order[: per_rank * world_size - num]])
-    return order[rank::world_size] if world_size > 1 else order
+    order = np.concatenate([order, order[: per_rank * world_size - num]])
+    return order[rank::world_size]
 
 
-def _eval_samples(samples: torch.Tensor, epoch: int, seed: int, rank: int, world_size: int, full: bool) -> torch.Tensor:
+def _eval_samples(samples: np.ndarray, epoch: int, seed: int, rank: int, world_size: int, full: bool) -> np.ndarray:
     """A full evaluation splits the users over the ranks; a partial one takes a shuffled share."""
     if full:
         return samples[rank::world_size]
-    return samples[_shard(samples.shape[0], epoch, seed + 1, rank, world_size, True).to(samples.device)]
+    return samples[_shard(samples.shape[0], epoch, seed + 1, rank, world_size)]
 
 
 def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
@@ -85,7 +85,7 @@ def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
 def evaluate(
     model: SequentialRecommender,
     sequences: DeviceSequences,
-    samples: torch.Tensor,
+    samples: np.ndarray,
     index: CandidateIndex,
     max_history: int,
     batch_size: int,
@@ -100,7 +100,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     names = metric_names()
-    sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=samples.device)
+    sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=sequences.offsets.device)
     if popularity is None:
         candidates = model.item_embedding(index.candidate_ids.long())
         candidates = torch.nn.functional.normalize(candidates, dim=-1, eps=1e-6)
@@ -111,7 +111,7 @@ def evaluate(
             break
         batch = sequences.batch(samples[start : start + batch_size], max_history, model.max_seq_len)
         if popularity is None:
-            out, offsets = model(batch.ids, batch.timestamps, batch.lengths)
+            out, offsets = model(batch.ids, batch.timestamps, batch.lengths, batch.total)
             query = out[offsets[1:] - 1]
         else:
             query = candidates.new_ones(batch.targets.numel(), 1)
@@ -146,7 +146,7 @@ def batch_loss(
     temperature: float,
 ) -> torch.Tensor:
     """Forward pass and loss of one training batch (train_model may be the DDP wrapper of model)."""
-    out, offsets = train_model(batch.ids, batch.timestamps, batch.lengths)
+    out, offsets = train_model(batch.ids, batch.timestamps, batch.lengths, batch.total)
     labels = torch.nn.functional.pad(batch.ids[:, 1:], (0, 1))
     positive_ids = dense_to_jagged(labels.unsqueeze(-1), offsets, out.shape[0]).squeeze(-1)
     return autoregressive_loss(loss_module, out, positive_ids, model.item_embedding, sampler, num_negatives, temperature)
@@ -248,8 +248,7 @@ def train_fn(
     ckpt_path = Path(ckpt_root) / f"{dataset_name}-l{max_sequence_length}" / run_name / "last.pt"
 
     data: SequenceData = load_dataset(dataset_name, data_dir)
-    host_splits = make_splits(data.lengths, protocol)
-    splits = {name: torch.as_tensor(s, device=device) for name, s in host_splits.items()}
+    splits = make_splits(data.lengths, protocol)
     eval_splits = [name for name in splits if name != "train"]
     split = selection_split(protocol)
     sequences = DeviceSequences(data, device)
@@ -259,7 +258,8 @@ def train_fn(
 
     torch.manual_seed(random_seed)
     model = SequentialRecommender(main_module, data.max_item_id, padded_len, item_embedding_dim, dropout_rate, user_embedding_norm).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(0.9, 0.98), weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(0.9, 0.98), weight_decay=weight_decay,
+                                  fused=device.type == "cuda")
     sampler = NegativesSampler(sampling_strategy, candidate_ids, item_l2_norm, l2_norm_eps)
     state = RunState(fingerprint=config_fingerprint(data))
     if resume and ckpt_path.exists():
@@ -278,7 +278,7 @@ def train_fn(
         "config": gin.config_str(), "device": _device_name(device), "world_size": world_size,
         "versions": _versions(), "data": data.summary(), "run_dir": str(run_dir),
     }
-    popularity = training_popularity(data, host_splits["train"], index)
+    popularity = training_popularity(data, splits["train"], index)
     summary["most_popular_baseline"] = {
         name: evaluate(model, sequences, splits[name][rank::world_size], index, max_sequence_length,
                        eval_batch_size, popularity=popularity)
@@ -299,7 +299,7 @@ def train_fn(
         epoch_start = time.time()
         torch.manual_seed(random_seed * 1_000_003 + epoch * 101 + rank)
         model.train()
-        shard = splits["train"][_shard(splits["train"].shape[0], epoch, random_seed, rank, world_size, True).to(device)]
+        shard = splits["train"][_shard(splits["train"].shape[0], epoch, random_seed, rank, world_size)]
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         num_steps = 0
         for start in range(0, shard.shape[0], local_batch_size):

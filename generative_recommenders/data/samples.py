@@ -31,7 +31,7 @@ def selection_split(protocol: str) -> str:
     return "eval" if protocol == "paper" else "valid"
 
 
-def make_splits(lengths: np.ndarray, protocol: str) -> Dict[str, "torch.Tensor"]:
+def make_splits(lengths: np.ndarray, protocol: str) -> Dict[str, np.ndarray]:
     """Split name -> (S, 2) int64 array of (user, end). Users too short for a split are left out."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"train_fn.protocol must be one of {sorted(PROTOCOLS)}, got {protocol!r}")
@@ -53,6 +53,7 @@ class Batch:
     timestamps: torch.Tensor  # (B, N), target timestamp at position `lengths`
     lengths: torch.Tensor  # (B,) history lengths
     targets: torch.Tensor  # (B,)
+    total: int  # sum of lengths, known on the host so the model needs no device sync
 
 
 class DeviceSequences:
@@ -63,10 +64,12 @@ class DeviceSequences:
         self.timestamps = torch.as_tensor(data.timestamps, dtype=torch.long, device=device)
         self.offsets = torch.as_tensor(data.offsets, dtype=torch.long, device=device)
 
-    def batch(self, samples: torch.Tensor, max_history: int, padded_len: int) -> Batch:
-        """samples: (B, 2) (user, end) on the device."""
+    def batch(self, samples: np.ndarray, max_history: int, padded_len: int) -> Batch:
+        """samples: (B, 2) host array of (user, end)."""
         if max_history + 1 > padded_len:
             raise ValueError(f"padded length {padded_len} cannot hold {max_history} history items and a target")
+        total = int(np.minimum(samples[:, 1] - 1, max_history).sum())
+        samples = torch.as_tensor(samples, device=self.offsets.device)
         users, ends = samples[:, 0], samples[:, 1]
         lengths = (ends - 1).clamp(max=max_history)
         target_index = self.offsets[users] + ends - 1
@@ -75,4 +78,4 @@ class DeviceSequences:
         index = torch.where(valid, (target_index - lengths)[:, None] + pos[None, :], 0)
         ids = torch.where(valid, self.item_ids[index], 0)
         timestamps = torch.where(valid, self.timestamps[index], 0)
-        return Batch(ids, timestamps, lengths, self.item_ids[target_index])
+        return Batch(ids, timestamps, lengths, self.item_ids[target_index], total)

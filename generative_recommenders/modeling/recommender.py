@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import gin
 import torch
@@ -43,15 +43,17 @@ class SequentialRecommender(nn.Module):
             nn.init.xavier_normal_(self.input_preproc.position.weight)
 
     def forward(
-        self, ids: torch.Tensor, timestamps: torch.Tensor, lengths: torch.Tensor
+        self, ids: torch.Tensor, timestamps: torch.Tensor, lengths: torch.Tensor, total: Optional[int] = None
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """ids, timestamps: (B, N); lengths: (B,) history lengths.
 
         Returns the (L, D) user embeddings of positions 0..length-1 of every
         sequence (position i predicts the id at i + 1) and their offsets (B + 1).
+        `total` = sum(lengths) saves a device-to-host sync when the caller knows it.
         """
         offsets = complete_cumsum(lengths)
-        total = int(offsets[-1].item())
+        if total is None:
+            total = int(offsets[-1].item())
         x = self.input_preproc(ids, self.item_embedding(ids))
         out = self.encoder(x, ids, offsets, total, timestamps)
         return normalize_output(out, self.user_embedding_norm), offsets
