@@ -36,6 +36,7 @@ flags.DEFINE_integer("steps", 50, "Timed training steps per config.")
 flags.DEFINE_integer("warmup", 10, "Untimed steps first (compilation, autotuning).")
 flags.DEFINE_integer("eval_batches", 20, "Timed evaluation batches per config.")
 flags.DEFINE_string("out", None, "Append JSON lines here.")
+flags.DEFINE_bool("profile", False, "Also print the torch profiler's top ops of 5 training steps.")
 FLAGS = flags.FLAGS
 
 # users, max item id, candidates, mean sequence length (before truncation), longest sequence.
@@ -102,6 +103,13 @@ def bench(config_file: str, device: torch.device) -> Dict:
     tokens = sum(step(FLAGS.warmup + i) for i in range(FLAGS.steps))
     _sync()
     train_s = (time.perf_counter() - start) / FLAGS.steps
+    if FLAGS.profile:
+        with torch.profiler.profile() as prof:
+            for i in range(5):
+                step(i)
+            _sync()
+        sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+        print(prof.key_averages().table(sort_by=sort, row_limit=25), flush=True)
     index = CandidateIndex(candidates, data.max_item_id)
     eval_batch = _param("train_fn.eval_batch_size", 128)
     evaluate(model, sequences, splits["eval"], index, max_len, eval_batch, max_batches=2)

@@ -37,6 +37,27 @@ def time_buckets(delta: torch.Tensor, num_buckets: int = NUM_TIME_BUCKETS) -> to
     return scaled.long().clamp(0, num_buckets)
 
 
+class _LookupWithHistogramGrad(torch.autograd.Function):
+    """table[index] whose backward is a weighted histogram of the index.
+
+    Autograd's scatter-add of millions of gradients into a 129-entry table
+    serialises on atomics (hundreds of ms per layer on an H100); bincount
+    reduces per block in shared memory first.
+    """
+
+    @staticmethod
+    def forward(ctx, table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.size = table.numel()
+        return table[index]
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        hist = torch.bincount(index.reshape(-1), weights=grad.reshape(-1).float(), minlength=ctx.size)
+        return hist.to(grad.dtype), None
+
+
 def relative_bias(
     timestamps: torch.Tensor,
     ts_w: torch.Tensor,
@@ -52,7 +73,7 @@ def relative_bias(
     query_ts = timestamps[:, next_index]
     key_ts = timestamps[:, :n]
     buckets = time_buckets(query_ts[:, :, None] - key_ts[:, None, :], ts_w.numel() - 1)
-    return pos_bias[None] + ts_w[buckets]
+    return pos_bias[None] + _LookupWithHistogramGrad.apply(ts_w, buckets)
 
 
 def hstu_attention_reference(
