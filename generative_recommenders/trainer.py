@@ -112,7 +112,7 @@ def evaluate(
         batch = sequences.batch(samples[start : start + batch_size], max_history, model.max_seq_len)
         if popularity is None:
             out, offsets = model(batch.ids, batch.timestamps, batch.lengths, batch.total)
-            query = out[offsets[1:] - 1]
+            query = out[offsets[:-1] + batch.lengths - 1]
         else:
             query = candidates.new_ones(batch.targets.numel(), 1)
         pos = torch.arange(batch.ids.shape[1], device=batch.ids.device)
@@ -150,6 +150,66 @@ def batch_loss(
     labels = torch.nn.functional.pad(batch.ids[:, 1:], (0, 1))
     positive_ids = dense_to_jagged(labels.unsqueeze(-1), offsets, out.shape[0]).squeeze(-1)
     return autoregressive_loss(loss_module, out, positive_ids, model.item_embedding, sampler, num_negatives, temperature)
+
+
+class TrainStep:
+    """One optimizer step on a batch of (user, end) samples.
+
+    On a single GPU the step (gather, forward, loss, backward, AdamW) is
+    captured once as a CUDA graph and replayed: these models are small, and
+    launching their few hundred kernels one by one from Python costs more than
+    running them. The graph needs static shapes, so the model then encodes the
+    padded layout (see SequentialRecommender); a batch of another size (the
+    epoch's last) runs eagerly.
+    """
+
+    WARMUP_STEPS = 3  # eager steps on a side stream before capture, as CUDA graphs require
+
+    def __init__(self, train_model: torch.nn.Module, model: SequentialRecommender, optimizer: torch.optim.Optimizer,
+                 sequences: DeviceSequences, sampler: NegativesSampler, loss_module: str, num_negatives: int,
+                 temperature: float, max_history: int, use_graph: bool) -> None:
+        self.train_model, self.model, self.optimizer = train_model, model, optimizer
+        self.sequences, self.sampler = sequences, sampler
+        self.loss_args = (loss_module, num_negatives, temperature)
+        self.max_history = max_history
+        self.use_graph = use_graph
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.graph_batch_size: Optional[int] = None
+        self.warmup_left = self.WARMUP_STEPS
+
+    def _run(self, samples: torch.Tensor, total: int) -> torch.Tensor:
+        batch = self.sequences.gather(samples, self.max_history, self.model.max_seq_len, total)
+        loss = batch_loss(self.train_model, self.model, batch, self.sampler, *self.loss_args)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+    def __call__(self, host_samples: np.ndarray) -> torch.Tensor:
+        total = int(np.minimum(host_samples[:, 1] - 1, self.max_history).sum())
+        samples = torch.as_tensor(host_samples, device=self.sequences.offsets.device)
+        if self.graph_batch_size is None:
+            self.graph_batch_size = samples.shape[0]
+        if not self.use_graph or samples.shape[0] != self.graph_batch_size:
+            self.optimizer.zero_grad(set_to_none=True)
+            return self._run(samples, total)
+        if self.warmup_left > 0:
+            self.warmup_left -= 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.optimizer.zero_grad(set_to_none=True)
+                loss = self._run(samples, total)
+            torch.cuda.current_stream().wait_stream(side)
+            return loss
+        if self.graph is None:
+            self.static_samples = samples.clone()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.static_loss = self._run(self.static_samples, total)
+        self.static_samples.copy_(samples)
+        self.graph.replay()
+        return self.static_loss.clone()
 
 
 def _versions() -> Dict[str, str]:
@@ -237,6 +297,7 @@ def train_fn(
     exp_root: str = "exps",
     ckpt_root: str = "ckpts",
     resume: bool = True,
+    cuda_graphs: bool = True,
 ) -> Dict:
     """Trains and evaluates one configuration; returns the results dict (also in results.json)."""
     start_time = time.time()
@@ -257,9 +318,13 @@ def train_fn(
     padded_len = max_sequence_length + gr_output_length + 1
 
     torch.manual_seed(random_seed)
-    model = SequentialRecommender(main_module, data.max_item_id, padded_len, item_embedding_dim, dropout_rate, user_embedding_norm).to(device)
+    model = SequentialRecommender(main_module, data.max_item_id, padded_len, item_embedding_dim, dropout_rate,
+                                  user_embedding_norm).to(device)
+    use_graph = (cuda_graphs and device.type == "cuda" and world_size == 1 and num_warmup_steps == 0
+                 and sampling_strategy == "local" and model.graph_safe(device))
+    model.padded_layout = use_graph
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(0.9, 0.98), weight_decay=weight_decay,
-                                  fused=device.type == "cuda")
+                                  fused=device.type == "cuda", capturable=use_graph)
     sampler = NegativesSampler(sampling_strategy, candidate_ids, item_l2_norm, l2_norm_eps)
     state = RunState(fingerprint=config_fingerprint(data))
     if resume and ckpt_path.exists():
@@ -272,10 +337,12 @@ def train_fn(
         state = saved
         _log(rank, f"resuming {run_name} from {ckpt_path} after epoch {state.epochs_done}")
     train_model = DistributedDataParallel(model) if dist.is_initialized() else model
+    step = TrainStep(train_model, model, optimizer, sequences, sampler, loss_module, num_negatives, temperature,
+                     max_sequence_length, use_graph)
 
     summary = {
         "run_name": run_name, "dataset": dataset_name, "protocol": protocol, "main_module": main_module,
-        "config": gin.config_str(), "device": _device_name(device), "world_size": world_size,
+        "config": gin.config_str(), "device": _device_name(device), "world_size": world_size, "cuda_graph": use_graph,
         "versions": _versions(), "data": data.summary(), "run_dir": str(run_dir),
     }
     popularity = training_popularity(data, splits["train"], index)
@@ -306,12 +373,7 @@ def train_fn(
             if num_warmup_steps > 0:
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate * min(1.0, (state.step + 1) / num_warmup_steps)
-            batch = sequences.batch(shard[start : start + local_batch_size], max_sequence_length, padded_len)
-            loss = batch_loss(train_model, model, batch, sampler, loss_module, num_negatives, temperature)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach()
+            loss_sum += step(shard[start : start + local_batch_size])
             num_steps += 1
             state.step += 1
         train_loss = float(_all_reduce(loss_sum).item()) / max(num_steps * world_size, 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -76,10 +77,16 @@ def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
         _train(tmp_path, ["train_fn.num_epochs = 1", "train_fn.learning_rate = 0.01"])
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_two_process_gloo_ddp(tmp_path):
     bindings = TINY + ["train_fn.num_epochs = 2", f"train_fn.exp_root = '{tmp_path}/exps'",
                        f"train_fn.ckpt_root = '{tmp_path}/ckpts'"]
-    cmd = [sys.executable, "main.py", "--num_processes=2", "--master_port=29533",
+    cmd = [sys.executable, "main.py", "--num_processes=2", f"--master_port={_free_port()}",
            "--gin_config_file=configs/synthetic/hstu-default.gin"] + [f"--gin_bindings={b}" for b in bindings]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr

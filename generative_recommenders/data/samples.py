@@ -66,10 +66,13 @@ class DeviceSequences:
 
     def batch(self, samples: np.ndarray, max_history: int, padded_len: int) -> Batch:
         """samples: (B, 2) host array of (user, end)."""
+        total = int(np.minimum(samples[:, 1] - 1, max_history).sum())
+        return self.gather(torch.as_tensor(samples, device=self.offsets.device), max_history, padded_len, total)
+
+    def gather(self, samples: torch.Tensor, max_history: int, padded_len: int, total: int) -> Batch:
+        """Builds the batch of (B, 2) (user, end) samples already on the device; no host sync."""
         if max_history + 1 > padded_len:
             raise ValueError(f"padded length {padded_len} cannot hold {max_history} history items and a target")
-        total = int(np.minimum(samples[:, 1] - 1, max_history).sum())
-        samples = torch.as_tensor(samples, device=self.offsets.device)
         users, ends = samples[:, 0], samples[:, 1]
         lengths = (ends - 1).clamp(max=max_history)
         target_index = self.offsets[users] + ends - 1

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ops.hstu_attention import NUM_TIME_BUCKETS, hstu_attention
+from ops.hstu_attention import NUM_TIME_BUCKETS, hstu_attention, triton_available
 from ops.jagged import dense_to_jagged
 
 
@@ -92,6 +92,13 @@ class HSTUEncoder(nn.Module):
                       relative_bias, attention_kernel)
             for _ in range(num_blocks)
         )
+
+    def uses_triton(self, device: torch.device) -> bool:
+        """True when the layers run the fused Triton kernel on `device`."""
+        layer = self.layers[0] if len(self.layers) else None
+        if layer is None or layer.attention_kernel == "torch" or layer.normalization != "silu":
+            return False
+        return layer.attention_kernel == "triton" or triton_available(device)
 
     def forward(
         self, x: torch.Tensor, ids: torch.Tensor, seq_offsets: torch.Tensor, total: int,

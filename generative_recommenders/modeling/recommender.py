@@ -27,8 +27,10 @@ class SequentialRecommender(nn.Module):
         item_embedding_dim: int,
         dropout_rate: float,
         user_embedding_norm: str = "l2_norm",
+        padded_layout: bool = False,
     ) -> None:
         super().__init__()
+        self.padded_layout = padded_layout
         if encoder_type not in ENCODERS:
             raise ValueError(f"train_fn.main_module must be one of {sorted(ENCODERS)}, got {encoder_type!r}")
         self.max_seq_len = max_seq_len
@@ -42,6 +44,10 @@ class SequentialRecommender(nn.Module):
             # item table (i.e. the position table) with Xavier normal.
             nn.init.xavier_normal_(self.input_preproc.position.weight)
 
+    def graph_safe(self, device: torch.device) -> bool:
+        """Whether a training step can be captured in a CUDA graph (no host syncs inside)."""
+        return not isinstance(self.encoder, HSTUEncoder) or self.encoder.uses_triton(device)
+
     def forward(
         self, ids: torch.Tensor, timestamps: torch.Tensor, lengths: torch.Tensor, total: Optional[int] = None
     ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -50,7 +56,15 @@ class SequentialRecommender(nn.Module):
         Returns the (L, D) user embeddings of positions 0..length-1 of every
         sequence (position i predicts the id at i + 1) and their offsets (B + 1).
         `total` = sum(lengths) saves a device-to-host sync when the caller knows it.
+
+        With `padded_layout` every sequence is encoded at its full padded
+        length N (L = B * N, static shapes for CUDA graphs). Causal attention
+        keeps the padding invisible to valid positions, so their outputs are the
+        same; the extra positions carry label 0 and get no loss weight.
         """
+        if self.padded_layout:
+            lengths = torch.full_like(lengths, ids.shape[1])
+            total = lengths.numel() * ids.shape[1]
         offsets = complete_cumsum(lengths)
         if total is None:
             total = int(offsets[-1].item())
