@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from generative_recommenders import faults
 from generative_recommenders.data.samples import Batch, DeviceSequences, make_splits, selection_split
 from generative_recommenders.data.sequence_store import SequenceData, atomic_write
 from generative_recommenders.data.datasets import load_dataset
@@ -235,7 +236,12 @@ def config_fingerprint(data: SequenceData) -> str:
 
 def _save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: RunState) -> None:
     payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": dataclasses.asdict(state)}
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+
+    def write(tmp: Path) -> None:
+        torch.save(payload, tmp)
+        faults.kill_if("checkpoint", state.epochs_done - 1)
+
+    atomic_write(path, write)
 
 
 def _load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> RunState:
@@ -370,18 +376,23 @@ def train_fn(
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         num_steps = 0
         for start in range(0, shard.shape[0], local_batch_size):
+            if start >= shard.shape[0] // 2:
+                faults.kill_if("train", epoch, rank)
             if num_warmup_steps > 0:
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate * min(1.0, (state.step + 1) / num_warmup_steps)
             loss_sum += step(shard[start : start + local_batch_size])
             num_steps += 1
             state.step += 1
+        if faults.poison_loss(epoch, rank):
+            loss_sum += float("nan")
         train_loss = float(_all_reduce(loss_sum).item()) / max(num_steps * world_size, 1)
         if not np.isfinite(train_loss):
             raise FloatingPointError(
                 f"non-finite training loss in epoch {epoch} of {run_name}; stopping. The last good checkpoint "
                 f"({ckpt_path}, after epoch {state.epochs_done}) is kept. Try a lower learning rate or warmup."
             )
+        faults.kill_if("eval", epoch, rank)
         full = epoch % full_eval_every_n == 0 or epoch == num_epochs - 1
         record = {"epoch": epoch, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"], "full_eval": full}
         for name in eval_splits:

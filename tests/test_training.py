@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,25 +11,9 @@ import gin
 import pytest
 
 from generative_recommenders.trainer import train_fn
+from tiny_config import TINY, free_port
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "train_fn.dataset_name = 'synthetic'",
-    "synthetic_data.num_users = 600",
-    "synthetic_data.num_items = 300",
-    "train_fn.max_sequence_length = 20",
-    "train_fn.item_embedding_dim = 16",
-    "train_fn.local_batch_size = 64",
-    "train_fn.num_negatives = 32",
-    "train_fn.num_epochs = 3",
-    "hstu_encoder.num_blocks = 1",
-    "hstu_encoder.num_heads = 2",
-    "hstu_encoder.dqk = 8",
-    "hstu_encoder.dv = 8",
-    "sasrec_encoder.num_blocks = 1",
-    "sasrec_encoder.num_heads = 1",
-    "sasrec_encoder.ffn_hidden_dim = 16",
-]
 
 
 def _train(tmp_path: Path, extra=(), run_name: str = "run") -> dict:
@@ -77,16 +60,10 @@ def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
         _train(tmp_path, ["train_fn.num_epochs = 1", "train_fn.learning_rate = 0.01"])
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_process_gloo_ddp(tmp_path):
     bindings = TINY + ["train_fn.num_epochs = 2", f"train_fn.exp_root = '{tmp_path}/exps'",
                        f"train_fn.ckpt_root = '{tmp_path}/ckpts'"]
-    cmd = [sys.executable, "main.py", "--num_processes=2", f"--master_port={_free_port()}",
+    cmd = [sys.executable, "main.py", "--num_processes=2", f"--master_port={free_port()}",
            "--gin_config_file=configs/synthetic/hstu-default.gin"] + [f"--gin_bindings={b}" for b in bindings]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr

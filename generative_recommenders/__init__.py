@@ -1,0 +1,1 @@
+"""HSTU generative recommender: a reproduction of "Actions Speak Louder than Words" (ICML'24)."""

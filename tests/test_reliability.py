@@ -1,0 +1,130 @@
+"""Reliability: killed runs resume to the same answer, bad configs fail early and clearly,
+non-finite losses stop the run, a dying DDP rank does not hang the others, same seed = same numbers."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import gin
+import pytest
+import torch
+
+from generative_recommenders.trainer import train_fn
+from tiny_config import TINY, free_port
+
+REPO = Path(__file__).resolve().parents[1]
+EPOCHS = 4
+RUN = "exps/synthetic-l20/hstu-default/results.json"
+
+
+def _cmd(tmp: Path, extra: List[str] = (), processes: int = 1) -> List[str]:
+    bindings = TINY + [f"train_fn.num_epochs = {EPOCHS}", f"train_fn.exp_root = '{tmp}/exps'",
+                       f"train_fn.ckpt_root = '{tmp}/ckpts'", *extra]
+    return [sys.executable, "main.py", "--gin_config_file=configs/synthetic/hstu-default.gin",
+            f"--num_processes={processes}", f"--master_port={free_port()}"] + [f"--gin_bindings={b}" for b in bindings]
+
+
+def _run(tmp: Path, fault: Optional[str] = None, extra: List[str] = (), processes: int = 1,
+         timeout: float = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env.pop("GR_FAULT", None)
+    if fault:
+        env["GR_FAULT"] = fault
+    return subprocess.run(_cmd(tmp, extra, processes), cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _metrics(tmp: Path) -> List[Dict]:
+    results = json.loads((tmp / RUN).read_text())
+    return [{k: e[k] for k in ("epoch", "train_loss", "eval")} for e in results["per_epoch"]]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> List[Dict]:
+    tmp = tmp_path_factory.mktemp("reference")
+    proc = _run(tmp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return _metrics(tmp)
+
+
+@pytest.mark.parametrize("fault", ["train@1", "eval@2", "checkpoint@1", "checkpoint@3"])
+def test_sigkill_then_rerun_gives_the_same_results(tmp_path, reference, fault):
+    killed = _run(tmp_path, fault)
+    assert killed.returncode == -signal.SIGKILL
+    ckpt = tmp_path / "ckpts/synthetic-l20/hstu-default/last.pt"
+    if fault.startswith("checkpoint"):
+        # The checkpoint being written when the process died must not be taken for a complete one.
+        epoch = int(fault.split("@")[1])
+        done = torch.load(ckpt, weights_only=False)["state"]["epochs_done"] if ckpt.exists() else 0
+        assert done == epoch
+    resumed = _run(tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stdout
+    assert _metrics(tmp_path) == reference
+
+
+def test_sigkill_at_a_random_moment(tmp_path, reference):
+    proc = subprocess.Popen(_cmd(tmp_path), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(random.Random(os.getpid()).uniform(4.0, 9.0))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = _run(tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _metrics(tmp_path) == reference
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    proc = _run(tmp_path, "nan@2")
+    assert proc.returncode != 0
+    assert "non-finite training loss in epoch 2" in proc.stderr
+    ckpt = torch.load(tmp_path / "ckpts/synthetic-l20/hstu-default/last.pt", weights_only=False)
+    assert ckpt["state"]["epochs_done"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+@pytest.mark.parametrize(
+    "binding, message",
+    [
+        ("train_fn.no_such_parameter = 1", "no_such_parameter"),
+        ("train_fn.dataset_name = 'ml-1m'\ntrain_fn.data_dir = '/nonexistent'", "preprocess_public_data.py"),
+        ("train_fn.main_module = 'SASRec'\nsasrec_encoder.num_heads = 3", "divisible"),
+        ("train_fn.protocol = 'last_two'", "protocol"),
+        ("train_fn.main_module = 'GRU'", "main_module"),
+    ],
+)
+def test_configuration_faults_fail_early_with_a_clear_message(tmp_path, binding, message):
+    start = time.time()
+    proc = _run(tmp_path, extra=binding.split("\n"), timeout=120)
+    assert proc.returncode != 0
+    assert message in proc.stderr + proc.stdout
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "ckpts").exists()
+    assert time.time() - start < 60
+
+
+def test_a_dying_rank_stops_the_others(tmp_path):
+    start = time.time()
+    proc = _run(tmp_path, "train@1@1", processes=2, timeout=240)
+    assert proc.returncode != 0
+    assert time.time() - start < 180
+
+
+def _train_in_process(tmp: Path) -> List[Dict]:
+    gin.clear_config()
+    gin.parse_config(TINY + [f"train_fn.exp_root = '{tmp}/exps'", f"train_fn.ckpt_root = '{tmp}/ckpts'"])
+    try:
+        return [e["eval"] for e in train_fn(0, 1)["per_epoch"]]
+    finally:
+        gin.clear_config()
+
+
+def test_same_seed_same_numbers_on_cpu(tmp_path):
+    assert _train_in_process(tmp_path / "a") == _train_in_process(tmp_path / "b")

@@ -1,0 +1,27 @@
+"""A tiny synthetic configuration shared by the end-to-end tests (seconds per epoch on CPU)."""
+
+import socket
+
+TINY = [
+    "train_fn.dataset_name = 'synthetic'",
+    "synthetic_data.num_users = 600",
+    "synthetic_data.num_items = 300",
+    "train_fn.max_sequence_length = 20",
+    "train_fn.item_embedding_dim = 16",
+    "train_fn.local_batch_size = 64",
+    "train_fn.num_negatives = 32",
+    "train_fn.num_epochs = 3",
+    "hstu_encoder.num_blocks = 1",
+    "hstu_encoder.num_heads = 2",
+    "hstu_encoder.dqk = 8",
+    "hstu_encoder.dv = 8",
+    "sasrec_encoder.num_blocks = 1",
+    "sasrec_encoder.num_heads = 1",
+    "sasrec_encoder.ffn_hidden_dim = 16",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
