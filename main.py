@@ -10,6 +10,10 @@ or one CPU process (`--num_processes=N` runs N gloo processes on CPU). Under
 
 from __future__ import annotations
 
+import time
+
+PROCESS_START = time.time()  # before the heavy imports: results.json reports time from process start
+
 import os
 import sys
 from datetime import timedelta
@@ -25,7 +29,7 @@ flags.DEFINE_integer("num_processes", None, "Processes to start; default: one pe
 FLAGS = flags.FLAGS
 
 
-def default_run_name(config_file: str, bindings: List[str]) -> str:
+def default_run_name(config_file: str) -> str:
     """The config file's stem, suffixed with the protocol when it is not the release's."""
     import gin
 
@@ -64,7 +68,7 @@ def worker(rank: int, world_size: int, config_file: str, bindings: List[str], po
             timeout=timedelta(minutes=10),
         )
     try:
-        train_fn(rank, world_size, default_run_name=default_run_name(config_file, bindings))
+        train_fn(rank, world_size, default_run_name=default_run_name(config_file), process_start=PROCESS_START)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

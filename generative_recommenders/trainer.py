@@ -261,6 +261,7 @@ def _write_results(path: Path, summary: Dict, state: RunState, split: str) -> No
     results = {
         **summary,
         "wall_seconds": state.wall_seconds,
+        "process_seconds": time.time() - summary["process_start"],
         "epochs_done": state.epochs_done,
         "per_epoch": state.history,
         "best": {"selected_by": f"{split}/{SELECTION_METRIC}", **(best or {})},
@@ -274,6 +275,7 @@ def train_fn(
     rank: int,
     world_size: int,
     default_run_name: str = "run",
+    process_start: Optional[float] = None,
     dataset_name: str = "synthetic",
     data_dir: str = "tmp",
     protocol: str = "paper",
@@ -350,6 +352,7 @@ def train_fn(
         "run_name": run_name, "dataset": dataset_name, "protocol": protocol, "main_module": main_module,
         "config": gin.config_str(), "device": _device_name(device), "world_size": world_size, "cuda_graph": use_graph,
         "versions": _versions(), "data": data.summary(), "run_dir": str(run_dir),
+        "process_start": process_start or start_time,
     }
     popularity = training_popularity(data, splits["train"], index)
     summary["most_popular_baseline"] = {
