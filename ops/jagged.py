@@ -49,15 +49,19 @@ def fbgemm_available() -> bool:
         return False
 
 
-def _use_fbgemm() -> bool:
-    return _backend == "fbgemm" or (_backend == "auto" and fbgemm_available())
+_FBGEMM_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int32, torch.int64)
+
+
+def _use_fbgemm(dtype: torch.dtype = torch.float32) -> bool:
+    """fbgemm_gpu when chosen (or "auto" and usable) and it supports the dtype (it has no float64)."""
+    return dtype in _FBGEMM_DTYPES and (_backend == "fbgemm" or (_backend == "auto" and fbgemm_available()))
 
 
 def complete_cumsum(lengths: torch.Tensor) -> torch.Tensor:
     """Offsets (B + 1,) from lengths (B,): [0, l0, l0 + l1, ...]."""
-    if _use_fbgemm():
+    if _use_fbgemm(lengths.dtype):
         return torch.ops.fbgemm.asynchronous_complete_cumsum(lengths)
-    return torch.nn.functional.pad(torch.cumsum(lengths, dim=0), (1, 0))
+    return torch.nn.functional.pad(torch.cumsum(lengths, dim=0, dtype=lengths.dtype), (1, 0))
 
 
 def _jagged_index(offsets: torch.Tensor, max_len: int, total: int) -> torch.Tensor:
@@ -72,7 +76,7 @@ def jagged_to_dense(
 ) -> torch.Tensor:
     """(L, ...) jagged -> (B, max_len, ...) dense; rows past max_len are dropped."""
     batch = offsets.numel() - 1
-    if _use_fbgemm() and values.dim() == 2:
+    if _use_fbgemm(values.dtype) and values.dim() == 2:
         return torch.ops.fbgemm.jagged_to_padded_dense(values, [offsets], [max_len], padding_value)
     lengths = (offsets[1:] - offsets[:-1]).clamp(max=max_len)
     keep = torch.arange(max_len, device=values.device)[None, :] < lengths[:, None]
@@ -97,7 +101,7 @@ def dense_to_jagged(
     batch, max_len = dense.shape[:2]
     if total is None:
         total = int(offsets[-1].item())
-    if _use_fbgemm() and dense.dim() == 3:
+    if _use_fbgemm(dense.dtype) and dense.dim() == 3:
         return torch.ops.fbgemm.dense_to_jagged(dense, [offsets], total_L=total)[0]
     flat = dense.reshape((batch * max_len,) + dense.shape[2:])
     return flat.index_select(0, _jagged_index(offsets, max_len, total))
