@@ -96,6 +96,12 @@ def main(argv: List[str]) -> None:
             torch.multiprocessing.spawn(worker, args=args, nprocs=world_size, join=True)
     except (FileNotFoundError, ValueError) as exc:
         sys.exit(f"error: {exc}")
+    except torch.multiprocessing.ProcessRaisedException as exc:
+        # The child's traceback ends with its exception; a rank failing stops all of them.
+        lines = [l for l in str(exc).splitlines() if l and not l.startswith((" ", "\t", "Traceback"))]
+        sys.exit(f"error in a training process: {lines[-1] if lines else exc}")
+    except torch.multiprocessing.ProcessExitedException as exc:
+        sys.exit(f"error: a training process died ({exc}); the others were stopped")
 
 
 if __name__ == "__main__":
