@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import io
 import subprocess
 import sys
 import time
@@ -119,7 +118,7 @@ def as_lists(data) -> List[List[int]]:
 # The three formats
 
 
-def test_ml_1m_sequences_features_and_csv(tmp_path, capsys):
+def test_ml_1m_sequences_features_and_csv(tmp_path):
     archive = ml_1m_zip(tmp_path / "ml-1m.zip")
     path = preprocess("ml-1m", tmp_path / "data", archive)
     data = load_sequences(path)
@@ -197,6 +196,27 @@ def test_amazon_matches_naive_reference_on_random_rows(tmp_path):
     assert as_lists(data) == naive_amazon(rows)
 
 
+def test_amazon_chunked_parsing_and_string_order(tmp_path):
+    source = amazon_csv(tmp_path / "r.csv")
+    whole, users, items = pd_mod.parse_amazon_ratings(source)
+    chunked, *counts = pd_mod.parse_amazon_ratings(source, chunk_rows=4)
+    assert (users, items) == (6, 6) and counts == [6, 6]
+    for a, b in zip(whole, chunked):
+        np.testing.assert_array_equal(a, b)
+    # Codes follow Python's string order (code points), also for non-ASCII ids.
+    ids = ["zed", "\xe9clair", "Zeta", "apple", "zed", "B10", "B9"]
+    coder = pd_mod._SortedIdCoder()
+    assert coder.add(np.array(ids[:3], dtype=object)) and coder.add(np.array(ids[3:], dtype=object))
+    codes, n = coder.finish()
+    ranks = {v: i for i, v in enumerate(sorted(set(ids)))}
+    assert n == 6 and codes.tolist() == [ranks[v] for v in ids]
+    # An error in a later chunk still names its line.
+    bad = tmp_path / "bad.csv"
+    bad.write_text(source.read_text() + "u_x,B9,x,3\n")
+    with pytest.raises(PreprocessingError, match="line 29: non-numeric rating 'x'"):
+        pd_mod.parse_amazon_ratings(bad, chunk_rows=4)
+
+
 # --------------------------------------------------------------------------------------------------
 # Malformed input: one clear error naming the file and line; nothing written
 
@@ -218,6 +238,8 @@ def _expect_error(tmp_path: Path, name: str, archive: Path, *fragments: str) -> 
     ("1::1::5::100\n1::2::5::100::7\n", ["line 2", "wrong number of fields", "found 5"]),
     ("1::1::5::100\n1::x1::5::100\n", ["line 2", "non-numeric MovieID 'x1'"]),
     ("1::1::5::100\n1::1::4.5::100\n", ["line 2", "non-numeric Rating '4.5'"]),
+    ("1::1::5::100\n1:: 2::4::100\n", ["line 2", "non-numeric MovieID ' 2'"]),
+    ("1::1::5::100\n+1::2::4::100\n", ["line 2", "non-numeric UserID '+1'"]),
     ("0::1::5::100\n", ["line 1", "UserID 0 is not a positive integer"]),
     ("1::1::5::100\n1::-4::5::100\n", ["line 2", "MovieID -4 is not a positive integer"]),
     ("1::1::5::100\n\n1::2::5::100\n", ["line 2", "empty line"]),
@@ -260,6 +282,7 @@ def test_missing_member_truncated_and_corrupt_zip(tmp_path):
     ("userId,movieId,rating,timestamp\n1,2,3.5,4\n1,0,3.5,4\n", ML_20M_MOVIES,
      ["ratings.csv, line 3", "movieId 0 is not a positive integer"]),
     ("userId,movieId,rating,timestamp\n", ML_20M_MOVIES, ["ratings.csv", "no ratings"]),
+    ("userId,movieId,rating,timestamp\n1,2,3.5,4\n1,2, 3.5,4\n", ML_20M_MOVIES, ["ratings.csv, line 3", "spaces"]),
     ("", ML_20M_MOVIES, ["ratings.csv", "empty"]),
     (ML_20M_RATINGS, 'movieId,title,genres\n1,Toy Story,Comedy\n3,American President, The (1995),Comedy\n',
      ["movies.csv, line 3", "found 4"]),
@@ -293,6 +316,16 @@ def test_failure_while_writing_leaves_no_files(tmp_path, monkeypatch):
     assert files_under(tmp_path / "data") == []
 
 
+def test_rerun_removes_temporaries_of_a_killed_run(tmp_path):
+    out = tmp_path / "ml-1m"
+    out.mkdir()
+    stale = [".sequences.npz.k1ll3d.npz.tmp", "..sequences.npz.k1ll3d.npz.tmp.x7.tmp", ".sasrec_format.csv.k1ll3d.tmp"]
+    for name in stale:
+        (out / name).write_bytes(b"partial")
+    preprocess("ml-1m", tmp_path, ml_1m_zip(tmp_path / "ml-1m.zip"), log=quiet)
+    assert files_under(out) == ["sasrec_format.csv", "sequences.npz"]
+
+
 # --------------------------------------------------------------------------------------------------
 # Archives, downloads, cache checks, CLI
 
@@ -304,6 +337,14 @@ def test_archive_in_data_dir_is_used_without_download(tmp_path, monkeypatch):
     monkeypatch.setattr(urllib.request, "urlopen", no_network)
     ml_1m_zip(tmp_path / "ml-1m.zip")
     assert load_sequences(preprocess("ml-1m", tmp_path, log=quiet)).num_users == 3
+
+
+def test_extracted_folder_as_archive(tmp_path):
+    with zipfile.ZipFile(ml_1m_zip(tmp_path / "ml-1m.zip")) as zf:
+        zf.extractall(tmp_path / "extracted")
+    from_zip = load_sequences(preprocess("ml-1m", tmp_path / "a", tmp_path / "ml-1m.zip", log=quiet))
+    from_folder = load_sequences(preprocess("ml-1m", tmp_path / "b", tmp_path / "extracted", log=quiet))
+    assert as_lists(from_folder) == as_lists(from_zip)
 
 
 def test_download_verifies_and_renames(tmp_path):
@@ -320,6 +361,8 @@ def test_download_verifies_and_renames(tmp_path):
 
 def test_download_failure_says_how_to_supply_the_archive(tmp_path, monkeypatch):
     monkeypatch.setattr(pd_mod.time, "sleep", lambda s: None)
+    for proxy in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(proxy, raising=False)  # a closed local port must fail at once
     spec = pd_mod.DATASETS["ml-1m"]
     monkeypatch.setitem(pd_mod.DATASETS, "ml-1m", pd_mod.dataclasses.replace(spec, url="http://127.0.0.1:9/ml-1m.zip"))
     lines: List[str] = []
@@ -377,11 +420,9 @@ def test_real_ml_1m_counts(tmp_path):
     assert data.summary() == {"users": 6040, "items": 3706, "max_item_id": 3952, "candidates": 3883,
                               "interactions": 1000209}
     assert data.lengths.min() >= 20
-    assert np.all(np.diff(data.timestamps)[np.diff(np.arange(data.num_interactions + 1)
-                                                    [:-1] * 0 + 1) == 1] is not None)
-    for user in (0, data.num_users - 1):  # each sequence is in time order
-        ts = data.timestamps[data.offsets[user]:data.offsets[user + 1]]
-        assert np.all(np.diff(ts) >= 0)
+    within_user = np.ones(data.num_interactions - 1, dtype=bool)
+    within_user[data.offsets[1:-1] - 1] = False  # pairs that cross from one user to the next
+    assert np.all(np.diff(data.timestamps)[within_user] >= 0)  # every sequence is in time order
     assert data.user_ids.tolist() == list(range(1, 6041))
     assert set(data.user_features) == {"sex", "age_group", "occupation", "zip_code"}
     assert data.user_features["age_group"].max() == 6 and data.user_features["occupation"].max() == 20

@@ -84,7 +84,7 @@ class SequenceData:
     def summary(self) -> Dict[str, int]:
         return {
             "users": self.num_users,
-            "items": int(np.unique(self.item_ids).size),
+            "items": int(np.count_nonzero(np.bincount(self.item_ids))) if self.num_interactions else 0,
             "max_item_id": self.max_item_id,
             "candidates": int(self.candidate_ids.size),
             "interactions": self.num_interactions,
@@ -97,6 +97,7 @@ def atomic_write(path: Path, write_fn, suffix: str = "") -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; outputs are ordinary files
     try:
         write_fn(Path(tmp))
         with open(tmp, "rb") as f:
@@ -148,6 +149,7 @@ def load_sequences(path: Path) -> SequenceData:
     }
     data = SequenceData(name=meta["name"], user_features=features, **arrays)
     data.validate()
-    if data.summary() != {k: meta[k] for k in data.summary()}:
+    summary = data.summary()
+    if summary != {k: meta.get(k) for k in summary}:
         raise ValueError(f"{path}: arrays do not match the counts stored with them; re-run preprocessing")
     return data

@@ -1,0 +1,245 @@
+"""Jagged HSTU attention: fused Triton kernel vs the PyTorch formula vs softmax SDPA.
+
+    python3 benchmarks/hstu_attention.py --out benchmarks/results/hstu_attention_h100.jsonl
+
+Times forward and forward+backward (median of triton.testing.do_bench, after
+warm-up) of
+* impl=triton:      ops.triton.hstu_attention.triton_hstu_attention, with the
+                    relative bias (timestamps, ts_w, pos_w all requiring grad),
+                    and impl=triton_nobias without it;
+* impl=torch:       ops.hstu_attention.hstu_attention_reference (dense padded
+                    PyTorch; skipped where its N x N buffers would not fit);
+* impl=sdpa_causal: torch scaled_dot_product_attention, causal softmax, padded
+                    dense (B, h, N, d), no bias: the speed of light of a fused
+                    attention kernel on this GPU, not the same computation.
+bf16 throughout. Shapes: B=8, h=2, d=128, N in {256, 1024, 4096, 8192}, all
+sequences full length and ragged (lengths uniform in [1, N], fixed seed); the
+ml-1m (B=128, N=211, h=1 d=50 / h=2 d=25) and ml-20m (h=4 d=64 / h=8 d=32)
+shapes with ragged lengths up to 200. Timestamps are time-ordered (cumulative
+log-normal gaps), as in real histories. One JSON line per measurement.
+
+`--tune` instead times a list of block configurations on a few shapes (used
+to fill the tables in ops/triton/hstu_attention.py) and prints them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+from ops.hstu_attention import hstu_attention_reference
+from ops.triton import hstu_attention as kernel_mod
+
+DTYPE = torch.bfloat16
+
+
+def make_batch(batch, max_len, heads, dqk, dv, ragged, seed=0, max_ragged=None, device="cuda"):
+    gen = torch.Generator().manual_seed(seed)
+    if ragged:
+        lengths = torch.randint(1, (max_ragged or max_len) + 1, (batch,), generator=gen)
+    else:
+        lengths = torch.full((batch,), max_len)
+    offsets = F.pad(torch.cumsum(lengths, 0), (1, 0))
+    total = int(offsets[-1])
+    scale = dqk ** -0.25
+
+    def t(*shape, s=1.0):
+        return (torch.randn(*shape, generator=gen) * s).to(device, DTYPE).requires_grad_()
+
+    q, k, v = t(total, heads, dqk, s=scale), t(total, heads, dqk, s=scale), t(total, heads, dv)
+    gaps = torch.exp(torch.randn(batch, max_len, generator=gen) * 2 + 6)
+    ts = (torch.cumsum(gaps.long(), 1) + 1_000_000_000).to(device)
+    ts_w = (torch.randn(129, generator=gen) * 0.02).to(device).requires_grad_()
+    pos_w = (torch.randn(2 * max_len - 1, generator=gen) * 0.02).to(device).requires_grad_()
+    grad = torch.randn(total, heads, dv, generator=gen).to(device, DTYPE)
+    return dict(q=q, k=k, v=v, offsets=offsets.to(device), lengths=lengths, n=max_len, ts=ts,
+                ts_w=ts_w, pos_w=pos_w, grad=grad)
+
+
+def _bench(fn):
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def time_impl(impl, b, fwd_config=None, bwd_config=None):
+    """(fwd_ms, fwd_bwd_ms, peak_mem_gb) of one implementation on batch b."""
+    q, k, v, offsets, n = b["q"], b["k"], b["v"], b["offsets"], b["n"]
+    bias = (b["ts"], b["ts_w"], b["pos_w"])
+    if impl == "triton":
+        fn = lambda: kernel_mod._hstu_attention(q, k, v, offsets, n, *bias, fwd_config=fwd_config,
+                                                bwd_config=bwd_config)
+        params = [q, k, v, b["ts_w"], b["pos_w"]]
+    elif impl == "triton_nobias":
+        fn = lambda: kernel_mod._hstu_attention(q, k, v, offsets, n, fwd_config=fwd_config,
+                                                bwd_config=bwd_config)
+        params = [q, k, v]
+    elif impl == "torch":
+        fn = lambda: hstu_attention_reference(q, k, v, offsets, n, *bias)
+        params = [q, k, v, b["ts_w"], b["pos_w"]]
+    elif impl == "sdpa_causal":
+        batch, heads, d = len(b["lengths"]), q.shape[1], q.shape[2]
+        dense = [torch.randn(batch, heads, n, x.shape[2], device=q.device, dtype=DTYPE).requires_grad_()
+                 for x in (q, k, v)]
+        fn = lambda: F.scaled_dot_product_attention(*dense, is_causal=True)
+        params = dense
+    else:
+        raise ValueError(impl)
+    out = fn()
+    grad = b["grad"] if impl != "sdpa_causal" else torch.randn_like(out)
+
+    def fwd_bwd():
+        torch.autograd.grad(fn(), params, grad)
+
+    fwd_bwd()
+    torch.cuda.synchronize()
+    fwd_ms = _bench(lambda: fn())
+    fwd_bwd_ms = _bench(fwd_bwd)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fwd_bwd()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+    return fwd_ms, fwd_bwd_ms, peak
+
+
+def dense_bytes(batch, heads, n):
+    # the reference's largest live set: a handful of (B, h, n, n) fp32 buffers plus (B, n, n) int64
+    return batch * heads * n * n * 4 * 8 + batch * n * n * 8 * 2
+
+
+SHAPES = (
+    [dict(name="scale", B=8, N=N, h=2, dqk=128, dv=128, ragged=r) for N in (256, 1024, 4096, 8192)
+     for r in (False, True)]
+    + [dict(name="ml-1m", B=128, N=211, h=h, dqk=d, dv=d, ragged=True, max_ragged=200)
+       for h, d in ((1, 50), (2, 25))]
+    + [dict(name="ml-20m", B=128, N=211, h=h, dqk=d, dv=d, ragged=True, max_ragged=200)
+       for h, d in ((4, 64), (8, 32))]
+)
+
+
+def run(out_path):
+    props = torch.cuda.get_device_properties(0)
+    common = dict(dtype="bf16", device=props.name, torch=torch.__version__, triton=triton.__version__)
+    rows = []
+    for shape in SHAPES:
+        b = make_batch(shape["B"], shape["N"], shape["h"], shape["dqk"], shape["dv"], shape["ragged"],
+                       max_ragged=shape.get("max_ragged"))
+        for impl in ("triton", "triton_nobias", "torch", "sdpa_causal"):
+            row = dict(impl=impl, config=shape["name"], N=shape["N"], B=shape["B"], heads=shape["h"],
+                       dqk=shape["dqk"], dv=shape["dv"], ragged=shape["ragged"],
+                       total_len=int(b["lengths"].sum()), **common)
+            if impl == "triton_nobias" and shape["name"] != "scale":
+                continue
+            if impl == "torch" and dense_bytes(shape["B"], shape["h"], shape["N"]) > 40 * 2**30:
+                row.update(fwd_ms=None, fwd_bwd_ms=None, peak_mem_gb=None, status="oom/skipped")
+            else:
+                try:
+                    fwd, fwd_bwd, peak = time_impl(impl, b)
+                    row.update(fwd_ms=round(fwd, 4), fwd_bwd_ms=round(fwd_bwd, 4),
+                               peak_mem_gb=round(peak, 3), status="ok")
+                except torch.cuda.OutOfMemoryError:
+                    torch.cuda.empty_cache()
+                    row.update(fwd_ms=None, fwd_bwd_ms=None, peak_mem_gb=None, status="oom/skipped")
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        del b
+        torch.cuda.empty_cache()
+    if out_path:
+        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+        with open(out_path, "w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+
+
+TUNE_FWD = [(64, 32, 4, 3), (64, 64, 4, 3), (64, 64, 4, 2), (128, 32, 8, 3), (128, 64, 8, 2),
+            (128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 2)]
+TUNE_BWD = [(64, 32, 32, 4, 2), (64, 32, 32, 8, 2), (64, 16, 16, 4, 2), (32, 16, 16, 4, 2),
+            (128, 32, 32, 8, 2), (64, 64, 32, 8, 2), (64, 32, 64, 8, 2), (128, 64, 64, 8, 2),
+            (64, 32, 32, 8, 3)]
+TUNE_SHAPES = [dict(B=8, N=4096, h=2, d=128, ragged=False), dict(B=128, N=211, h=4, d=64, ragged=True),
+               dict(B=128, N=211, h=8, d=32, ragged=True)]
+
+
+def _compile_one(args):
+    """Worker: compile (by running once) one config on a tiny batch of the same specialisation."""
+    shape, fwd_cfg, bwd_cfg = args
+    b = make_batch(1, shape["N"], shape["h"], shape["d"], shape["d"], False)
+    try:
+        out = kernel_mod._hstu_attention(b["q"], b["k"], b["v"], b["offsets"], b["n"], b["ts"], b["ts_w"],
+                                         b["pos_w"], fwd_config=fwd_cfg, bwd_config=bwd_cfg)
+        if bwd_cfg is not None:
+            torch.autograd.grad(out, [b["q"], b["k"], b["v"], b["ts_w"], b["pos_w"]], b["grad"])
+        torch.cuda.synchronize()
+        return None
+    except Exception as exc:  # report, keep tuning the others
+        return f"{shape} {fwd_cfg} {bwd_cfg}: {type(exc).__name__}: {str(exc)[:300]}"
+
+
+def tune(workers):
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    jobs = [(s, f, None) for s in TUNE_SHAPES for f in TUNE_FWD] + \
+           [(s, TUNE_FWD[0], c) for s in TUNE_SHAPES for c in TUNE_BWD]
+    t0 = time.time()
+    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+        for err in pool.map(_compile_one, jobs):
+            if err:
+                print("compile error:", err, flush=True)
+    print(f"parallel compile of {len(jobs)} configs: {time.time() - t0:.1f} s", flush=True)
+    for s in TUNE_SHAPES:
+        b = make_batch(s["B"], s["N"], s["h"], s["d"], s["d"], s["ragged"], max_ragged=200)
+        params = [b["q"], b["k"], b["v"], b["ts_w"], b["pos_w"]]
+        args = (b["q"], b["k"], b["v"], b["offsets"], b["n"], b["ts"], b["ts_w"], b["pos_w"])
+        ref = kernel_mod._hstu_attention(*args, fwd_config=TUNE_FWD[0], bwd_config=TUNE_BWD[0])
+        ref_g = torch.autograd.grad(ref, params, b["grad"])
+        for f in TUNE_FWD:
+            try:
+                out = kernel_mod._hstu_attention(*args, fwd_config=f)
+                err = (out.float() - ref.float()).abs().max().item()
+                ms = _bench(lambda: kernel_mod._hstu_attention(*args, fwd_config=f))
+                print(f"tune fwd {s} {f}: {ms:.4f} ms (max diff {err:.2e})", flush=True)
+            except Exception as exc:
+                print(f"tune fwd {s} {f}: FAILED {type(exc).__name__} {str(exc)[:200]}", flush=True)
+        for c in TUNE_BWD:
+            try:
+                out = kernel_mod._hstu_attention(*args, fwd_config=TUNE_FWD[0], bwd_config=c)
+                g = torch.autograd.grad(out, params, b["grad"])
+                err = max((x.float() - y.float()).abs().max().item() / y.float().abs().max().item()
+                          for x, y in zip(g, ref_g))
+                fwd_ms = _bench(lambda: kernel_mod._hstu_attention(*args, fwd_config=TUNE_FWD[0]))
+                ms = _bench(lambda: torch.autograd.grad(
+                    kernel_mod._hstu_attention(*args, fwd_config=TUNE_FWD[0], bwd_config=c), params,
+                    b["grad"]))
+                print(f"tune bwd {s} {c}: bwd {ms - fwd_ms:.4f} ms (rel diff {err:.2e})", flush=True)
+            except Exception as exc:
+                print(f"tune bwd {s} {c}: FAILED {type(exc).__name__} {str(exc)[:200]}", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=None, help="write JSON lines here")
+    parser.add_argument("--tune", action="store_true", help="time block configurations instead")
+    parser.add_argument("--workers", type=int, default=12, help="parallel compilations with --tune")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("needs a CUDA GPU")
+    if args.tune:
+        tune(args.workers)
+    else:
+        run(args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Triton kernels (fused jagged HSTU attention, forward and backward)."""

@@ -1,0 +1,605 @@
+"""Fused Triton kernels for jagged HSTU attention, forward and backward.
+
+Computes exactly `ops.hstu_attention.hstu_attention_reference(..., "silu")`:
+
+    rab(i, j) = pos_w[N - 1 + j - i] + ts_w[bucket(t[min(i + 1, N - 1)] - t[j])]
+    out_i     = sum_{j <= i} SiLU(q_i . k_j + rab(i, j)) / N * v_j
+
+for every sequence of a jagged batch, without ever holding an N x N matrix in
+memory: like FlashAttention, each program keeps one block of rows and walks
+over the blocks of the other side, recomputing scores in the backward pass.
+SiLU attention has no row-wise normaliser, so unlike softmax attention the
+forward saves no statistics and the backward needs no `rowsum(dO * O)` pass.
+
+Layout (kernels, then the autograd Function, then the public function):
+
+* `_hstu_fwd_kernel`: grid (B * heads, query blocks). Key blocks strictly
+  before the query block need no causal mask; the diagonal blocks do.
+* `_hstu_bwd_kernel`: grid (B * heads, blocks). Program p first computes
+  dK, dV of key block p (walking the query blocks after it), then dQ of
+  query block p (walking the key blocks before it). The two walks have
+  complementary lengths, so every program of a sequence does about the same
+  work, and neither dQ nor dK/dV needs atomics.
+* Relative-bias weight gradients (computed in the dQ walk, where a tile's rows
+  are queries):
+  - d pos_w: the diagonals of a (BLOCK_M, BLOCK_N) tile of dS are summed in
+    registers by skewing the tile (`tl.gather` of row (r + c) mod BLOCK_M in
+    column c) and reducing along columns: 2 * BLOCK_M atomics per tile
+    instead of BLOCK_M * BLOCK_N. They go to a private copy of pos_w's
+    gradient per (sequence, head), so concurrent programs (same query block,
+    other sequences) never hit the same addresses; the copies are summed at
+    the end (memory B * heads * N floats, linear in the batch).
+  - d ts_w: only 129 targets, so per-element atomics would serialise badly.
+    Each row of a tile is cut into runs of equal bucket and a run's sum is
+    the difference of two prefix sums (`tl.cumsum`), so an atomic is issued
+    only where the bucket changes along a row; the row totals get the same
+    treatment down the last column. This is exact for any timestamps; with
+    time-ordered histories (real data) buckets change a few times per row,
+    so atomics drop by one to two orders of magnitude. They go to a private
+    129-entry copy per program (summed at the end), spreading the remaining
+    atomics over many cache lines instead of 4.
+  Both are per head (heads are not summed in-program: that would need every
+  head's dQ accumulator live at once); fp32 atomics make these two gradients
+  non-deterministic in the last bits.
+* Head dims are padded to the next power of two (at least 16, tl.dot's
+  minimum) with masked loads/stores. The 1/N scale is applied once to the
+  accumulators (and to the rab gradients on the host), not per element.
+* Time buckets: floor(log2(|dt|) * ln2 / 0.301) in fp32, i.e. the reference's
+  floor(ln(|dt|) / 0.301) up to fp32 rounding: the two can differ only when
+  ln(|dt|) / 0.301 lies within ~1e-6 of an integer (the reference itself
+  differs there between CPU and CUDA, which divides by multiplying with the
+  reciprocal).
+
+The module imports without a GPU; on CPU tensors the kernels run under
+TRITON_INTERPRET=1 (tests), with small blocks.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ops.hstu_attention import BUCKET_INCREMENT
+
+_LOG2_TO_BUCKET = tl.constexpr(math.log(2.0) / BUCKET_INCREMENT)
+
+
+# --------------------------------------------------------------------------- #
+# Shared device helpers
+# --------------------------------------------------------------------------- #
+
+
+@triton.jit
+def _time_bucket(tq, tk, NUM_BUCKETS: tl.constexpr):
+    """bucket(tq - tk) = floor(ln(max(|dt|, 1)) / 0.301) clamped to NUM_BUCKETS (int32)."""
+    delta = tl.abs(tq - tk)
+    delta = tl.maximum(delta, 1)
+    bucket = (tl.log2(delta.to(tl.float32)) * _LOG2_TO_BUCKET).to(tl.int32)  # >= 0: trunc == floor
+    return tl.minimum(bucket, NUM_BUCKETS)
+
+
+@triton.jit
+def _rel_bias(qpos, kpos, tq, tk, TsW, PosW, max_seq_len, mask,
+              NUM_BUCKETS: tl.constexpr, MASKED: tl.constexpr):
+    """rab for broadcastable (query, key) index tensors; also returns the time bucket.
+
+    qpos is clamped to N - 1 by the caller, so unmasked tiles (keys strictly
+    before the queries) always index inside pos_w; masked tiles mask the load.
+    """
+    pos_idx = max_seq_len - 1 + kpos - qpos
+    if MASKED:
+        pos = tl.load(PosW + pos_idx, mask=mask, other=0.0)
+    else:
+        pos = tl.load(PosW + pos_idx)
+    bucket = _time_bucket(tq, tk, NUM_BUCKETS)
+    ts = tl.load(TsW + bucket)  # bucket is always in [0, NUM_BUCKETS]
+    return pos.to(tl.float32) + ts.to(tl.float32), bucket
+
+
+@triton.jit
+def _load_tile(ptrs, rows_ok, cols_ok, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
+    """Masked 2D load; masks are emitted only where they are needed (padding or ragged rows)."""
+    if MASK_ROWS:
+        if MASK_COLS:
+            x = tl.load(ptrs, mask=rows_ok[:, None] & cols_ok[None, :], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=rows_ok[:, None], other=0.0)
+    else:
+        if MASK_COLS:
+            x = tl.load(ptrs, mask=cols_ok[None, :], other=0.0)
+        else:
+            x = tl.load(ptrs)
+    return x
+
+
+# --------------------------------------------------------------------------- #
+# Forward
+# --------------------------------------------------------------------------- #
+
+
+@triton.jit
+def _fwd_tile(acc, q, qpos, tq, K, V, TS, TsW, PosW, k_base, v_base, ts_base,
+              start_n, seq_len, max_seq_len, stride_km, stride_vm, offs_qk, offs_v,
+              DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+              BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_BUCKETS: tl.constexpr,
+              DOT_PREC: tl.constexpr, MASKED: tl.constexpr):
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    kv_ok = offs_n < seq_len
+    k = _load_tile(K + k_base + offs_n[:, None] * stride_km + offs_qk[None, :], kv_ok,
+                   offs_qk < DQK, MASKED, DQK != BLOCK_DQK)
+    v = _load_tile(V + v_base + offs_n[:, None] * stride_vm + offs_v[None, :], kv_ok,
+                   offs_v < DV, MASKED, DV != BLOCK_DV)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+    causal = offs_n[None, :] <= qpos[:, None]
+    if HAS_BIAS:
+        tk = tl.load(TS + ts_base + tl.minimum(offs_n, max_seq_len - 1))
+        rab, _ = _rel_bias(qpos[:, None], offs_n[None, :], tq[:, None], tk[None, :], TsW, PosW,
+                           max_seq_len, causal, NUM_BUCKETS, MASKED)
+        s += rab
+    p = s * tl.sigmoid(s)  # SiLU; the 1/N is applied to the accumulator at the end
+    if MASKED:
+        p = tl.where(causal, p, 0.0)
+    acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return acc
+
+
+@triton.jit
+def _hstu_fwd_kernel(
+    Q, K, V, Out, SeqOffsets, TS, TsW, PosW,
+    stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, stride_om, stride_oh,
+    stride_tb, num_heads, max_seq_len, inv_n,
+    DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+    NUM_BUCKETS: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    # Query blocks on grid axis 1, last block first: the longest (most keys)
+    # programs start first, which shortens the tail of the causal grid.
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
+    off_b = pid_bh // num_heads
+    off_h = pid_bh % num_heads
+    seq_start = tl.load(SeqOffsets + off_b).to(tl.int64)
+    seq_len = (tl.load(SeqOffsets + off_b + 1) - seq_start).to(tl.int32)
+    start_m = pid_m * BLOCK_M
+    if start_m >= seq_len:
+        return
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_qk = tl.arange(0, BLOCK_DQK)
+    offs_v = tl.arange(0, BLOCK_DV)
+    rows_ok = offs_m < seq_len
+    q = _load_tile(Q + seq_start * stride_qm + off_h * stride_qh + offs_m[:, None] * stride_qm
+                   + offs_qk[None, :], rows_ok, offs_qk < DQK, True, DQK != BLOCK_DQK)
+    k_base = seq_start * stride_km + off_h * stride_kh
+    v_base = seq_start * stride_vm + off_h * stride_vh
+    ts_base = off_b.to(tl.int64) * stride_tb
+    qpos = tl.minimum(offs_m, max_seq_len - 1)  # rows past the sequence are junk, never stored
+    if HAS_BIAS:
+        tq = tl.load(TS + ts_base + tl.minimum(offs_m + 1, max_seq_len - 1))
+    else:
+        tq = qpos
+
+    acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
+    # Keys strictly before the query block: every (i, j) is causal, no masks.
+    for start_n in range(0, start_m, BLOCK_N):
+        acc = _fwd_tile(acc, q, qpos, tq, K, V, TS, TsW, PosW, k_base, v_base, ts_base,
+                        start_n, seq_len, max_seq_len, stride_km, stride_vm, offs_qk, offs_v,
+                        DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N, HAS_BIAS, NUM_BUCKETS, DOT_PREC,
+                        False)
+    # Diagonal key blocks: causal mask, ragged end.
+    for start_n in range(start_m, tl.minimum(start_m + BLOCK_M, seq_len), BLOCK_N):
+        acc = _fwd_tile(acc, q, qpos, tq, K, V, TS, TsW, PosW, k_base, v_base, ts_base,
+                        start_n, seq_len, max_seq_len, stride_km, stride_vm, offs_qk, offs_v,
+                        DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N, HAS_BIAS, NUM_BUCKETS, DOT_PREC,
+                        True)
+    acc = acc * inv_n
+    o_ptrs = Out + seq_start * stride_om + off_h * stride_oh + offs_m[:, None] * stride_om + offs_v[None, :]
+    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=rows_ok[:, None] & (offs_v < DV)[None, :])
+
+
+# --------------------------------------------------------------------------- #
+# Backward
+# --------------------------------------------------------------------------- #
+
+
+@triton.jit
+def _dkdv_tile(dk, dv, k, v, offs_n, tk, Q, DO, TS, TsW, PosW, q_base, do_base, ts_base,
+               start_m, seq_len, max_seq_len, stride_qm, stride_dom, offs_qk, offs_v,
+               DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+               BLOCK_M: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_BUCKETS: tl.constexpr,
+               DOT_PREC: tl.constexpr, MASKED: tl.constexpr):
+    """One (keys x queries) tile, transposed so that dK, dV accumulate with plain dots."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    rows_ok = offs_m < seq_len
+    # Queries past the sequence load as 0 (q and dO): their dS and P.dO vanish.
+    q = _load_tile(Q + q_base + offs_m[:, None] * stride_qm + offs_qk[None, :], rows_ok,
+                   offs_qk < DQK, True, DQK != BLOCK_DQK)
+    do = _load_tile(DO + do_base + offs_m[:, None] * stride_dom + offs_v[None, :], rows_ok,
+                    offs_v < DV, True, DV != BLOCK_DV)
+    qpos = tl.minimum(offs_m, max_seq_len - 1)
+    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # (keys, queries)
+    causal = offs_n[:, None] <= qpos[None, :]
+    if HAS_BIAS:
+        tq = tl.load(TS + ts_base + tl.minimum(offs_m + 1, max_seq_len - 1))
+        rab, _ = _rel_bias(qpos[None, :], offs_n[:, None], tq[None, :], tk[:, None], TsW, PosW,
+                           max_seq_len, causal, NUM_BUCKETS, MASKED)
+        s_t += rab
+    sig = tl.sigmoid(s_t)
+    p_t = s_t * sig
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+    ds_t = dp_t * sig * (1.0 + s_t * (1.0 - sig))  # SiLU'(s) = sig * (1 + s * (1 - sig))
+    if MASKED:
+        p_t = tl.where(causal, p_t, 0.0)
+        ds_t = tl.where(causal, ds_t, 0.0)
+    dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
+def _pos_grad_tile(ds, start_m, start_n, PosPart, max_seq_len,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Adds the diagonal sums of a (queries x keys) dS tile to PosPart[N - 1 + j - i].
+
+    Skew: sk[r, c] = ds[(r + c) mod BLOCK_M, c]. Without wrap-around, element
+    (r + c, c) lies on diagonal j - i = -r; with it, on BLOCK_M - r. So two
+    row reductions give every diagonal (BLOCK_M >= BLOCK_N).
+    """
+    rows = tl.arange(0, BLOCK_M)[:, None]
+    cols = tl.arange(0, BLOCK_N)[None, :]
+    wrap = rows + cols >= BLOCK_M
+    src = tl.where(wrap, rows + cols - BLOCK_M, rows + cols)
+    sk = tl.gather(ds, src, axis=0)
+    lo = tl.sum(tl.where(wrap, 0.0, sk), axis=1)
+    hi = tl.sum(tl.where(wrap, sk, 0.0), axis=1)
+    r = tl.arange(0, BLOCK_M)
+    base = max_seq_len - 1 + start_n - start_m
+    idx_lo = base - r
+    idx_hi = base + BLOCK_M - r
+    # Only j <= i (index < N) carries gradient; the range test also keeps junk rows in bounds.
+    tl.atomic_add(PosPart + idx_lo, lo, mask=(idx_lo >= 0) & (idx_lo < max_seq_len), sem="relaxed")
+    tl.atomic_add(PosPart + idx_hi, hi,
+                  mask=(r > BLOCK_M - BLOCK_N) & (idx_hi >= 0) & (idx_hi < max_seq_len), sem="relaxed")
+
+
+@triton.jit
+def _ts_grad_tile(ds, bucket, offs_m, offs_n, qpos, rows_ok, tq, tq_prev, TS, ts_base, TsPart,
+                  start_n, seq_len, max_seq_len,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_BUCKETS: tl.constexpr):
+    """Adds sum of dS per time bucket to TsPart, one atomic pair per change of bucket.
+
+    Along a row, a run of equal buckets [s, e] sums to cs[e] - ecs[s] (inclusive
+    / exclusive prefix sums). At each run start s > 0 we add ecs[s] to the
+    bucket on its left (closing the previous run) and -ecs[s] to its own bucket;
+    the row total closes the last run. Row totals are then reduced the same way
+    down the tile. Invalid elements (j > i, rows past the sequence) get bucket
+    -1 and zero dS, so runs of them cost no atomics.
+    """
+    cols = tl.arange(0, BLOCK_N)[None, :]
+    valid = rows_ok[:, None] & (offs_n[None, :] <= qpos[:, None])
+    here = tl.where(valid, bucket, -1)
+    # Bucket of the left neighbour (r, c - 1), recomputed from its timestamp
+    # (same inputs, same arithmetic, so equal buckets compare equal).
+    tk_left = tl.load(TS + ts_base + tl.minimum(tl.maximum(offs_n - 1, 0), max_seq_len - 1))
+    left_ok = (cols > 0) & rows_ok[:, None] & ((offs_n - 1)[None, :] <= qpos[:, None])
+    left = tl.where(left_ok, _time_bucket(tq[:, None], tk_left[None, :], NUM_BUCKETS), -1)
+    cs = tl.cumsum(ds, axis=1)
+    ecs = cs - ds
+    run_start = (here != left) & (cols > 0)
+    tl.atomic_add(TsPart + left, ecs, mask=run_start & (left >= 0), sem="relaxed")
+    tl.atomic_add(TsPart + here, -ecs, mask=run_start & (here >= 0), sem="relaxed")
+
+    # Row totals belong to the bucket of each row's last element; reduce them down the column.
+    rowtot = tl.sum(ds, axis=1)
+    j_last = start_n + BLOCK_N - 1
+    tk_last = tl.load(TS + ts_base + tl.minimum(j_last, max_seq_len - 1))
+    last = tl.where(rows_ok & (j_last <= qpos), _time_bucket(tq, tk_last, NUM_BUCKETS), -1)
+    r = tl.arange(0, BLOCK_M)
+    prev_ok = (r > 0) & (offs_m - 1 < seq_len) & (j_last <= tl.minimum(offs_m - 1, max_seq_len - 1))
+    up = tl.where(prev_ok, _time_bucket(tq_prev, tk_last, NUM_BUCKETS), -1)
+    crs = tl.cumsum(rowtot, axis=0)
+    ecrs = crs - rowtot
+    row_start = (last != up) & (r > 0)
+    tl.atomic_add(TsPart + up, ecrs, mask=row_start & (up >= 0), sem="relaxed")
+    tl.atomic_add(TsPart + last, -ecrs, mask=row_start & (last >= 0), sem="relaxed")
+    tl.atomic_add(TsPart + last, crs, mask=(r == BLOCK_M - 1) & (last >= 0), sem="relaxed")
+
+
+@triton.jit
+def _dq_tile(dq, q, do, offs_m, qpos, rows_ok, tq, tq_prev, K, V, TS, TsW, PosW, TsPart, PosPart,
+             k_base, v_base, ts_base, start_m, start_n, seq_len, max_seq_len, stride_km, stride_vm,
+             offs_qk, offs_v,
+             DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+             POS_GRAD: tl.constexpr, TS_GRAD: tl.constexpr, NUM_BUCKETS: tl.constexpr,
+             DOT_PREC: tl.constexpr, MASKED: tl.constexpr):
+    """One (queries x keys) tile: dQ, and the rab-weight gradients from the same dS."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    kv_ok = offs_n < seq_len
+    k = _load_tile(K + k_base + offs_n[:, None] * stride_km + offs_qk[None, :], kv_ok,
+                   offs_qk < DQK, MASKED, DQK != BLOCK_DQK)
+    v = _load_tile(V + v_base + offs_n[:, None] * stride_vm + offs_v[None, :], kv_ok,
+                   offs_v < DV, MASKED, DV != BLOCK_DV)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+    causal = offs_n[None, :] <= qpos[:, None]
+    if HAS_BIAS:
+        tk = tl.load(TS + ts_base + tl.minimum(offs_n, max_seq_len - 1))
+        rab, bucket = _rel_bias(qpos[:, None], offs_n[None, :], tq[:, None], tk[None, :], TsW, PosW,
+                                max_seq_len, causal, NUM_BUCKETS, MASKED)
+        s += rab
+    sig = tl.sigmoid(s)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    ds = dp * sig * (1.0 + s * (1.0 - sig))
+    if MASKED:
+        ds = tl.where(causal, ds, 0.0)
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
+    # Rows past the sequence have dO = 0, hence dS = 0 exactly: no extra mask needed.
+    if POS_GRAD:
+        _pos_grad_tile(ds, start_m, start_n, PosPart, max_seq_len, BLOCK_M, BLOCK_N)
+    if TS_GRAD:
+        _ts_grad_tile(ds, bucket, offs_m, offs_n, qpos, rows_ok, tq, tq_prev, TS, ts_base, TsPart,
+                      start_n, seq_len, max_seq_len, BLOCK_M, BLOCK_N, NUM_BUCKETS)
+    return dq
+
+
+@triton.jit
+def _hstu_bwd_kernel(
+    Q, K, V, DO, GradQ, GradK, GradV, SeqOffsets, TS, TsW, PosW, TsGradPart, PosGradPart,
+    stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, stride_dom, stride_doh,
+    stride_dqm, stride_dqh, stride_dkm, stride_dkh, stride_dvm, stride_dvh,
+    stride_tb, num_heads, max_seq_len, inv_n,
+    DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_N2: tl.constexpr,
+    HAS_BIAS: tl.constexpr, POS_GRAD: tl.constexpr, TS_GRAD: tl.constexpr,
+    NUM_BUCKETS: tl.constexpr, TS_PART_STRIDE: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    pid_blk = tl.program_id(1)
+    off_b = pid_bh // num_heads
+    off_h = pid_bh % num_heads
+    seq_start = tl.load(SeqOffsets + off_b).to(tl.int64)
+    seq_len = (tl.load(SeqOffsets + off_b + 1) - seq_start).to(tl.int32)
+    start = pid_blk * BLOCK
+    if start >= seq_len:
+        return
+
+    offs_qk = tl.arange(0, BLOCK_DQK)
+    offs_v = tl.arange(0, BLOCK_DV)
+    q_base = seq_start * stride_qm + off_h * stride_qh
+    k_base = seq_start * stride_km + off_h * stride_kh
+    v_base = seq_start * stride_vm + off_h * stride_vh
+    do_base = seq_start * stride_dom + off_h * stride_doh
+    ts_base = off_b.to(tl.int64) * stride_tb
+    offs = start + tl.arange(0, BLOCK)
+    blk_ok = offs < seq_len
+    end_diag = tl.minimum(start + BLOCK, seq_len)
+
+    # ---- Phase 1: dK, dV of keys [start, start + BLOCK), over queries i >= start.
+    k = _load_tile(K + k_base + offs[:, None] * stride_km + offs_qk[None, :], blk_ok,
+                   offs_qk < DQK, True, DQK != BLOCK_DQK)
+    v = _load_tile(V + v_base + offs[:, None] * stride_vm + offs_v[None, :], blk_ok,
+                   offs_v < DV, True, DV != BLOCK_DV)
+    if HAS_BIAS:
+        tk = tl.load(TS + ts_base + tl.minimum(offs, max_seq_len - 1))
+    else:
+        tk = offs
+    dk = tl.zeros((BLOCK, BLOCK_DQK), dtype=tl.float32)
+    dv = tl.zeros((BLOCK, BLOCK_DV), dtype=tl.float32)
+    for start_m in range(start, end_diag, BLOCK_M1):
+        dk, dv = _dkdv_tile(dk, dv, k, v, offs, tk, Q, DO, TS, TsW, PosW, q_base, do_base, ts_base,
+                            start_m, seq_len, max_seq_len, stride_qm, stride_dom, offs_qk, offs_v,
+                            DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M1, HAS_BIAS, NUM_BUCKETS, DOT_PREC,
+                            True)
+    for start_m in range(start + BLOCK, seq_len, BLOCK_M1):
+        dk, dv = _dkdv_tile(dk, dv, k, v, offs, tk, Q, DO, TS, TsW, PosW, q_base, do_base, ts_base,
+                            start_m, seq_len, max_seq_len, stride_qm, stride_dom, offs_qk, offs_v,
+                            DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M1, HAS_BIAS, NUM_BUCKETS, DOT_PREC,
+                            False)
+    dk_ptrs = GradK + seq_start * stride_dkm + off_h * stride_dkh + offs[:, None] * stride_dkm + offs_qk[None, :]
+    tl.store(dk_ptrs, (dk * inv_n).to(GradK.dtype.element_ty), mask=blk_ok[:, None] & (offs_qk < DQK)[None, :])
+    dv_ptrs = GradV + seq_start * stride_dvm + off_h * stride_dvh + offs[:, None] * stride_dvm + offs_v[None, :]
+    tl.store(dv_ptrs, (dv * inv_n).to(GradV.dtype.element_ty), mask=blk_ok[:, None] & (offs_v < DV)[None, :])
+
+    # ---- Phase 2: dQ (and rab gradients) of queries [start, start + BLOCK), over keys j <= i.
+    q = _load_tile(Q + q_base + offs[:, None] * stride_qm + offs_qk[None, :], blk_ok,
+                   offs_qk < DQK, True, DQK != BLOCK_DQK)
+    do = _load_tile(DO + do_base + offs[:, None] * stride_dom + offs_v[None, :], blk_ok,
+                    offs_v < DV, True, DV != BLOCK_DV)
+    qpos = tl.minimum(offs, max_seq_len - 1)
+    if HAS_BIAS:
+        tq = tl.load(TS + ts_base + tl.minimum(offs + 1, max_seq_len - 1))
+        tq_prev = tl.load(TS + ts_base + qpos)  # query i - 1 uses t[i]
+    else:
+        tq = qpos
+        tq_prev = qpos
+    # Private gradient copies (see module docstring): per program for ts_w, per (b, h) for pos_w.
+    ts_part = TsGradPart + (pid_bh.to(tl.int64) * tl.num_programs(1) + pid_blk) * TS_PART_STRIDE
+    pos_part = PosGradPart + pid_bh.to(tl.int64) * max_seq_len
+    dq = tl.zeros((BLOCK, BLOCK_DQK), dtype=tl.float32)
+    for start_n in range(0, start, BLOCK_N2):
+        dq = _dq_tile(dq, q, do, offs, qpos, blk_ok, tq, tq_prev, K, V, TS, TsW, PosW, ts_part,
+                      pos_part, k_base, v_base, ts_base, start, start_n, seq_len, max_seq_len,
+                      stride_km, stride_vm, offs_qk, offs_v, DQK, DV, BLOCK_DQK, BLOCK_DV,
+                      BLOCK, BLOCK_N2, HAS_BIAS, POS_GRAD, TS_GRAD, NUM_BUCKETS, DOT_PREC, False)
+    for start_n in range(start, end_diag, BLOCK_N2):
+        dq = _dq_tile(dq, q, do, offs, qpos, blk_ok, tq, tq_prev, K, V, TS, TsW, PosW, ts_part,
+                      pos_part, k_base, v_base, ts_base, start, start_n, seq_len, max_seq_len,
+                      stride_km, stride_vm, offs_qk, offs_v, DQK, DV, BLOCK_DQK, BLOCK_DV,
+                      BLOCK, BLOCK_N2, HAS_BIAS, POS_GRAD, TS_GRAD, NUM_BUCKETS, DOT_PREC, True)
+    dq_ptrs = GradQ + seq_start * stride_dqm + off_h * stride_dqh + offs[:, None] * stride_dqm + offs_qk[None, :]
+    tl.store(dq_ptrs, (dq * inv_n).to(GradQ.dtype.element_ty), mask=blk_ok[:, None] & (offs_qk < DQK)[None, :])
+
+
+# --------------------------------------------------------------------------- #
+# Host side: block sizes, launches, autograd
+# --------------------------------------------------------------------------- #
+
+
+def _pow2_dim(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))  # tl.dot needs every dim >= 16
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs follow torch's matmul precision setting (default "highest": exact fp32 products).
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"
+
+
+def _fwd_config(q: torch.Tensor, block_d: int) -> Tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages), a small table measured on an H100."""
+    if not q.is_cuda:
+        return 16, 16, 1, 1  # interpreter: small tiles keep numpy work low
+    if q.dtype == torch.float32:
+        return (64, 32, 4, 2) if block_d > 64 else (64, 64, 4, 2)
+    if block_d > 64:
+        return 128, 64, 8, 2
+    return 128, 64, 4, 2
+
+
+def _bwd_config(q: torch.Tensor, block_d: int) -> Tuple[int, int, int, int, int]:
+    """(BLOCK, BLOCK_M1, BLOCK_N2, num_warps, num_stages)."""
+    if not q.is_cuda:
+        return 16, 16, 16, 1, 1
+    if q.dtype == torch.float32:
+        return (64, 32, 32, 4, 1) if block_d > 64 else (64, 32, 32, 4, 2)
+    if block_d > 64:
+        return 128, 32, 32, 8, 2
+    return 64, 32, 32, 4, 2
+
+
+def _prepare(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _forward(q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w, config=None):
+    total, heads, dqk = q.shape
+    dv = v.shape[-1]
+    batch = seq_offsets.numel() - 1
+    out = torch.empty((total, heads, dv), dtype=q.dtype, device=q.device)
+    has_bias = ts_w is not None
+    block_dqk, block_dv = _pow2_dim(dqk), _pow2_dim(dv)
+    block_m, block_n, num_warps, num_stages = config or _fwd_config(q, max(block_dqk, block_dv))
+    assert block_m % block_n == 0
+    dummy = q  # unused pointer arguments when there is no bias
+    grid = (batch * heads, triton.cdiv(max_seq_len, block_m))
+    _hstu_fwd_kernel[grid](
+        q, k, v, out, seq_offsets,
+        timestamps if has_bias else dummy, ts_w if has_bias else dummy, pos_w if has_bias else dummy,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1), timestamps.stride(0) if has_bias else 0,
+        heads, max_seq_len, 1.0 / max_seq_len,
+        DQK=dqk, DV=dv, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, BLOCK_M=block_m, BLOCK_N=block_n,
+        HAS_BIAS=has_bias, NUM_BUCKETS=(ts_w.numel() - 1) if has_bias else 0,
+        DOT_PREC=_dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
+
+
+def _backward(do, q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w,
+              need_ts_grad, need_pos_grad, config=None):
+    total, heads, dqk = q.shape
+    dv_dim = v.shape[-1]
+    batch = seq_offsets.numel() - 1
+    has_bias = ts_w is not None
+    dq = torch.empty((total, heads, dqk), dtype=q.dtype, device=q.device)
+    dk = torch.empty((total, heads, dqk), dtype=k.dtype, device=q.device)
+    dv = torch.empty((total, heads, dv_dim), dtype=v.dtype, device=q.device)
+    block_dqk, block_dv = _pow2_dim(dqk), _pow2_dim(dv_dim)
+    block, block_m1, block_n2, num_warps, num_stages = config or _bwd_config(q, max(block_dqk, block_dv))
+    assert block % block_m1 == 0 and block % block_n2 == 0
+    num_blocks = triton.cdiv(max_seq_len, block)
+    num_buckets = ts_w.numel() - 1 if has_bias else 0
+    ts_stride = 32 * triton.cdiv(num_buckets + 1, 32)  # whole 128-byte lines per private copy
+    f32 = dict(dtype=torch.float32, device=q.device)
+    ts_part = torch.zeros((batch * heads * num_blocks, ts_stride) if need_ts_grad else (1,), **f32)
+    pos_part = torch.zeros((batch * heads, max_seq_len) if need_pos_grad else (1,), **f32)
+    dummy = q
+    grid = (batch * heads, num_blocks)
+    _hstu_bwd_kernel[grid](
+        q, k, v, do, dq, dk, dv, seq_offsets,
+        timestamps if has_bias else dummy, ts_w if has_bias else dummy, pos_w if has_bias else dummy,
+        ts_part, pos_part,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1),
+        dv.stride(0), dv.stride(1), timestamps.stride(0) if has_bias else 0,
+        heads, max_seq_len, 1.0 / max_seq_len,
+        DQK=dqk, DV=dv_dim, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
+        BLOCK=block, BLOCK_M1=block_m1, BLOCK_N2=block_n2,
+        HAS_BIAS=has_bias, POS_GRAD=need_pos_grad, TS_GRAD=need_ts_grad,
+        NUM_BUCKETS=num_buckets, TS_PART_STRIDE=ts_stride, DOT_PREC=_dot_precision(q.dtype),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    d_ts = d_pos = None
+    if need_ts_grad:  # sum the private copies; the 1/N of dS is applied here
+        d_ts = (ts_part[:, : num_buckets + 1].sum(0) / max_seq_len).to(ts_w.dtype)
+    if need_pos_grad:
+        d_pos = torch.zeros_like(pos_w)
+        d_pos[:max_seq_len] = (pos_part.sum(0) / max_seq_len).to(pos_w.dtype)  # j > i: no gradient
+    return dq, dk, dv, d_ts, d_pos
+
+
+class _HSTUAttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w, fwd_config, bwd_config):
+        out = _forward(q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w, fwd_config)
+        ctx.save_for_backward(q, k, v, seq_offsets, timestamps, ts_w, pos_w)
+        ctx.max_seq_len = max_seq_len
+        ctx.bwd_config = bwd_config
+        return out
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, seq_offsets, timestamps, ts_w, pos_w = ctx.saved_tensors
+        has_bias = ts_w is not None
+        dq, dk, dv, d_ts, d_pos = _backward(
+            _prepare(do), q, k, v, seq_offsets, ctx.max_seq_len, timestamps, ts_w, pos_w,
+            need_ts_grad=has_bias and ctx.needs_input_grad[6],
+            need_pos_grad=has_bias and ctx.needs_input_grad[7],
+            config=ctx.bwd_config,
+        )
+        return dq, dk, dv, None, None, None, d_ts, d_pos, None, None
+
+
+def _hstu_attention(q, k, v, seq_offsets, max_seq_len, timestamps=None, ts_w=None, pos_w=None,
+                    fwd_config=None, bwd_config=None):
+    """triton_hstu_attention with explicit block configs (tests and tuning)."""
+    total, heads, _ = q.shape
+    batch = seq_offsets.numel() - 1
+    if batch == 0 or total == 0:
+        return v.new_zeros(total, heads, v.shape[-1])
+    has_bias = timestamps is not None and ts_w is not None and pos_w is not None
+    if not has_bias:
+        timestamps = ts_w = pos_w = None
+    else:
+        timestamps = _prepare(timestamps)
+        ts_w = ts_w.contiguous()
+        pos_w = pos_w.contiguous()
+    return _HSTUAttentionFunction.apply(
+        _prepare(q), _prepare(k), _prepare(v), seq_offsets.contiguous(), int(max_seq_len),
+        timestamps, ts_w, pos_w, fwd_config, bwd_config,
+    )
+
+
+def triton_hstu_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    seq_offsets: torch.Tensor,
+    max_seq_len: int,
+    timestamps: Optional[torch.Tensor] = None,
+    ts_w: Optional[torch.Tensor] = None,
+    pos_w: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Fused jagged HSTU attention; same contract as `hstu_attention_reference(..., "silu")`.
+
+    q, k: (L, h, dqk); v: (L, h, dv); seq_offsets: (B + 1,) int; every length <= max_seq_len.
+    timestamps: (B, max_seq_len) int (position `length` holds the target's timestamp);
+    ts_w: (num_buckets + 1,); pos_w: (2 * max_seq_len - 1,). Without all three, no bias.
+    Differentiable in q, k, v, ts_w and pos_w. Returns (L, h, dv) in q's dtype.
+    """
+    return _hstu_attention(q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w)

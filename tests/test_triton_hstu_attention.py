@@ -1,0 +1,212 @@
+"""Fused Triton HSTU attention (ops/triton/hstu_attention.py) against the PyTorch formula.
+
+Without CUDA the kernels run under TRITON_INTERPRET=1 on CPU tensors (numpy, slow):
+tiny shapes and few hypothesis examples keep this file well under a minute on 2
+cores. With CUDA the same properties run on larger shapes (lengths up to ~2,000,
+head dims 25/50/64/128, bf16).
+
+Tolerances, as max |kernel - reference| / max |reference| per tensor:
+* fp32: 1e-4. Both sides accumulate in fp32 (tl.dot with input_precision="ieee",
+  fp32 atomics for the rab gradients); only summation order differs, which costs
+  ~1e-6 relative here. 1e-4 leaves room for sums over ~2,000 keys.
+* bf16: 2e-2. The reference upcasts the bf16 inputs and runs in fp32; the kernel
+  rounds the attention weights and dS to bf16 before the second matmul and the
+  outputs to bf16 (2^-8 = 0.4% per rounding, partly averaging out over keys).
+Time buckets: kernel and reference both take an fp32 log but not the same one,
+so a delta whose ln(|d|)/0.301 lies within fp32 rounding of an integer may land
+in adjacent buckets. Test timestamps are redrawn until no delta is within 1e-5
+of a bucket boundary (a few percent of draws), which removes that case only.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton import
+
+triton = pytest.importorskip("triton")
+
+from hypothesis import assume, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from ops.hstu_attention import BUCKET_INCREMENT, hstu_attention, hstu_attention_reference  # noqa: E402
+from ops.triton.hstu_attention import _hstu_attention, triton_hstu_attention  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
+NUM_BUCKETS = 128
+
+if CUDA:
+    MAX_LEN, MAX_BATCH, MAX_HEADS, EXAMPLES = 2000, 6, 4, 12
+    # Each (dims, dtype, bias) triple is one compilation (~10 s): a fixed menu.
+    DIMS = [(25, 25), (50, 50), (64, 64), (128, 128), (32, 16)]
+    DTYPES = [torch.bfloat16, torch.float32]
+else:
+    MAX_LEN, MAX_BATCH, MAX_HEADS, EXAMPLES = 40, 5, 3, 15
+    DIMS = [(8, 8), (16, 16), (25, 12), (12, 25)]
+    DTYPES = [torch.float32]
+
+
+def _near_bucket_boundary(timestamps: torch.Tensor, max_seq_len: int) -> bool:
+    """True if some (query, key) delta has ln(|d|)/0.301 within 1e-5 of an integer (in fp64)."""
+    t = timestamps.double().cpu()
+    nxt = t[:, torch.clamp(torch.arange(max_seq_len) + 1, max=max_seq_len - 1)]
+    d = (nxt[:, :, None] - t[:, None, :]).abs().clamp(min=1)
+    x = torch.log(d) / BUCKET_INCREMENT
+    frac = (x - x.round()).abs()
+    return bool(((frac < 1e-5) & (x.round() >= 1) & (x.round() <= NUM_BUCKETS)).any())
+
+
+def _timestamps(batch: int, max_seq_len: int, gen: torch.Generator, ordered: bool, scale: int):
+    for _ in range(50):
+        if ordered:  # histories are time-ordered in real data: few bucket changes per row
+            gaps = torch.exp(torch.randn(batch, max_seq_len, generator=gen) * 2 + math.log(scale))
+            t = torch.cumsum(gaps.long(), dim=1) + 1_000_000_000
+        else:  # arbitrary order: a bucket change at almost every element (worst case for d ts_w)
+            t = torch.randint(0, scale * max_seq_len, (batch, max_seq_len), generator=gen)
+        if not _near_bucket_boundary(t, max_seq_len):
+            return t
+    raise AssertionError("could not draw timestamps away from bucket boundaries")
+
+
+def _make_inputs(lengths, heads, dqk, dv, dtype, seed, bias, ordered=True, scale=1000, max_seq_len=None,
+                 weight_dtype=None):
+    gen = torch.Generator().manual_seed(seed)
+    lengths_t = torch.tensor(lengths, dtype=torch.int64)
+    n = max_seq_len or max(max(lengths, default=1), 1)
+    offsets = torch.nn.functional.pad(torch.cumsum(lengths_t, 0), (1, 0))
+    total = int(offsets[-1])
+    # q, k scaled so that q.k is O(1) whatever the head dim (SiLU then sees both signs).
+    qk_scale = dqk ** -0.25
+
+    def leaf(shape, scale_=1.0):
+        x = torch.randn(shape, generator=gen) * scale_
+        return x.to(DEVICE, dtype).requires_grad_()
+
+    q = leaf((total, heads, dqk), qk_scale)
+    k = leaf((total, heads, dqk), qk_scale)
+    v = leaf((total, heads, dv))
+    extra = (None, None, None)
+    if bias:
+        ts = _timestamps(len(lengths), n, gen, ordered, scale).to(DEVICE)
+        wdtype = weight_dtype or torch.float32
+        ts_w = (torch.randn(NUM_BUCKETS + 1, generator=gen) * 0.5).to(DEVICE, wdtype).requires_grad_()
+        pos_w = (torch.randn(2 * n - 1, generator=gen) * 0.5).to(DEVICE, wdtype).requires_grad_()
+        extra = (ts, ts_w, pos_w)
+    return q, k, v, offsets.to(DEVICE), n, extra
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    scale = b.float().abs().max().item() if b.numel() else 0.0
+    return (a.float() - b.float()).abs().max().item() / max(scale, 1e-6) if a.numel() else 0.0
+
+
+def _check(q, k, v, offsets, n, extra, dtype, fwd_config=None, bwd_config=None, grad=True):
+    out = _hstu_attention(q, k, v, offsets, n, *extra, fwd_config=fwd_config, bwd_config=bwd_config)
+    ref = hstu_attention_reference(q, k, v, offsets, n, *extra)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    tol = TOL[dtype]
+    assert _rel_err(out, ref) <= tol, ("out", _rel_err(out, ref))
+    if not grad or out.numel() == 0:
+        return
+    g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+    params = [q, k, v] + [w for w in extra[1:] if w is not None]
+    names = ["dq", "dk", "dv", "d_ts_w", "d_pos_w"]
+    got = torch.autograd.grad(out, params, g)
+    want = torch.autograd.grad(ref, params, g)
+    for name, a, b in zip(names, got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        assert _rel_err(a, b) <= tol, (name, _rel_err(a, b))
+
+
+lengths_st = st.lists(st.integers(0, MAX_LEN), min_size=1, max_size=MAX_BATCH)
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(
+    lengths=lengths_st,
+    heads=st.integers(1, MAX_HEADS),
+    dims=st.sampled_from(DIMS),
+    dtype=st.sampled_from(DTYPES),
+    bias=st.booleans(),
+    ordered=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_matches_reference(lengths, heads, dims, dtype, bias, ordered, seed):
+    """Output and dq, dk, dv, d ts_w, d pos_w on ragged batches (empty and length-1 sequences too)."""
+    assume(sum(lengths) > 0)
+    q, k, v, offsets, n, extra = _make_inputs(lengths, heads, *dims, dtype, seed, bias, ordered)
+    _check(q, k, v, offsets, n, extra, dtype)
+
+
+def test_empty_and_single_sequences():
+    """An empty sequence between others, length-1 sequences, padded length > every length."""
+    q, k, v, offsets, n, extra = _make_inputs([3, 0, 1, 7, 0], 2, 16, 8, torch.float32, 0, True,
+                                              max_seq_len=12)
+    _check(q, k, v, offsets, n, extra, torch.float32)
+
+
+@pytest.mark.parametrize(
+    "fwd_config,bwd_config",
+    [((32, 16, 4, 2), (32, 16, 16, 4, 2)), ((16, 16, 4, 2), (32, 32, 16, 4, 2)),
+     ((32, 32, 4, 2), (32, 16, 32, 4, 2))],
+)
+def test_block_shapes(fwd_config, bwd_config):
+    """Query/key blocks of unequal sizes (diagonal tiles, pos_w skew with wrap-around)."""
+    q, k, v, offsets, n, extra = _make_inputs([37, 5, 20], 1, 16, 16, torch.float32, 3, True,
+                                              ordered=False, scale=10**6, max_seq_len=40)
+    _check(q, k, v, offsets, n, extra, torch.float32, fwd_config, bwd_config)
+
+
+def test_partial_weight_grads_and_views():
+    """Only ts_w requires grad; q, k, v are strided views into one projection (as in the model)."""
+    gen = torch.Generator().manual_seed(5)
+    lengths = torch.tensor([9, 4, 13])
+    offsets = torch.nn.functional.pad(torch.cumsum(lengths, 0), (1, 0)).to(DEVICE)
+    n, heads, d = 16, 2, 8
+    total = int(lengths.sum())
+    proj = (torch.randn(total, 3 * heads * d, generator=gen) * 0.5).to(DEVICE).requires_grad_()
+    q, k, v = (x.view(total, heads, d) for x in proj.split(heads * d, dim=1))
+    ts = _timestamps(3, n, gen, True, 1000).to(DEVICE)
+    ts_w = (torch.randn(NUM_BUCKETS + 1, generator=gen) * 0.5).to(DEVICE).requires_grad_()
+    pos_w = (torch.randn(2 * n - 1, generator=gen) * 0.5).to(DEVICE)  # frozen
+    out = triton_hstu_attention(q, k, v, offsets, n, ts, ts_w, pos_w)
+    ref = hstu_attention_reference(q, k, v, offsets, n, ts, ts_w, pos_w)
+    assert _rel_err(out, ref) <= 1e-4
+    got = torch.autograd.grad(out.sum(), [proj, ts_w])  # sum(): an expanded (stride 0) dO
+    want = torch.autograd.grad(ref.sum(), [proj, ts_w])
+    for a, b in zip(got, want):
+        assert _rel_err(a, b) <= 1e-4
+
+
+def test_degenerate_batches():
+    """No sequences, or only empty ones: zero-row outputs like the reference."""
+    for lengths in ([], [0, 0]):
+        offsets = torch.nn.functional.pad(torch.tensor(lengths, dtype=torch.int64).cumsum(0), (1, 0))
+        q = torch.zeros(0, 2, 8, device=DEVICE)
+        out = triton_hstu_attention(q, q, q, offsets.to(DEVICE), 4)
+        assert out.shape == (0, 2, 8)
+
+
+def test_dispatcher_uses_kernel():
+    q, k, v, offsets, n, extra = _make_inputs([6, 3], 1, 8, 8, torch.float32, 2, True)
+    out = hstu_attention(q, k, v, offsets, n, *extra, kernel="triton")
+    ref = hstu_attention_reference(q, k, v, offsets, n, *extra)
+    assert _rel_err(out, ref) <= 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+def test_long_sequences_bf16(weight_dtype):
+    """Lengths near 2,000 with d = 128 bf16 (the benchmark's dtype); rab weights fp32 or bf16."""
+    q, k, v, offsets, n, extra = _make_inputs([1999, 1, 1024, 0, 1500], 2, 128, 128,
+                                              torch.bfloat16, 7, True, max_seq_len=2048,
+                                              weight_dtype=weight_dtype)
+    _check(q, k, v, offsets, n, extra, torch.bfloat16)
