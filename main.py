@@ -78,6 +78,8 @@ def main(argv: List[str]) -> None:
     del argv
     import torch
 
+    from generative_recommenders.data.public_datasets import PreprocessingError
+
     logging.set_verbosity(logging.WARNING)  # fbgemm_gpu logs every library it loads
     try:
         parse_config(FLAGS.gin_config_file, FLAGS.gin_bindings)
@@ -94,7 +96,7 @@ def main(argv: List[str]) -> None:
             worker(0, *args)
         else:
             torch.multiprocessing.spawn(worker, args=args, nprocs=world_size, join=True)
-    except (FileNotFoundError, ValueError) as exc:
+    except (FileNotFoundError, ValueError, PreprocessingError) as exc:
         sys.exit(f"error: {exc}")
     except torch.multiprocessing.ProcessRaisedException as exc:
         # The child's traceback ends with its exception; a rank failing stops all of them.
