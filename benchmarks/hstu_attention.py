@@ -186,7 +186,7 @@ def _compile_one(args):
         return f"{shape} {fwd_cfg} {bwd_cfg}: {type(exc).__name__}: {str(exc)[:300]}"
 
 
-def tune(workers):
+def tune(workers, compile_only=False):
     import concurrent.futures as cf
     import multiprocessing as mp
 
@@ -198,6 +198,22 @@ def tune(workers):
             if err:
                 print("compile error:", err, flush=True)
     print(f"parallel compile of {len(jobs)} configs: {time.time() - t0:.1f} s", flush=True)
+    if compile_only:
+        return
+    # Where the time goes on the target shape, default configs.
+    b = make_batch(8, 4096, 2, 128, 128, False)
+    q, k, v, ts_w, pos_w = b["q"], b["k"], b["v"], b["ts_w"], b["pos_w"]
+    args = (q, k, v, b["offsets"], b["n"])
+    for label, extra, params in [
+        ("bias, all grads", (b["ts"], ts_w, pos_w), [q, k, v, ts_w, pos_w]),
+        ("bias, no weight grads", (b["ts"], ts_w.detach(), pos_w.detach()), [q, k, v]),
+        ("bias, pos_w grad only", (b["ts"], ts_w.detach(), pos_w), [q, k, v, pos_w]),
+        ("bias, ts_w grad only", (b["ts"], ts_w, pos_w.detach()), [q, k, v, ts_w]),
+        ("no bias", (), [q, k, v]),
+    ]:
+        fwd = _bench(lambda: kernel_mod._hstu_attention(*args, *extra))
+        both = _bench(lambda: torch.autograd.grad(kernel_mod._hstu_attention(*args, *extra), params, b["grad"]))
+        print(f"breakdown {label}: fwd {fwd:.4f} ms, fwd+bwd {both:.4f} ms", flush=True)
     for s in TUNE_SHAPES:
         b = make_batch(s["B"], s["N"], s["h"], s["d"], s["d"], s["ragged"], max_ragged=200)
         params = [b["q"], b["k"], b["v"], b["ts_w"], b["pos_w"]]
@@ -232,11 +248,12 @@ def main():
     parser.add_argument("--out", default=None, help="write JSON lines here")
     parser.add_argument("--tune", action="store_true", help="time block configurations instead")
     parser.add_argument("--workers", type=int, default=12, help="parallel compilations with --tune")
+    parser.add_argument("--tune-compile-only", action="store_true", help="only fill the compile cache")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
-    if args.tune:
-        tune(args.workers)
+    if args.tune or args.tune_compile_only:
+        tune(args.workers, args.tune_compile_only)
     else:
         run(args.out)
 
