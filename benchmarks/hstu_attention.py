@@ -12,14 +12,20 @@ warm-up) of
 * impl=sdpa_causal: torch scaled_dot_product_attention, causal softmax, padded
                     dense (B, h, N, d), no bias: the speed of light of a fused
                     attention kernel on this GPU, not the same computation.
+fwd_ms / fwd_bwd_ms time eager calls (CUDA events), which for small shapes is
+mostly Python and launch overhead; fwd_ms_graph / fwd_bwd_ms_graph replay the
+same calls from a CUDA graph (device time only; not possible for the PyTorch
+reference, which syncs on .item()).
 bf16 throughout. Shapes: B=8, h=2, d=128, N in {256, 1024, 4096, 8192}, all
 sequences full length and ragged (lengths uniform in [1, N], fixed seed); the
 ml-1m (B=128, N=211, h=1 d=50 / h=2 d=25) and ml-20m (h=4 d=64 / h=8 d=32)
 shapes with ragged lengths up to 200. Timestamps are time-ordered (cumulative
 log-normal gaps), as in real histories. One JSON line per measurement.
 
-`--tune` instead times a list of block configurations on a few shapes (used
-to fill the tables in ops/triton/hstu_attention.py) and prints them.
+`--tune` instead times a list of block configurations on a few shapes, checks
+each against the PyTorch formula, prints a breakdown of where the time goes and
+writes the fastest per padded head dim (`--tune-out`, read back by `--configs`;
+the tables in ops/triton/hstu_attention.py were filled from it).
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import torch
 import torch.nn.functional as F
 import triton
-from triton.testing import do_bench
+from triton.testing import do_bench, do_bench_cudagraph
 
 from ops.hstu_attention import hstu_attention_reference
 from ops.triton import hstu_attention as kernel_mod
@@ -71,8 +77,17 @@ def _bench(fn):
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def time_impl(impl, b, fwd_config=None, bwd_config=None):
-    """(fwd_ms, fwd_bwd_ms, peak_mem_gb) of one implementation on batch b."""
+def _bench_graph(fn):
+    """Median ms of fn replayed from a CUDA graph: device time without Python launch overhead."""
+    try:
+        return do_bench_cudagraph(fn, rep=20, return_mode="median")
+    except Exception as exc:  # not capturable (the PyTorch reference syncs on .item())
+        print(f"  (no CUDA-graph timing: {type(exc).__name__}: {str(exc)[:120]})", flush=True)
+        return None
+
+
+def time_impl(impl, b, fwd_config=None, bwd_config=None, graphs=False):
+    """(fwd_ms, fwd_bwd_ms, peak_mem_gb, fwd_graph_ms, fwd_bwd_graph_ms) of one implementation."""
     q, k, v, offsets, n = b["q"], b["k"], b["v"], b["offsets"], b["n"]
     bias = (b["ts"], b["ts_w"], b["pos_w"])
     if impl == "triton":
@@ -110,7 +125,11 @@ def time_impl(impl, b, fwd_config=None, bwd_config=None):
     fwd_bwd()
     torch.cuda.synchronize()
     peak = (torch.cuda.max_memory_allocated() - base) / 2**30
-    return fwd_ms, fwd_bwd_ms, peak
+    fwd_g = fwd_bwd_g = None
+    if graphs:
+        fwd_g = _bench_graph(lambda: fn())
+        fwd_bwd_g = _bench_graph(fwd_bwd) if fwd_g is not None else None
+    return fwd_ms, fwd_bwd_ms, peak, fwd_g, fwd_bwd_g
 
 
 def dense_bytes(batch, heads, n):
@@ -128,26 +147,38 @@ SHAPES = (
 )
 
 
-def run(out_path):
+def run(out_path, configs_path=None):
+    configs = {}
+    if configs_path:
+        configs = {int(k): v for k, v in json.load(open(configs_path)).items()}
     props = torch.cuda.get_device_properties(0)
     common = dict(dtype="bf16", device=props.name, torch=torch.__version__, triton=triton.__version__)
     rows = []
     for shape in SHAPES:
         b = make_batch(shape["B"], shape["N"], shape["h"], shape["dqk"], shape["dv"], shape["ragged"],
                        max_ragged=shape.get("max_ragged"))
+        block_d = kernel_mod._pow2_dim(max(shape["dqk"], shape["dv"]))
+        cfg = configs.get(block_d, {})
+        fwd_cfg = tuple(cfg["fwd"]) if "fwd" in cfg else kernel_mod._fwd_config(b["q"], block_d)
+        bwd_cfg = tuple(cfg["bwd"]) if "bwd" in cfg else kernel_mod._bwd_config(b["q"], block_d)
         for impl in ("triton", "triton_nobias", "torch", "sdpa_causal"):
             row = dict(impl=impl, config=shape["name"], N=shape["N"], B=shape["B"], heads=shape["h"],
                        dqk=shape["dqk"], dv=shape["dv"], ragged=shape["ragged"],
                        total_len=int(b["lengths"].sum()), **common)
+            if impl.startswith("triton"):
+                row.update(fwd_config=list(fwd_cfg), bwd_config=list(bwd_cfg))
             if impl == "triton_nobias" and shape["name"] != "scale":
                 continue
             if impl == "torch" and dense_bytes(shape["B"], shape["h"], shape["N"]) > 40 * 2**30:
                 row.update(fwd_ms=None, fwd_bwd_ms=None, peak_mem_gb=None, status="oom/skipped")
             else:
                 try:
-                    fwd, fwd_bwd, peak = time_impl(impl, b)
+                    fwd, fwd_bwd, peak, fwd_g, fwd_bwd_g = time_impl(impl, b, fwd_cfg, bwd_cfg,
+                                                                     graphs=impl != "torch")
                     row.update(fwd_ms=round(fwd, 4), fwd_bwd_ms=round(fwd_bwd, 4),
-                               peak_mem_gb=round(peak, 3), status="ok")
+                               peak_mem_gb=round(peak, 3), status="ok",
+                               fwd_ms_graph=fwd_g and round(fwd_g, 4),
+                               fwd_bwd_ms_graph=fwd_bwd_g and round(fwd_bwd_g, 4))
                 except torch.cuda.OutOfMemoryError:
                     torch.cuda.empty_cache()
                     row.update(fwd_ms=None, fwd_bwd_ms=None, peak_mem_gb=None, status="oom/skipped")
@@ -162,11 +193,10 @@ def run(out_path):
                 f.write(json.dumps(row) + "\n")
 
 
-TUNE_FWD = [(64, 32, 4, 3), (64, 64, 4, 3), (64, 64, 4, 2), (128, 32, 8, 3), (128, 64, 8, 2),
-            (128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 2)]
-TUNE_BWD = [(64, 32, 32, 4, 2), (64, 32, 32, 8, 2), (64, 16, 16, 4, 2), (32, 16, 16, 4, 2),
-            (128, 32, 32, 8, 2), (64, 64, 32, 8, 2), (64, 32, 64, 8, 2), (128, 64, 64, 8, 2),
-            (64, 32, 32, 8, 3)]
+TUNE_FWD = [(64, 32, 4, 3), (64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2)]
+TUNE_BWD = [(64, 16, 16, 4, 2), (64, 32, 16, 4, 2), (64, 32, 32, 4, 2), (32, 16, 16, 4, 2),
+            (64, 16, 16, 4, 3), (64, 64, 32, 8, 2), (128, 64, 64, 8, 2)]
+BREAKDOWN_N = 4096
 TUNE_SHAPES = [dict(B=8, N=4096, h=2, d=128, ragged=False), dict(B=128, N=211, h=4, d=64, ragged=True),
                dict(B=128, N=211, h=8, d=32, ragged=True)]
 
@@ -186,7 +216,12 @@ def _compile_one(args):
         return f"{shape} {fwd_cfg} {bwd_cfg}: {type(exc).__name__}: {str(exc)[:300]}"
 
 
-def tune(workers, compile_only=False):
+def _rel(a, b):
+    return (a.float() - b.float()).abs().max().item() / max(b.float().abs().max().item(), 1e-6)
+
+
+def tune(workers, compile_only=False, out=None):
+    """Times TUNE_FWD x TUNE_BWD on TUNE_SHAPES; checks each against the PyTorch formula."""
     import concurrent.futures as cf
     import multiprocessing as mp
 
@@ -200,47 +235,81 @@ def tune(workers, compile_only=False):
     print(f"parallel compile of {len(jobs)} configs: {time.time() - t0:.1f} s", flush=True)
     if compile_only:
         return
-    # Where the time goes on the target shape, default configs.
-    b = make_batch(8, 4096, 2, 128, 128, False)
-    q, k, v, ts_w, pos_w = b["q"], b["k"], b["v"], b["ts_w"], b["pos_w"]
-    args = (q, k, v, b["offsets"], b["n"])
-    for label, extra, params in [
-        ("bias, all grads", (b["ts"], ts_w, pos_w), [q, k, v, ts_w, pos_w]),
-        ("bias, no weight grads", (b["ts"], ts_w.detach(), pos_w.detach()), [q, k, v]),
-        ("bias, pos_w grad only", (b["ts"], ts_w.detach(), pos_w), [q, k, v, pos_w]),
-        ("bias, ts_w grad only", (b["ts"], ts_w, pos_w.detach()), [q, k, v, ts_w]),
-        ("no bias", (), [q, k, v]),
-    ]:
-        fwd = _bench(lambda: kernel_mod._hstu_attention(*args, *extra))
-        both = _bench(lambda: torch.autograd.grad(kernel_mod._hstu_attention(*args, *extra), params, b["grad"]))
-        print(f"breakdown {label}: fwd {fwd:.4f} ms, fwd+bwd {both:.4f} ms", flush=True)
+    best = {}
     for s in TUNE_SHAPES:
         b = make_batch(s["B"], s["N"], s["h"], s["d"], s["d"], s["ragged"], max_ragged=200)
         params = [b["q"], b["k"], b["v"], b["ts_w"], b["pos_w"]]
         args = (b["q"], b["k"], b["v"], b["offsets"], b["n"], b["ts"], b["ts_w"], b["pos_w"])
-        ref = kernel_mod._hstu_attention(*args, fwd_config=TUNE_FWD[0], bwd_config=TUNE_BWD[0])
+        ref = hstu_attention_reference(*args)
         ref_g = torch.autograd.grad(ref, params, b["grad"])
+        fwd_times, bwd_times = {}, {}
         for f in TUNE_FWD:
             try:
-                out = kernel_mod._hstu_attention(*args, fwd_config=f)
-                err = (out.float() - ref.float()).abs().max().item()
-                ms = _bench(lambda: kernel_mod._hstu_attention(*args, fwd_config=f))
-                print(f"tune fwd {s} {f}: {ms:.4f} ms (max diff {err:.2e})", flush=True)
+                err = _rel(kernel_mod._hstu_attention(*args, fwd_config=f), ref)
+                fwd_times[f] = _bench(lambda: kernel_mod._hstu_attention(*args, fwd_config=f))
+                print(f"tune fwd {s} {f}: {fwd_times[f]:.4f} ms (rel err vs torch {err:.1e})", flush=True)
             except Exception as exc:
                 print(f"tune fwd {s} {f}: FAILED {type(exc).__name__} {str(exc)[:200]}", flush=True)
+        f0 = min(fwd_times, key=fwd_times.get)
         for c in TUNE_BWD:
             try:
-                out = kernel_mod._hstu_attention(*args, fwd_config=TUNE_FWD[0], bwd_config=c)
-                g = torch.autograd.grad(out, params, b["grad"])
-                err = max((x.float() - y.float()).abs().max().item() / y.float().abs().max().item()
-                          for x, y in zip(g, ref_g))
-                fwd_ms = _bench(lambda: kernel_mod._hstu_attention(*args, fwd_config=TUNE_FWD[0]))
-                ms = _bench(lambda: torch.autograd.grad(
-                    kernel_mod._hstu_attention(*args, fwd_config=TUNE_FWD[0], bwd_config=c), params,
-                    b["grad"]))
-                print(f"tune bwd {s} {c}: bwd {ms - fwd_ms:.4f} ms (rel diff {err:.2e})", flush=True)
+                out_ = kernel_mod._hstu_attention(*args, fwd_config=f0, bwd_config=c)
+                err = max(_rel(x, y) for x, y in zip(torch.autograd.grad(out_, params, b["grad"]), ref_g))
+                both = _bench(lambda: torch.autograd.grad(
+                    kernel_mod._hstu_attention(*args, fwd_config=f0, bwd_config=c), params, b["grad"]))
+                bwd_times[c] = both - fwd_times[f0]
+                print(f"tune bwd {s} {c}: bwd {bwd_times[c]:.4f} ms (max rel err of 5 grads {err:.1e})",
+                      flush=True)
             except Exception as exc:
                 print(f"tune bwd {s} {c}: FAILED {type(exc).__name__} {str(exc)[:200]}", flush=True)
+        block_d = kernel_mod._pow2_dim(s["d"])
+        best[block_d] = dict(fwd=f0, bwd=min(bwd_times, key=bwd_times.get))
+        print(f"best for block_d={block_d}: {best[block_d]}", flush=True)
+        if s["N"] == BREAKDOWN_N:  # where the time goes, best configs
+            for label, extra, ps in [
+                ("bias, all grads", args[5:], params),
+                ("bias, no weight grads", (b["ts"], b["ts_w"].detach(), b["pos_w"].detach()), params[:3]),
+                ("bias, pos_w grad only", (b["ts"], b["ts_w"].detach(), b["pos_w"]), params[:3] + [b["pos_w"]]),
+                ("bias, ts_w grad only", (b["ts"], b["ts_w"], b["pos_w"].detach()), params[:4]),
+                ("no bias", (), params[:3]),
+            ]:
+                cfg = dict(fwd_config=best[block_d]["fwd"], bwd_config=best[block_d]["bwd"])
+                fwd = _bench(lambda: kernel_mod._hstu_attention(*args[:5], *extra, **cfg))
+                both = _bench(lambda: torch.autograd.grad(kernel_mod._hstu_attention(*args[:5], *extra, **cfg),
+                                                          ps, b["grad"]))
+                print(f"breakdown {label}: fwd {fwd:.4f} ms, fwd+bwd {both:.4f} ms", flush=True)
+        del b, ref, ref_g
+    if out:
+        with open(out, "w") as f:
+            json.dump({str(k): v for k, v in best.items()}, f)
+
+
+def markdown(path):
+    """Markdown table of a results file: one row per shape, fwd / fwd+bwd ms per implementation."""
+    rows = [json.loads(line) for line in open(path)]
+    impls = ["triton", "triton_nobias", "torch", "sdpa_causal"]
+    shapes = []
+    for r in rows:
+        key = (r["config"], r["B"], r["N"], r["heads"], r["dqk"], r["ragged"])
+        if key not in shapes:
+            shapes.append(key)
+    cell = {}
+    for r in rows:
+        key = (r["config"], r["B"], r["N"], r["heads"], r["dqk"], r["ragged"])
+        cell[key, r["impl"]] = (f"{r['fwd_ms']:.3f} / {r['fwd_bwd_ms']:.3f}" if r["status"] == "ok"
+                                else r["status"])
+        if r.get("fwd_bwd_ms_graph"):
+            cell[key, r["impl"] + " (graph)"] = f"{r['fwd_ms_graph']:.3f} / {r['fwd_bwd_ms_graph']:.3f}"
+    cols = impls + ["triton (graph)", "sdpa_causal (graph)"]
+    print("| shape | B | N | h | d | lengths | " + " | ".join(cols) + " |")
+    print("|" + " --- |" * (6 + len(cols)))
+    for key in shapes:
+        name, batch, n, heads, d, ragged = key
+        lengths = "ragged" if ragged else "full"
+        cells = [cell.get((key, impl), "-") for impl in cols]
+        print(f"| {name} | {batch} | {n} | {heads} | {d} | {lengths} | " + " | ".join(cells) + " |")
+    r0 = rows[0]
+    print(f"\nms, forward / forward+backward, bf16, {r0['device']}, torch {r0['torch']}, triton {r0['triton']}.")
 
 
 def main():
@@ -249,13 +318,20 @@ def main():
     parser.add_argument("--tune", action="store_true", help="time block configurations instead")
     parser.add_argument("--workers", type=int, default=12, help="parallel compilations with --tune")
     parser.add_argument("--tune-compile-only", action="store_true", help="only fill the compile cache")
+    parser.add_argument("--tune-out", default=None, help="with --tune: write the best configs (JSON) here")
+    parser.add_argument("--configs", default=None,
+                        help="JSON of block configs per padded head dim (from --tune-out); default: the "
+                             "kernel's own table")
+    parser.add_argument("--markdown", default=None, help="print a results file as a markdown table and exit")
     args = parser.parse_args()
+    if args.markdown:
+        return markdown(args.markdown)
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
     if args.tune or args.tune_compile_only:
-        tune(args.workers, args.tune_compile_only)
+        tune(args.workers, args.tune_compile_only, args.tune_out)
     else:
-        run(args.out)
+        run(args.out, args.configs)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from typing import Dict, List
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 import gin
+import numpy as np
 import torch
 from absl import app, flags
 
@@ -29,7 +30,7 @@ from generative_recommenders.data.synthetic import random_sequences
 from generative_recommenders.evaluation import CandidateIndex
 from generative_recommenders.loss import NegativesSampler
 from generative_recommenders.modeling.recommender import SequentialRecommender
-from generative_recommenders.trainer import _versions, batch_loss, evaluate
+from generative_recommenders.trainer import TrainStep, _versions, evaluate
 
 flags.DEFINE_multi_string("config", None, "Config files (default: the nine frozen ones).")
 flags.DEFINE_integer("steps", 50, "Timed training steps per config.")
@@ -78,7 +79,10 @@ def bench(config_file: str, device: torch.device) -> Dict:
         _param("train_fn.main_module", "HSTU"), data.max_item_id, padded_len,
         _param("train_fn.item_embedding_dim", 50), _param("train_fn.dropout_rate", 0.2),
     ).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.98), fused=device.type == "cuda")
+    use_graph = device.type == "cuda" and model.graph_safe(device)
+    model.padded_layout = use_graph
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.98), fused=device.type == "cuda",
+                                  capturable=use_graph)
     candidates = torch.as_tensor(data.candidate_ids, dtype=torch.long, device=device)
     sampler = NegativesSampler("local", candidates)
     sequences = DeviceSequences(data, device)
@@ -86,14 +90,14 @@ def bench(config_file: str, device: torch.device) -> Dict:
     train = splits["train"][torch.randperm(splits["train"].shape[0]).numpy()]
     num_negatives = _param("train_fn.num_negatives", 128)
 
-    def step(i: int) -> torch.Tensor:
+    train_step = TrainStep(model, model, optimizer, sequences, sampler, "SampledSoftmaxLoss", num_negatives, 0.05,
+                           max_len, use_graph)
+
+    def step(i: int) -> int:
         start = (i * batch_size) % (train.shape[0] - batch_size)
-        batch = sequences.batch(train[start : start + batch_size], max_len, padded_len)
-        loss = batch_loss(model, model, batch, sampler, "SampledSoftmaxLoss", num_negatives, 0.05)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return batch.total
+        samples = train[start : start + batch_size]
+        train_step(samples)
+        return int(np.minimum(samples[:, 1] - 1, max_len).sum())
 
     for i in range(FLAGS.warmup):
         step(i)
@@ -125,7 +129,7 @@ def bench(config_file: str, device: torch.device) -> Dict:
     full_evals = len([e for e in range(epochs) if e % full_every == 0 or e == epochs - 1])
     projected = epochs * steps_per_epoch * train_s + (full_evals * eval_batches_full + (epochs - full_evals) * partial) * eval_s
     return {
-        "config": config_file, "dataset": dataset, "users": users, "shape_assumed": dataset in ASSUMED_SHAPES, "batch_size": batch_size,
+        "config": config_file, "dataset": dataset, "cuda_graph": use_graph, "users": users, "shape_assumed": dataset in ASSUMED_SHAPES, "batch_size": batch_size,
         "steps_per_s": 1.0 / train_s, "tokens_per_s": tokens / FLAGS.steps / train_s,
         "eval_batches_per_s": 1.0 / eval_s, "steps_per_epoch": steps_per_epoch, "epochs": epochs,
         "projected_recipe_minutes": projected / 60.0,

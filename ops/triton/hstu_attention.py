@@ -74,17 +74,44 @@ _LOG2_TO_BUCKET = tl.constexpr(math.log(2.0) / BUCKET_INCREMENT)
 
 
 @triton.jit
-def _time_bucket(tq, tk, NUM_BUCKETS: tl.constexpr):
-    """bucket(tq - tk) = floor(ln(max(|dt|, 1)) / 0.301) clamped to NUM_BUCKETS (int32)."""
-    delta = tl.abs(tq - tk)
-    delta = tl.maximum(delta, 1)
-    bucket = (tl.log2(delta.to(tl.float32)) * _LOG2_TO_BUCKET).to(tl.int32)  # >= 0: trunc == floor
+def _lg2(x, HW_MATH: tl.constexpr):
+    if HW_MATH:  # MUFU.LG2 without the denormal fix-ups (x >= 1 here)
+        y = tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+    else:
+        y = tl.log2(x)
+    return y
+
+
+@triton.jit
+def _sigmoid(x, FAST_SILU: tl.constexpr):
+    if FAST_SILU:  # one MUFU.TANH instead of EX2 + RCP; rel. error <= 2^-11, below bf16's 2^-8
+        t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=r,r", [x * 0.5], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+        y = 0.5 * t + 0.5
+    else:
+        y = tl.sigmoid(x)
+    return y
+
+
+@triton.jit
+def _time_bucket(tq, tk, NUM_BUCKETS: tl.constexpr, HW_MATH: tl.constexpr):
+    """bucket(tq - tk) = floor(ln(max(|dt|, 1)) / 0.301) clamped to NUM_BUCKETS (int32).
+
+    Written for few instructions (this runs once or twice per score): |.| and
+    max on the float (float(|d|) == |float(d)|), and floor by the magic-number
+    trick (round-to-nearest of y - 0.5 at 1.5 * 2^23) instead of F2I.
+    """
+    delta = (tq - tk).to(tl.float32)
+    delta = tl.maximum(tl.abs(delta), 1.0)
+    y = _lg2(delta, HW_MATH) * _LOG2_TO_BUCKET - 0.5
+    bucket = (y + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
     return tl.minimum(bucket, NUM_BUCKETS)
 
 
 @triton.jit
 def _rel_bias(qpos, kpos, tq, tk, TsW, PosW, max_seq_len, mask,
-              NUM_BUCKETS: tl.constexpr, MASKED: tl.constexpr):
+              NUM_BUCKETS: tl.constexpr, MASKED: tl.constexpr, HW_MATH: tl.constexpr):
     """rab for broadcastable (query, key) index tensors; also returns the time bucket.
 
     qpos is clamped to N - 1 by the caller, so unmasked tiles (keys strictly
@@ -95,7 +122,7 @@ def _rel_bias(qpos, kpos, tq, tk, TsW, PosW, max_seq_len, mask,
         pos = tl.load(PosW + pos_idx, mask=mask, other=0.0)
     else:
         pos = tl.load(PosW + pos_idx)
-    bucket = _time_bucket(tq, tk, NUM_BUCKETS)
+    bucket = _time_bucket(tq, tk, NUM_BUCKETS, HW_MATH)
     ts = tl.load(TsW + bucket)  # bucket is always in [0, NUM_BUCKETS]
     return pos.to(tl.float32) + ts.to(tl.float32), bucket
 
@@ -126,7 +153,8 @@ def _fwd_tile(acc, q, qpos, tq, K, V, TS, TsW, PosW, k_base, v_base, ts_base,
               start_n, seq_len, max_seq_len, stride_km, stride_vm, offs_qk, offs_v,
               DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
               BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_BUCKETS: tl.constexpr,
-              DOT_PREC: tl.constexpr, MASKED: tl.constexpr):
+              DOT_PREC: tl.constexpr, MASKED: tl.constexpr, HW_MATH: tl.constexpr,
+              FAST_SILU: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     kv_ok = offs_n < seq_len
     k = _load_tile(K + k_base + offs_n[:, None] * stride_km + offs_qk[None, :], kv_ok,
@@ -138,9 +166,9 @@ def _fwd_tile(acc, q, qpos, tq, K, V, TS, TsW, PosW, k_base, v_base, ts_base,
     if HAS_BIAS:
         tk = tl.load(TS + ts_base + tl.minimum(offs_n, max_seq_len - 1))
         rab, _ = _rel_bias(qpos[:, None], offs_n[None, :], tq[:, None], tk[None, :], TsW, PosW,
-                           max_seq_len, causal, NUM_BUCKETS, MASKED)
+                           max_seq_len, causal, NUM_BUCKETS, MASKED, HW_MATH)
         s += rab
-    p = s * tl.sigmoid(s)  # SiLU; the 1/N is applied to the accumulator at the end
+    p = s * _sigmoid(s, FAST_SILU)  # SiLU; the 1/N is applied to the accumulator at the end
     if MASKED:
         p = tl.where(causal, p, 0.0)
     acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
@@ -154,7 +182,7 @@ def _hstu_fwd_kernel(
     stride_tb, num_heads, max_seq_len, inv_n,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
-    NUM_BUCKETS: tl.constexpr, DOT_PREC: tl.constexpr,
+    NUM_BUCKETS: tl.constexpr, DOT_PREC: tl.constexpr, HW_MATH: tl.constexpr, FAST_SILU: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     # Query blocks on grid axis 1, last block first: the longest (most keys)
@@ -189,13 +217,13 @@ def _hstu_fwd_kernel(
         acc = _fwd_tile(acc, q, qpos, tq, K, V, TS, TsW, PosW, k_base, v_base, ts_base,
                         start_n, seq_len, max_seq_len, stride_km, stride_vm, offs_qk, offs_v,
                         DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N, HAS_BIAS, NUM_BUCKETS, DOT_PREC,
-                        False)
+                        False, HW_MATH, FAST_SILU)
     # Diagonal key blocks: causal mask, ragged end.
     for start_n in range(start_m, tl.minimum(start_m + BLOCK_M, seq_len), BLOCK_N):
         acc = _fwd_tile(acc, q, qpos, tq, K, V, TS, TsW, PosW, k_base, v_base, ts_base,
                         start_n, seq_len, max_seq_len, stride_km, stride_vm, offs_qk, offs_v,
                         DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N, HAS_BIAS, NUM_BUCKETS, DOT_PREC,
-                        True)
+                        True, HW_MATH, FAST_SILU)
     acc = acc * inv_n
     o_ptrs = Out + seq_start * stride_om + off_h * stride_oh + offs_m[:, None] * stride_om + offs_v[None, :]
     tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=rows_ok[:, None] & (offs_v < DV)[None, :])
@@ -211,7 +239,8 @@ def _dkdv_tile(dk, dv, k, v, offs_n, tk, Q, DO, TS, TsW, PosW, q_base, do_base, 
                start_m, seq_len, max_seq_len, stride_qm, stride_dom, offs_qk, offs_v,
                DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
                BLOCK_M: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_BUCKETS: tl.constexpr,
-               DOT_PREC: tl.constexpr, MASKED: tl.constexpr):
+               DOT_PREC: tl.constexpr, MASKED: tl.constexpr, HW_MATH: tl.constexpr,
+               FAST_SILU: tl.constexpr):
     """One (keys x queries) tile, transposed so that dK, dV accumulate with plain dots."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     rows_ok = offs_m < seq_len
@@ -226,9 +255,9 @@ def _dkdv_tile(dk, dv, k, v, offs_n, tk, Q, DO, TS, TsW, PosW, q_base, do_base, 
     if HAS_BIAS:
         tq = tl.load(TS + ts_base + tl.minimum(offs_m + 1, max_seq_len - 1))
         rab, _ = _rel_bias(qpos[None, :], offs_n[:, None], tq[None, :], tk[:, None], TsW, PosW,
-                           max_seq_len, causal, NUM_BUCKETS, MASKED)
+                           max_seq_len, causal, NUM_BUCKETS, MASKED, HW_MATH)
         s_t += rab
-    sig = tl.sigmoid(s_t)
+    sig = _sigmoid(s_t, FAST_SILU)
     p_t = s_t * sig
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
     ds_t = dp_t * sig * (1.0 + s_t * (1.0 - sig))  # SiLU'(s) = sig * (1 + s * (1 - sig))
@@ -269,7 +298,8 @@ def _pos_grad_tile(ds, start_m, start_n, PosPart, max_seq_len,
 @triton.jit
 def _ts_grad_tile(ds, bucket, offs_m, offs_n, qpos, rows_ok, tq, tq_prev, TS, ts_base, TsPart,
                   start_n, seq_len, max_seq_len,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_BUCKETS: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_BUCKETS: tl.constexpr,
+                  HW_MATH: tl.constexpr):
     """Adds sum of dS per time bucket to TsPart, one atomic pair per change of bucket.
 
     Along a row, a run of equal buckets [s, e] sums to cs[e] - ecs[s] (inclusive
@@ -286,7 +316,7 @@ def _ts_grad_tile(ds, bucket, offs_m, offs_n, qpos, rows_ok, tq, tq_prev, TS, ts
     # (same inputs, same arithmetic, so equal buckets compare equal).
     tk_left = tl.load(TS + ts_base + tl.minimum(tl.maximum(offs_n - 1, 0), max_seq_len - 1))
     left_ok = (cols > 0) & rows_ok[:, None] & ((offs_n - 1)[None, :] <= qpos[:, None])
-    left = tl.where(left_ok, _time_bucket(tq[:, None], tk_left[None, :], NUM_BUCKETS), -1)
+    left = tl.where(left_ok, _time_bucket(tq[:, None], tk_left[None, :], NUM_BUCKETS, HW_MATH), -1)
     cs = tl.cumsum(ds, axis=1)
     ecs = cs - ds
     run_start = (here != left) & (cols > 0)
@@ -297,10 +327,10 @@ def _ts_grad_tile(ds, bucket, offs_m, offs_n, qpos, rows_ok, tq, tq_prev, TS, ts
     rowtot = tl.sum(ds, axis=1)
     j_last = start_n + BLOCK_N - 1
     tk_last = tl.load(TS + ts_base + tl.minimum(j_last, max_seq_len - 1))
-    last = tl.where(rows_ok & (j_last <= qpos), _time_bucket(tq, tk_last, NUM_BUCKETS), -1)
+    last = tl.where(rows_ok & (j_last <= qpos), _time_bucket(tq, tk_last, NUM_BUCKETS, HW_MATH), -1)
     r = tl.arange(0, BLOCK_M)
     prev_ok = (r > 0) & (offs_m - 1 < seq_len) & (j_last <= tl.minimum(offs_m - 1, max_seq_len - 1))
-    up = tl.where(prev_ok, _time_bucket(tq_prev, tk_last, NUM_BUCKETS), -1)
+    up = tl.where(prev_ok, _time_bucket(tq_prev, tk_last, NUM_BUCKETS, HW_MATH), -1)
     crs = tl.cumsum(rowtot, axis=0)
     ecrs = crs - rowtot
     row_start = (last != up) & (r > 0)
@@ -316,7 +346,8 @@ def _dq_tile(dq, q, do, offs_m, qpos, rows_ok, tq, tq_prev, K, V, TS, TsW, PosW,
              DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
              POS_GRAD: tl.constexpr, TS_GRAD: tl.constexpr, NUM_BUCKETS: tl.constexpr,
-             DOT_PREC: tl.constexpr, MASKED: tl.constexpr):
+             DOT_PREC: tl.constexpr, MASKED: tl.constexpr, HW_MATH: tl.constexpr,
+             FAST_SILU: tl.constexpr):
     """One (queries x keys) tile: dQ, and the rab-weight gradients from the same dS."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     kv_ok = offs_n < seq_len
@@ -329,9 +360,9 @@ def _dq_tile(dq, q, do, offs_m, qpos, rows_ok, tq, tq_prev, K, V, TS, TsW, PosW,
     if HAS_BIAS:
         tk = tl.load(TS + ts_base + tl.minimum(offs_n, max_seq_len - 1))
         rab, bucket = _rel_bias(qpos[:, None], offs_n[None, :], tq[:, None], tk[None, :], TsW, PosW,
-                                max_seq_len, causal, NUM_BUCKETS, MASKED)
+                                max_seq_len, causal, NUM_BUCKETS, MASKED, HW_MATH)
         s += rab
-    sig = tl.sigmoid(s)
+    sig = _sigmoid(s, FAST_SILU)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
     ds = dp * sig * (1.0 + s * (1.0 - sig))
     if MASKED:
@@ -342,7 +373,7 @@ def _dq_tile(dq, q, do, offs_m, qpos, rows_ok, tq, tq_prev, K, V, TS, TsW, PosW,
         _pos_grad_tile(ds, start_m, start_n, PosPart, max_seq_len, BLOCK_M, BLOCK_N)
     if TS_GRAD:
         _ts_grad_tile(ds, bucket, offs_m, offs_n, qpos, rows_ok, tq, tq_prev, TS, ts_base, TsPart,
-                      start_n, seq_len, max_seq_len, BLOCK_M, BLOCK_N, NUM_BUCKETS)
+                      start_n, seq_len, max_seq_len, BLOCK_M, BLOCK_N, NUM_BUCKETS, HW_MATH)
     return dq
 
 
@@ -356,6 +387,7 @@ def _hstu_bwd_kernel(
     BLOCK: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_N2: tl.constexpr,
     HAS_BIAS: tl.constexpr, POS_GRAD: tl.constexpr, TS_GRAD: tl.constexpr,
     NUM_BUCKETS: tl.constexpr, TS_PART_STRIDE: tl.constexpr, DOT_PREC: tl.constexpr,
+    HW_MATH: tl.constexpr, FAST_SILU: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_blk = tl.program_id(1)
@@ -393,12 +425,12 @@ def _hstu_bwd_kernel(
         dk, dv = _dkdv_tile(dk, dv, k, v, offs, tk, Q, DO, TS, TsW, PosW, q_base, do_base, ts_base,
                             start_m, seq_len, max_seq_len, stride_qm, stride_dom, offs_qk, offs_v,
                             DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M1, HAS_BIAS, NUM_BUCKETS, DOT_PREC,
-                            True)
+                            True, HW_MATH, FAST_SILU)
     for start_m in range(start + BLOCK, seq_len, BLOCK_M1):
         dk, dv = _dkdv_tile(dk, dv, k, v, offs, tk, Q, DO, TS, TsW, PosW, q_base, do_base, ts_base,
                             start_m, seq_len, max_seq_len, stride_qm, stride_dom, offs_qk, offs_v,
                             DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M1, HAS_BIAS, NUM_BUCKETS, DOT_PREC,
-                            False)
+                            False, HW_MATH, FAST_SILU)
     dk_ptrs = GradK + seq_start * stride_dkm + off_h * stride_dkh + offs[:, None] * stride_dkm + offs_qk[None, :]
     tl.store(dk_ptrs, (dk * inv_n).to(GradK.dtype.element_ty), mask=blk_ok[:, None] & (offs_qk < DQK)[None, :])
     dv_ptrs = GradV + seq_start * stride_dvm + off_h * stride_dvh + offs[:, None] * stride_dvm + offs_v[None, :]
@@ -424,12 +456,14 @@ def _hstu_bwd_kernel(
         dq = _dq_tile(dq, q, do, offs, qpos, blk_ok, tq, tq_prev, K, V, TS, TsW, PosW, ts_part,
                       pos_part, k_base, v_base, ts_base, start, start_n, seq_len, max_seq_len,
                       stride_km, stride_vm, offs_qk, offs_v, DQK, DV, BLOCK_DQK, BLOCK_DV,
-                      BLOCK, BLOCK_N2, HAS_BIAS, POS_GRAD, TS_GRAD, NUM_BUCKETS, DOT_PREC, False)
+                      BLOCK, BLOCK_N2, HAS_BIAS, POS_GRAD, TS_GRAD, NUM_BUCKETS, DOT_PREC, False,
+                      HW_MATH, FAST_SILU)
     for start_n in range(start, end_diag, BLOCK_N2):
         dq = _dq_tile(dq, q, do, offs, qpos, blk_ok, tq, tq_prev, K, V, TS, TsW, PosW, ts_part,
                       pos_part, k_base, v_base, ts_base, start, start_n, seq_len, max_seq_len,
                       stride_km, stride_vm, offs_qk, offs_v, DQK, DV, BLOCK_DQK, BLOCK_DV,
-                      BLOCK, BLOCK_N2, HAS_BIAS, POS_GRAD, TS_GRAD, NUM_BUCKETS, DOT_PREC, True)
+                      BLOCK, BLOCK_N2, HAS_BIAS, POS_GRAD, TS_GRAD, NUM_BUCKETS, DOT_PREC, True,
+                      HW_MATH, FAST_SILU)
     dq_ptrs = GradQ + seq_start * stride_dqm + off_h * stride_dqh + offs[:, None] * stride_dqm + offs_qk[None, :]
     tl.store(dq_ptrs, (dq * inv_n).to(GradQ.dtype.element_ty), mask=blk_ok[:, None] & (offs_qk < DQK)[None, :])
 
@@ -450,15 +484,27 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+def _math_flags(q: torch.Tensor) -> dict:
+    # PTX inline math exists only on NVIDIA GPUs (not in the CPU interpreter); the tanh-based
+    # SiLU only where the result is rounded to 16 bits anyway.
+    hw = q.is_cuda and torch.version.hip is None
+    return dict(HW_MATH=hw, FAST_SILU=hw and q.dtype in (torch.bfloat16, torch.float16))
+
+
+# Block sizes per padded head dim, bf16/fp16, timed on an H100 (benchmarks/hstu_attention.py --tune).
+# Fixed tables rather than autotuning: the rab-gradient atomics would need resetting between
+# autotune trials, and a table never re-tunes when a batch brings a new total length.
+_FWD_TABLE = {16: (64, 32, 4, 3), 32: (64, 32, 4, 3), 64: (64, 32, 4, 3), 128: (64, 64, 4, 2)}
+_BWD_TABLE = {16: (64, 64, 32, 8, 2), 32: (64, 64, 32, 8, 2), 64: (128, 64, 64, 8, 2), 128: (64, 16, 16, 4, 2)}
+
+
 def _fwd_config(q: torch.Tensor, block_d: int) -> Tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages), a small table measured on an H100."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages)."""
     if not q.is_cuda:
         return 16, 16, 1, 1  # interpreter: small tiles keep numpy work low
-    if q.dtype == torch.float32:
-        return (64, 32, 4, 2) if block_d > 64 else (64, 64, 4, 2)
-    if block_d > 64:
-        return 128, 64, 8, 2
-    return 128, 64, 4, 2
+    if q.dtype == torch.float32:  # exact fp32 dots run on CUDA cores: small tiles
+        return 64, 32, 4, 2
+    return _FWD_TABLE.get(block_d, (64, 32, 4, 2))
 
 
 def _bwd_config(q: torch.Tensor, block_d: int) -> Tuple[int, int, int, int, int]:
@@ -466,10 +512,8 @@ def _bwd_config(q: torch.Tensor, block_d: int) -> Tuple[int, int, int, int, int]
     if not q.is_cuda:
         return 16, 16, 16, 1, 1
     if q.dtype == torch.float32:
-        return (64, 32, 32, 4, 1) if block_d > 64 else (64, 32, 32, 4, 2)
-    if block_d > 64:
-        return 128, 32, 32, 8, 2
-    return 64, 32, 32, 4, 2
+        return 64, 16, 16, 4, 1
+    return _BWD_TABLE.get(block_d, (64, 16, 16, 4, 2))
 
 
 def _prepare(x: torch.Tensor) -> torch.Tensor:
@@ -495,7 +539,7 @@ def _forward(q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w, config=
         heads, max_seq_len, 1.0 / max_seq_len,
         DQK=dqk, DV=dv, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, BLOCK_M=block_m, BLOCK_N=block_n,
         HAS_BIAS=has_bias, NUM_BUCKETS=(ts_w.numel() - 1) if has_bias else 0,
-        DOT_PREC=_dot_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
+        DOT_PREC=_dot_precision(q.dtype), **_math_flags(q), num_warps=num_warps, num_stages=num_stages,
     )
     return out
 
@@ -532,7 +576,7 @@ def _backward(do, q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w,
         BLOCK=block, BLOCK_M1=block_m1, BLOCK_N2=block_n2,
         HAS_BIAS=has_bias, POS_GRAD=need_pos_grad, TS_GRAD=need_ts_grad,
         NUM_BUCKETS=num_buckets, TS_PART_STRIDE=ts_stride, DOT_PREC=_dot_precision(q.dtype),
-        num_warps=num_warps, num_stages=num_stages,
+        **_math_flags(q), num_warps=num_warps, num_stages=num_stages,
     )
     d_ts = d_pos = None
     if need_ts_grad:  # sum the private copies; the 1/N of dS is applied here
