@@ -12,10 +12,9 @@ warm-up) of
 * impl=sdpa_causal: torch scaled_dot_product_attention, causal softmax, padded
                     dense (B, h, N, d), no bias: the speed of light of a fused
                     attention kernel on this GPU, not the same computation.
-fwd_ms / fwd_bwd_ms time eager calls (CUDA events), which for small shapes is
-mostly Python and launch overhead; fwd_ms_graph / fwd_bwd_ms_graph replay the
-same calls from a CUDA graph (device time only; not possible for the PyTorch
-reference, which syncs on .item()).
+fwd_ms / fwd_bwd_ms time eager calls with CUDA events: where the GPU work is
+small (N <= 1024, the MovieLens shapes) that is mostly Python, autograd and
+launch overhead, for every implementation alike.
 bf16 throughout. Shapes: B=8, h=2, d=128, N in {256, 1024, 4096, 8192}, all
 sequences full length and ragged (lengths uniform in [1, N], fixed seed); the
 ml-1m (B=128, N=211, h=1 d=50 / h=2 d=25) and ml-20m (h=4 d=64 / h=8 d=32)
@@ -42,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import torch
 import torch.nn.functional as F
 import triton
-from triton.testing import do_bench, do_bench_cudagraph
+from triton.testing import do_bench
 
 from ops.hstu_attention import hstu_attention_reference
 from ops.triton import hstu_attention as kernel_mod
@@ -77,17 +76,8 @@ def _bench(fn):
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def _bench_graph(fn):
-    """Median ms of fn replayed from a CUDA graph: device time without Python launch overhead."""
-    try:
-        return do_bench_cudagraph(fn, rep=20, return_mode="median")
-    except Exception as exc:  # not capturable (the PyTorch reference syncs on .item())
-        print(f"  (no CUDA-graph timing: {type(exc).__name__}: {str(exc)[:120]})", flush=True)
-        return None
-
-
-def time_impl(impl, b, fwd_config=None, bwd_config=None, graphs=False):
-    """(fwd_ms, fwd_bwd_ms, peak_mem_gb, fwd_graph_ms, fwd_bwd_graph_ms) of one implementation."""
+def time_impl(impl, b, fwd_config=None, bwd_config=None):
+    """(fwd_ms, fwd_bwd_ms, peak_mem_gb) of one implementation on batch b."""
     q, k, v, offsets, n = b["q"], b["k"], b["v"], b["offsets"], b["n"]
     bias = (b["ts"], b["ts_w"], b["pos_w"])
     if impl == "triton":
@@ -125,11 +115,7 @@ def time_impl(impl, b, fwd_config=None, bwd_config=None, graphs=False):
     fwd_bwd()
     torch.cuda.synchronize()
     peak = (torch.cuda.max_memory_allocated() - base) / 2**30
-    fwd_g = fwd_bwd_g = None
-    if graphs:
-        fwd_g = _bench_graph(lambda: fn())
-        fwd_bwd_g = _bench_graph(fwd_bwd) if fwd_g is not None else None
-    return fwd_ms, fwd_bwd_ms, peak, fwd_g, fwd_bwd_g
+    return fwd_ms, fwd_bwd_ms, peak
 
 
 def dense_bytes(batch, heads, n):
@@ -173,12 +159,9 @@ def run(out_path, configs_path=None):
                 row.update(fwd_ms=None, fwd_bwd_ms=None, peak_mem_gb=None, status="oom/skipped")
             else:
                 try:
-                    fwd, fwd_bwd, peak, fwd_g, fwd_bwd_g = time_impl(impl, b, fwd_cfg, bwd_cfg,
-                                                                     graphs=impl != "torch")
+                    fwd, fwd_bwd, peak = time_impl(impl, b, fwd_cfg, bwd_cfg)
                     row.update(fwd_ms=round(fwd, 4), fwd_bwd_ms=round(fwd_bwd, 4),
-                               peak_mem_gb=round(peak, 3), status="ok",
-                               fwd_ms_graph=fwd_g and round(fwd_g, 4),
-                               fwd_bwd_ms_graph=fwd_bwd_g and round(fwd_bwd_g, 4))
+                               peak_mem_gb=round(peak, 3), status="ok")
                 except torch.cuda.OutOfMemoryError:
                     torch.cuda.empty_cache()
                     row.update(fwd_ms=None, fwd_bwd_ms=None, peak_mem_gb=None, status="oom/skipped")
@@ -298,9 +281,7 @@ def markdown(path):
         key = (r["config"], r["B"], r["N"], r["heads"], r["dqk"], r["ragged"])
         cell[key, r["impl"]] = (f"{r['fwd_ms']:.3f} / {r['fwd_bwd_ms']:.3f}" if r["status"] == "ok"
                                 else r["status"])
-        if r.get("fwd_bwd_ms_graph"):
-            cell[key, r["impl"] + " (graph)"] = f"{r['fwd_ms_graph']:.3f} / {r['fwd_bwd_ms_graph']:.3f}"
-    cols = impls + ["triton (graph)", "sdpa_causal (graph)"]
+    cols = impls
     print("| shape | B | N | h | d | lengths | " + " | ".join(cols) + " |")
     print("|" + " --- |" * (6 + len(cols)))
     for key in shapes:
