@@ -21,16 +21,16 @@ from typing import Dict, List
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 import gin
-import numpy as np
 import torch
 from absl import app, flags
 
-from generative_recommenders.data.samples import DeviceSequences, make_splits
+from generative_recommenders.cuda_graph import CudaGraphStep
+from generative_recommenders.data.samples import DeviceSequences, history_total, make_splits
 from generative_recommenders.data.synthetic import random_sequences
-from generative_recommenders.evaluation import CandidateIndex
+from generative_recommenders.evaluation import CandidateIndex, Evaluator
 from generative_recommenders.loss import NegativesSampler
 from generative_recommenders.modeling.recommender import SequentialRecommender
-from generative_recommenders.trainer import TrainStep, _versions, evaluate
+from generative_recommenders.trainer import TrainStep, _versions
 
 flags.DEFINE_multi_string("config", None, "Config files (default: the nine frozen ones).")
 flags.DEFINE_integer("steps", 50, "Timed training steps per config.")
@@ -88,6 +88,7 @@ def bench(config_file: str, device: torch.device) -> Dict:
     sequences = DeviceSequences(data, device)
     splits = make_splits(data.lengths, "paper")
     train = splits["train"][torch.randperm(splits["train"].shape[0]).numpy()]
+    train_on_device = torch.as_tensor(train, device=device)
     num_negatives = _param("train_fn.num_negatives", 128)
 
     train_step = TrainStep(model, model, optimizer, sequences, sampler, "SampledSoftmaxLoss", num_negatives, 0.05,
@@ -95,9 +96,9 @@ def bench(config_file: str, device: torch.device) -> Dict:
 
     def step(i: int) -> int:
         start = (i * batch_size) % (train.shape[0] - batch_size)
-        samples = train[start : start + batch_size]
-        train_step(samples)
-        return int(np.minimum(samples[:, 1] - 1, max_len).sum())
+        total = history_total(train[start : start + batch_size], max_len)
+        train_step(train_on_device[start : start + batch_size], total)
+        return total
 
     for i in range(FLAGS.warmup):
         step(i)
@@ -116,10 +117,11 @@ def bench(config_file: str, device: torch.device) -> Dict:
         print(prof.key_averages().table(sort_by=sort, row_limit=25), flush=True)
     index = CandidateIndex(candidates, data.max_item_id)
     eval_batch = _param("train_fn.eval_batch_size", 128)
-    evaluate(model, sequences, splits["eval"], index, max_len, eval_batch, max_batches=2)
+    evaluator = Evaluator(model, sequences, index, max_len, eval_batch, use_graph)
+    evaluator(splits["eval"], max_batches=CudaGraphStep.WARMUP_CALLS + 2)
     _sync()
     start = time.perf_counter()
-    evaluate(model, sequences, splits["eval"], index, max_len, eval_batch, max_batches=FLAGS.eval_batches)
+    evaluator(splits["eval"], max_batches=FLAGS.eval_batches)
     _sync()
     eval_s = (time.perf_counter() - start) / FLAGS.eval_batches
     steps_per_epoch = -(-train.shape[0] // batch_size)

@@ -11,9 +11,14 @@ number of remaining candidates that score strictly higher.
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable
+from typing import Dict, Iterable, Optional
 
+import numpy as np
 import torch
+import torch.distributed as dist
+
+from generative_recommenders.cuda_graph import CudaGraphStep
+from generative_recommenders.data.samples import DeviceSequences, history_total
 
 RANK_CAP = 2500
 HR_NDCG_KS = (1, 10, 50, 100, 200)
@@ -81,3 +86,56 @@ def average(sums: Dict[str, float], count: float) -> Dict[str, float]:
 
 def format_metrics(metrics: Dict[str, float], names: Iterable[str] = ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "hr@200", "ndcg@200", "mrr")) -> str:
     return " ".join(f"{n}={metrics[n]:.4f}" for n in names if n in metrics and not math.isnan(metrics[n]))
+
+
+class Evaluator:
+    """Averages every metric over a split's (user, end) samples, batch by batch on the device.
+
+    With `popularity` (C,) the model is ignored and candidates are ranked by it
+    (the most-popular baseline), with the same history filter. With `use_graph`
+    each full batch is one CUDA-graph replay (see cuda_graph.py); the per-user
+    metrics do not depend on how users are batched.
+    """
+
+    def __init__(self, model: torch.nn.Module, sequences: DeviceSequences, index: CandidateIndex, max_history: int,
+                 batch_size: int, use_graph: bool = False, popularity: Optional[torch.Tensor] = None) -> None:
+        self.model, self.sequences, self.index = model, sequences, index
+        self.max_history, self.batch_size = max_history, batch_size
+        self.popularity = popularity
+        self.step = CudaGraphStep(self._batch_sums, use_graph and popularity is None)
+
+    def _batch_sums(self, samples: torch.Tensor, total: int) -> torch.Tensor:
+        """Sums of every metric over one batch, then the batch size."""
+        batch = self.sequences.gather(samples, self.max_history, self.model.max_seq_len, total)
+        if self.popularity is None:
+            candidates = self.model.item_embedding(self.index.candidate_ids.long())
+            candidates = torch.nn.functional.normalize(candidates, dim=-1, eps=1e-6)
+            out, offsets = self.model(batch.ids, batch.timestamps, batch.lengths, batch.total)
+            query = out[offsets[:-1] + batch.lengths - 1]
+        else:
+            candidates = self.popularity.to(torch.float32).unsqueeze(1)
+            query = candidates.new_ones(batch.targets.numel(), 1)
+        pos = torch.arange(batch.ids.shape[1], device=batch.ids.device)
+        history = torch.where(pos[None, :] < batch.lengths[:, None], batch.ids, 0)
+        per_user = metrics_from_ranks(target_ranks(query, candidates, self.index, batch.targets, history))
+        count = per_user["mrr"].new_full((1,), batch.targets.numel())
+        return torch.cat([torch.stack([per_user[n].sum() for n in metric_names()]), count])
+
+    @torch.no_grad()
+    def __call__(self, samples: np.ndarray, max_batches: Optional[int] = None) -> Dict[str, float]:
+        """Metric averages over `samples` (this rank's share, summed over ranks)."""
+        was_training = self.model.training
+        self.model.eval()
+        device = self.sequences.offsets.device
+        on_device = torch.as_tensor(samples, device=device)  # one upload, no per-batch host sync
+        sums = torch.zeros(len(metric_names()) + 1, dtype=torch.float64, device=device)
+        for b, start in enumerate(range(0, samples.shape[0], self.batch_size)):
+            if max_batches is not None and b >= max_batches:
+                break
+            end = start + self.batch_size
+            sums += self.step(on_device[start:end], history_total(samples[start:end], self.max_history))
+        if dist.is_initialized():
+            dist.all_reduce(sums)
+        self.model.train(was_training)
+        values = sums.tolist()
+        return average(dict(zip(metric_names(), values[:-1])), values[-1])

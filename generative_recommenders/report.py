@@ -52,13 +52,13 @@ def _cells(metrics: Dict[str, float]) -> List[str]:
 
 def table(runs: Sequence[Dict]) -> str:
     """Markdown table: best and last epoch of each run, and the paper's row."""
-    header = ["data", "protocol", "model", "epoch", *(c.upper() for c in COLUMNS), "wall s", "device"]
+    header = ["data", "protocol", "model", "epoch", *(c.upper() for c in COLUMNS), "s from start", "device"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in runs:
         split, label = reported_split(r), model_label(r)
         common = [r["dataset"], r["protocol"], label]
         best, last = r["best"], r["last"]
-        lines.append("| " + " | ".join(common + [f"best {best['epoch'] + 1}", *_cells(best[split]), f"{r['wall_seconds']:.0f}", r["device"]]) + " |")
+        lines.append("| " + " | ".join(common + [f"best {best['epoch'] + 1}", *_cells(best[split]), f"{r.get('process_seconds', r['wall_seconds']):.0f}", r["device"]]) + " |")
         lines.append("| " + " | ".join(common + [f"last {last['epoch'] + 1}", *_cells(last[split]), "", ""]) + " |")
         paper = PAPER.get((r["dataset"], label))
         if paper is not None:

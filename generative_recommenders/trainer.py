@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
-import os
 import platform
 import time
 from pathlib import Path
@@ -27,10 +25,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from generative_recommenders import faults
-from generative_recommenders.data.samples import Batch, DeviceSequences, make_splits, selection_split
+from generative_recommenders.data.samples import Batch, DeviceSequences, history_total, make_splits, selection_split
 from generative_recommenders.data.sequence_store import SequenceData, atomic_write
 from generative_recommenders.data.datasets import load_dataset
-from generative_recommenders.evaluation import CandidateIndex, average, format_metrics, metric_names, metrics_from_ranks, target_ranks
+from generative_recommenders.cuda_graph import CudaGraphStep
+from generative_recommenders.evaluation import CandidateIndex, Evaluator, format_metrics
 from generative_recommenders.loss import NegativesSampler, autoregressive_loss
 from generative_recommenders.modeling.recommender import SequentialRecommender
 from ops.jagged import dense_to_jagged
@@ -82,51 +81,6 @@ def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-@torch.no_grad()
-def evaluate(
-    model: SequentialRecommender,
-    sequences: DeviceSequences,
-    samples: np.ndarray,
-    index: CandidateIndex,
-    max_history: int,
-    batch_size: int,
-    max_batches: Optional[int] = None,
-    popularity: Optional[torch.Tensor] = None,
-) -> Dict[str, float]:
-    """Averages every metric over `samples` (this rank's share; summed over ranks).
-
-    With `popularity` (C,) the model is ignored and candidates are ranked by it
-    (the most-popular baseline), with the same history filter.
-    """
-    was_training = model.training
-    model.eval()
-    names = metric_names()
-    sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=sequences.offsets.device)
-    if popularity is None:
-        candidates = model.item_embedding(index.candidate_ids.long())
-        candidates = torch.nn.functional.normalize(candidates, dim=-1, eps=1e-6)
-    else:
-        candidates = popularity.to(torch.float32).unsqueeze(1)
-    for b, start in enumerate(range(0, samples.shape[0], batch_size)):
-        if max_batches is not None and b >= max_batches:
-            break
-        batch = sequences.batch(samples[start : start + batch_size], max_history, model.max_seq_len)
-        if popularity is None:
-            out, offsets = model(batch.ids, batch.timestamps, batch.lengths, batch.total)
-            query = out[offsets[:-1] + batch.lengths - 1]
-        else:
-            query = candidates.new_ones(batch.targets.numel(), 1)
-        pos = torch.arange(batch.ids.shape[1], device=batch.ids.device)
-        history = torch.where(pos[None, :] < batch.lengths[:, None], batch.ids, 0)
-        per_user = metrics_from_ranks(target_ranks(query, candidates, index, batch.targets, history))
-        sums[:-1] += torch.stack([per_user[n].sum() for n in names])
-        sums[-1] += batch.targets.numel()
-    _all_reduce(sums)
-    model.train(was_training)
-    values = sums.tolist()
-    return average(dict(zip(names, values[:-1])), values[-1])
-
-
 def training_popularity(data: SequenceData, train_samples: np.ndarray, index: CandidateIndex) -> torch.Tensor:
     """(C,) count of each candidate among the items the training samples contain."""
     ends = np.zeros(data.num_users, dtype=np.int64)
@@ -154,17 +108,13 @@ def batch_loss(
 
 
 class TrainStep:
-    """One optimizer step on a batch of (user, end) samples.
+    """One optimizer step on a batch of (user, end) samples already on the device.
 
-    On a single GPU the step (gather, forward, loss, backward, AdamW) is
-    captured once as a CUDA graph and replayed: these models are small, and
-    launching their few hundred kernels one by one from Python costs more than
-    running them. The graph needs static shapes, so the model then encodes the
-    padded layout (see SequentialRecommender); a batch of another size (the
-    epoch's last) runs eagerly.
+    On a single GPU the whole step (gather, forward, loss, backward, AdamW) is
+    a CUDA-graph replay (see cuda_graph.py). The graph needs static shapes, so
+    the model then encodes the padded layout (see SequentialRecommender).
+    Returns the batch's loss, valid until the next call.
     """
-
-    WARMUP_STEPS = 3  # eager steps on a side stream before capture, as CUDA graphs require
 
     def __init__(self, train_model: torch.nn.Module, model: SequentialRecommender, optimizer: torch.optim.Optimizer,
                  sequences: DeviceSequences, sampler: NegativesSampler, loss_module: str, num_negatives: int,
@@ -173,44 +123,19 @@ class TrainStep:
         self.sequences, self.sampler = sequences, sampler
         self.loss_args = (loss_module, num_negatives, temperature)
         self.max_history = max_history
-        self.use_graph = use_graph
-        self.graph: Optional[torch.cuda.CUDAGraph] = None
-        self.graph_batch_size: Optional[int] = None
-        self.warmup_left = self.WARMUP_STEPS
+        self.graphed = CudaGraphStep(self._run, use_graph)
 
     def _run(self, samples: torch.Tensor, total: int) -> torch.Tensor:
+        # Gradients set to None (not zeroed): under a graph, backward then writes them afresh each replay.
+        self.optimizer.zero_grad(set_to_none=True)
         batch = self.sequences.gather(samples, self.max_history, self.model.max_seq_len, total)
         loss = batch_loss(self.train_model, self.model, batch, self.sampler, *self.loss_args)
         loss.backward()
         self.optimizer.step()
         return loss.detach()
 
-    def __call__(self, host_samples: np.ndarray) -> torch.Tensor:
-        total = int(np.minimum(host_samples[:, 1] - 1, self.max_history).sum())
-        samples = torch.as_tensor(host_samples, device=self.sequences.offsets.device)
-        if self.graph_batch_size is None:
-            self.graph_batch_size = samples.shape[0]
-        if not self.use_graph or samples.shape[0] != self.graph_batch_size:
-            self.optimizer.zero_grad(set_to_none=True)
-            return self._run(samples, total)
-        if self.warmup_left > 0:
-            self.warmup_left -= 1
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self.optimizer.zero_grad(set_to_none=True)
-                loss = self._run(samples, total)
-            torch.cuda.current_stream().wait_stream(side)
-            return loss
-        if self.graph is None:
-            self.static_samples = samples.clone()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.static_loss = self._run(self.static_samples, total)
-        self.static_samples.copy_(samples)
-        self.graph.replay()
-        return self.static_loss.clone()
+    def __call__(self, samples: torch.Tensor, total: int) -> torch.Tensor:
+        return self.graphed(samples, total)
 
 
 def _versions() -> Dict[str, str]:
@@ -354,12 +279,10 @@ def train_fn(
         "versions": _versions(), "data": data.summary(), "run_dir": str(run_dir),
         "process_start": process_start or start_time,
     }
-    popularity = training_popularity(data, splits["train"], index)
-    summary["most_popular_baseline"] = {
-        name: evaluate(model, sequences, splits[name][rank::world_size], index, max_sequence_length,
-                       eval_batch_size, popularity=popularity)
-        for name in eval_splits
-    }
+    popular = Evaluator(model, sequences, index, max_sequence_length, eval_batch_size,
+                        popularity=training_popularity(data, splits["train"], index))
+    summary["most_popular_baseline"] = {name: popular(splits[name][rank::world_size]) for name in eval_splits}
+    evaluator = Evaluator(model, sequences, index, max_sequence_length, eval_batch_size, use_graph)
     writer = None
     if rank == 0:
         from torch.utils.tensorboard import SummaryWriter
@@ -376,6 +299,8 @@ def train_fn(
         torch.manual_seed(random_seed * 1_000_003 + epoch * 101 + rank)
         model.train()
         shard = splits["train"][_shard(splits["train"].shape[0], epoch, random_seed, rank, world_size)]
+        # One upload per epoch: a host-to-device copy per step would wait for the GPU to go idle.
+        shard_on_device = torch.as_tensor(shard, device=device)
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         num_steps = 0
         for start in range(0, shard.shape[0], local_batch_size):
@@ -384,7 +309,8 @@ def train_fn(
             if num_warmup_steps > 0:
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate * min(1.0, (state.step + 1) / num_warmup_steps)
-            loss_sum += step(shard[start : start + local_batch_size])
+            end = start + local_batch_size
+            loss_sum += step(shard_on_device[start:end], history_total(shard[start:end], max_sequence_length))
             num_steps += 1
             state.step += 1
         if faults.poison_loss(epoch, rank):
@@ -395,13 +321,15 @@ def train_fn(
                 f"non-finite training loss in epoch {epoch} of {run_name}; stopping. The last good checkpoint "
                 f"({ckpt_path}, after epoch {state.epochs_done}) is kept. Try a lower learning rate or warmup."
             )
+        train_seconds = time.time() - epoch_start  # train_loss waited for the last step
         faults.kill_if("eval", epoch, rank)
         full = epoch % full_eval_every_n == 0 or epoch == num_epochs - 1
-        record = {"epoch": epoch, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"], "full_eval": full}
+        record = {"epoch": epoch, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"], "full_eval": full,
+                  "train_seconds": train_seconds}
         for name in eval_splits:
             samples = _eval_samples(splits[name], epoch, random_seed, rank, world_size, full)
             max_batches = None if full else -(-partial_eval_num_batches // world_size)
-            record[name] = evaluate(model, sequences, samples, index, max_sequence_length, eval_batch_size, max_batches)
+            record[name] = evaluator(samples, max_batches)
         record["seconds"] = time.time() - epoch_start
         state.history.append(record)
         state.epochs_done = epoch + 1

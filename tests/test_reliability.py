@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from generative_recommenders.trainer import train_fn
-from tiny_config import TINY, free_port
+from tiny_config import TINY, cpu_env, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 4
@@ -34,7 +34,7 @@ def _cmd(tmp: Path, extra: List[str] = (), processes: int = 1) -> List[str]:
 
 def _run(tmp: Path, fault: Optional[str] = None, extra: List[str] = (), processes: int = 1,
          timeout: float = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
+    env = cpu_env()  # the guarantees tested here are the CPU's (deterministic mode)
     env.pop("GR_FAULT", None)
     if fault:
         env["GR_FAULT"] = fault
@@ -72,7 +72,8 @@ def test_sigkill_then_rerun_gives_the_same_results(tmp_path, reference, fault):
 
 
 def test_sigkill_at_a_random_moment(tmp_path, reference):
-    proc = subprocess.Popen(_cmd(tmp_path), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_cmd(tmp_path), cwd=REPO, env=cpu_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     time.sleep(random.Random(os.getpid()).uniform(4.0, 9.0))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -126,5 +127,5 @@ def _train_in_process(tmp: Path) -> List[Dict]:
         gin.clear_config()
 
 
-def test_same_seed_same_numbers_on_cpu(tmp_path):
+def test_same_seed_same_numbers_on_cpu(tmp_path, on_cpu):
     assert _train_in_process(tmp_path / "a") == _train_in_process(tmp_path / "b")

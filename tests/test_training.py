@@ -11,7 +11,7 @@ import gin
 import pytest
 
 from generative_recommenders.trainer import train_fn
-from tiny_config import TINY, free_port
+from tiny_config import TINY, cpu_env, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,7 +47,7 @@ def test_leave_one_out_reports_test_at_best_validation_epoch(tmp_path):
     assert set(best) >= {"valid", "test", "epoch"}
 
 
-def test_resume_continues_to_the_same_metrics(tmp_path):
+def test_resume_continues_to_the_same_metrics(tmp_path, on_cpu):
     full = _train(tmp_path, run_name="full")
     _train(tmp_path, ["train_fn.num_epochs = 2"], run_name="split")
     resumed = _train(tmp_path, run_name="split")
@@ -65,7 +65,7 @@ def test_two_process_gloo_ddp(tmp_path):
                        f"train_fn.ckpt_root = '{tmp_path}/ckpts'"]
     cmd = [sys.executable, "main.py", "--num_processes=2", f"--master_port={free_port()}",
            "--gin_config_file=configs/synthetic/hstu-default.gin"] + [f"--gin_bindings={b}" for b in bindings]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     results = json.loads((tmp_path / "exps/synthetic-l20/hstu-default/results.json").read_text())
     assert results["world_size"] == 2

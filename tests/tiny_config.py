@@ -1,5 +1,6 @@
 """A tiny synthetic configuration shared by the end-to-end tests (seconds per epoch on CPU)."""
 
+import os
 import socket
 
 TINY = [
@@ -25,3 +26,8 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def cpu_env() -> dict:
+    """Environment for a training subprocess that must run on the CPU (GPUs hidden)."""
+    return {**os.environ, "CUDA_VISIBLE_DEVICES": ""}

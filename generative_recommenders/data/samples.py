@@ -47,6 +47,11 @@ def make_splits(lengths: np.ndarray, protocol: str) -> Dict[str, np.ndarray]:
     return splits
 
 
+def history_total(samples: np.ndarray, max_history: int) -> int:
+    """Number of history positions of (user, end) samples: the jagged length of their batch."""
+    return int(np.minimum(samples[:, 1] - 1, max_history).sum())
+
+
 @dataclasses.dataclass
 class Batch:
     ids: torch.Tensor  # (B, N) history ids, target at position `lengths`, then zeros
@@ -66,8 +71,8 @@ class DeviceSequences:
 
     def batch(self, samples: np.ndarray, max_history: int, padded_len: int) -> Batch:
         """samples: (B, 2) host array of (user, end)."""
-        total = int(np.minimum(samples[:, 1] - 1, max_history).sum())
-        return self.gather(torch.as_tensor(samples, device=self.offsets.device), max_history, padded_len, total)
+        on_device = torch.as_tensor(samples, device=self.offsets.device)
+        return self.gather(on_device, max_history, padded_len, history_total(samples, max_history))
 
     def gather(self, samples: torch.Tensor, max_history: int, padded_len: int, total: int) -> Batch:
         """Builds the batch of (B, 2) (user, end) samples already on the device; no host sync."""

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ops.layer_norm import layer_norm
+
 
 def truncated_normal_(tensor: torch.Tensor, std: float) -> torch.Tensor:
     """In-place normal(0, std) truncated at +/- 2 std."""
@@ -51,5 +53,5 @@ def normalize_output(x: torch.Tensor, kind: str, eps: float = 1e-6) -> torch.Ten
     if kind == "l2_norm":
         return F.normalize(x, p=2.0, dim=-1, eps=eps)
     if kind == "layer_norm":
-        return F.layer_norm(x, (x.shape[-1],), eps=eps)
+        return layer_norm(x, eps)
     raise ValueError(f"unknown user_embedding_norm {kind!r}: use l2_norm or layer_norm")

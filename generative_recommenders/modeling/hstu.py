@@ -9,6 +9,7 @@ from torch import nn
 
 from ops.hstu_attention import NUM_TIME_BUCKETS, hstu_attention, triton_available
 from ops.jagged import dense_to_jagged
+from ops.layer_norm import layer_norm
 
 
 class HSTULayer(nn.Module):
@@ -47,7 +48,7 @@ class HSTULayer(nn.Module):
     def forward(self, x: torch.Tensor, seq_offsets: torch.Tensor, timestamps: torch.Tensor) -> torch.Tensor:
         """x: (L, D) jagged; timestamps: (B, N). Returns (L, D)."""
         h, dqk, dv = self.num_heads, self.dqk, self.dv
-        normed = F.layer_norm(x, (x.shape[-1],), eps=self.eps)
+        normed = layer_norm(x, self.eps)
         u, v, q, k = torch.split(F.silu(normed @ self.uvqk), [h * dv, h * dv, h * dqk, h * dqk], dim=-1)
         attn = hstu_attention(
             q.reshape(-1, h, dqk),
@@ -61,7 +62,7 @@ class HSTULayer(nn.Module):
             normalization=self.normalization,
             kernel=self.attention_kernel,
         ).reshape(-1, h * dv)
-        gated = u * F.layer_norm(attn, (h * dv,), eps=self.eps)
+        gated = u * layer_norm(attn, self.eps)
         return x + self.output(self.dropout(gated))
 
 

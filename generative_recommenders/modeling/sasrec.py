@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ops.jagged import dense_to_jagged
+from ops.layer_norm import layer_norm
 
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
 
@@ -35,10 +36,9 @@ class SASRecBlock(nn.Module):
         self.ffn = PointwiseFeedForward(dim, ffn_hidden_dim, activation, dropout_rate)
 
     def forward(self, x: torch.Tensor, causal_mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        d = x.shape[-1]
-        query = F.layer_norm(x, (d,), eps=1e-8)
+        query = layer_norm(x, 1e-8)
         attended, _ = self.attention(query, x, x, attn_mask=causal_mask, need_weights=False)
-        x = self.ffn(F.layer_norm(query + attended, (d,), eps=1e-8))
+        x = self.ffn(layer_norm(query + attended, 1e-8))
         return x * valid
 
 
