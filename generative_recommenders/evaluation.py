@@ -102,22 +102,27 @@ class Evaluator:
         self.model, self.sequences, self.index = model, sequences, index
         self.max_history, self.batch_size = max_history, batch_size
         self.popularity = popularity
+        self.candidates: Optional[torch.Tensor] = None  # (C, D) or (C, 1): refreshed per evaluation, read by every batch
         self.step = CudaGraphStep(self._batch_sums, use_graph and popularity is None)
+
+    def _candidate_matrix(self) -> torch.Tensor:
+        """Normalised candidate embeddings, or the popularity scores as a (C, 1) column."""
+        if self.popularity is not None:
+            return self.popularity.to(torch.float32).unsqueeze(1)
+        candidates = self.model.item_embedding(self.index.candidate_ids.long())
+        return torch.nn.functional.normalize(candidates, dim=-1, eps=1e-6)
 
     def _batch_sums(self, samples: torch.Tensor, total: int) -> torch.Tensor:
         """Sums of every metric over one batch, then the batch size."""
         batch = self.sequences.gather(samples, self.max_history, self.model.max_seq_len, total)
         if self.popularity is None:
-            candidates = self.model.item_embedding(self.index.candidate_ids.long())
-            candidates = torch.nn.functional.normalize(candidates, dim=-1, eps=1e-6)
             out, offsets = self.model(batch.ids, batch.timestamps, batch.lengths, batch.total)
             query = out[offsets[:-1] + batch.lengths - 1]
         else:
-            candidates = self.popularity.to(torch.float32).unsqueeze(1)
-            query = candidates.new_ones(batch.targets.numel(), 1)
+            query = self.candidates.new_ones(batch.targets.numel(), 1)
         pos = torch.arange(batch.ids.shape[1], device=batch.ids.device)
         history = torch.where(pos[None, :] < batch.lengths[:, None], batch.ids, 0)
-        per_user = metrics_from_ranks(target_ranks(query, candidates, self.index, batch.targets, history))
+        per_user = metrics_from_ranks(target_ranks(query, self.candidates, self.index, batch.targets, history))
         count = per_user["mrr"].new_full((1,), batch.targets.numel())
         return torch.cat([torch.stack([per_user[n].sum() for n in metric_names()]), count])
 
@@ -126,6 +131,10 @@ class Evaluator:
         """Metric averages over `samples` (this rank's share, summed over ranks)."""
         was_training = self.model.training
         self.model.eval()
+        if self.candidates is None:
+            self.candidates = self._candidate_matrix()
+        else:  # in place: a captured graph reads this buffer
+            self.candidates.copy_(self._candidate_matrix())
         device = self.sequences.offsets.device
         on_device = torch.as_tensor(samples, device=device)  # one upload, no per-batch host sync
         sums = torch.zeros(len(metric_names()) + 1, dtype=torch.float64, device=device)

@@ -13,12 +13,10 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-import gin
 import pytest
 import torch
 
-from generative_recommenders.trainer import train_fn
-from tiny_config import TINY, cpu_env, free_port
+from tiny_config import TINY, cpu_env, free_port, train_tiny
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 4
@@ -118,14 +116,6 @@ def test_a_dying_rank_stops_the_others(tmp_path):
     assert time.time() - start < 180
 
 
-def _train_in_process(tmp: Path) -> List[Dict]:
-    gin.clear_config()
-    gin.parse_config(TINY + [f"train_fn.exp_root = '{tmp}/exps'", f"train_fn.ckpt_root = '{tmp}/ckpts'"])
-    try:
-        return [e["eval"] for e in train_fn(0, 1)["per_epoch"]]
-    finally:
-        gin.clear_config()
-
-
 def test_same_seed_same_numbers_on_cpu(tmp_path, on_cpu):
-    assert _train_in_process(tmp_path / "a") == _train_in_process(tmp_path / "b")
+    runs = [train_tiny(tmp_path / name) for name in "ab"]
+    assert [e["eval"] for e in runs[0]["per_epoch"]] == [e["eval"] for e in runs[1]["per_epoch"]]

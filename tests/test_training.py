@@ -7,28 +7,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-import gin
 import pytest
 
-from generative_recommenders.trainer import train_fn
-from tiny_config import TINY, cpu_env, free_port
+from tiny_config import TINY, cpu_env, free_port, train_tiny
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _train(tmp_path: Path, extra=(), run_name: str = "run") -> dict:
-    gin.clear_config()
-    gin.parse_config(TINY + [f"train_fn.exp_root = '{tmp_path}/exps'", f"train_fn.ckpt_root = '{tmp_path}/ckpts'",
-                             f"train_fn.run_name = '{run_name}'", *extra])
-    try:
-        return train_fn(0, 1)
-    finally:
-        gin.clear_config()
-
-
 @pytest.mark.parametrize("module", ["HSTU", "SASRec"])
 def test_training_improves_over_first_epoch_and_popularity(tmp_path, module):
-    results = _train(tmp_path, [f"train_fn.main_module = '{module}'"])
+    results = train_tiny(tmp_path, [f"train_fn.main_module = '{module}'"])
     epochs = results["per_epoch"]
     assert len(epochs) == 3
     assert epochs[-1]["eval"]["hr@10"] > epochs[0]["eval"]["hr@10"]
@@ -40,7 +28,7 @@ def test_training_improves_over_first_epoch_and_popularity(tmp_path, module):
 
 
 def test_leave_one_out_reports_test_at_best_validation_epoch(tmp_path):
-    results = _train(tmp_path, ["train_fn.protocol = 'leave_one_out'"])
+    results = train_tiny(tmp_path, ["train_fn.protocol = 'leave_one_out'"])
     best = results["best"]
     assert best["selected_by"] == "valid/ndcg@10"
     assert best["valid"]["ndcg@10"] == max(e["valid"]["ndcg@10"] for e in results["per_epoch"])
@@ -48,16 +36,16 @@ def test_leave_one_out_reports_test_at_best_validation_epoch(tmp_path):
 
 
 def test_resume_continues_to_the_same_metrics(tmp_path, on_cpu):
-    full = _train(tmp_path, run_name="full")
-    _train(tmp_path, ["train_fn.num_epochs = 2"], run_name="split")
-    resumed = _train(tmp_path, run_name="split")
+    full = train_tiny(tmp_path, run_name="full")
+    train_tiny(tmp_path, ["train_fn.num_epochs = 2"], run_name="split")
+    resumed = train_tiny(tmp_path, run_name="split")
     assert [e["eval"] for e in resumed["per_epoch"]] == [e["eval"] for e in full["per_epoch"]]
 
 
 def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
-    _train(tmp_path, ["train_fn.num_epochs = 1"])
+    train_tiny(tmp_path, ["train_fn.num_epochs = 1"])
     with pytest.raises(ValueError, match="different configuration"):
-        _train(tmp_path, ["train_fn.num_epochs = 1", "train_fn.learning_rate = 0.01"])
+        train_tiny(tmp_path, ["train_fn.num_epochs = 1", "train_fn.learning_rate = 0.01"])
 
 
 def test_two_process_gloo_ddp(tmp_path):

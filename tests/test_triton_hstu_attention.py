@@ -259,23 +259,13 @@ def test_training_is_the_same_with_and_without_the_kernel(tmp_path):
     a few users' ranks on the metrics. Under the CPU interpreter the data set is
     smaller (each kernel launch there costs ~0.1 s per program).
     """
-    import gin
-
-    from generative_recommenders.trainer import train_fn
-    from tiny_config import TINY
+    from tiny_config import train_tiny
 
     def train(kernel: str) -> dict:
-        gin.clear_config()
-        gin.parse_config(TINY + [
+        return train_tiny(tmp_path, [
             "train_fn.num_epochs = 2", f"synthetic_data.num_users = {300 if CUDA else 130}", "train_fn.enable_tf32 = False",
             "train_fn.cuda_graphs = False", f"hstu_encoder.attention_kernel = '{kernel}'",
-            f"train_fn.exp_root = '{tmp_path}/exps'", f"train_fn.ckpt_root = '{tmp_path}/ckpts'",
-            f"train_fn.run_name = '{kernel}'",
-        ])
-        try:
-            return train_fn(0, 1)
-        finally:
-            gin.clear_config()
+        ], run_name=kernel)
 
     fused, plain = train("triton"), train("torch")
     for a, b in zip(fused["per_epoch"], plain["per_epoch"], strict=True):

@@ -2,6 +2,8 @@
 
 import os
 import socket
+from pathlib import Path
+from typing import Sequence
 
 TINY = [
     "train_fn.dataset_name = 'synthetic'",
@@ -31,3 +33,18 @@ def free_port() -> int:
 def cpu_env() -> dict:
     """Environment for a training subprocess that must run on the CPU (GPUs hidden)."""
     return {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+
+
+def train_tiny(tmp: Path, extra: Sequence[str] = (), run_name: str = "run") -> dict:
+    """Trains TINY (plus `extra` bindings) in this process, logs and checkpoints under `tmp`."""
+    import gin  # here, not at import: the Triton tests must set TRITON_INTERPRET before anything imports triton
+
+    from generative_recommenders.trainer import train_fn
+
+    gin.clear_config()
+    gin.parse_config(TINY + [f"train_fn.exp_root = '{tmp}/exps'", f"train_fn.ckpt_root = '{tmp}/ckpts'",
+                             f"train_fn.run_name = '{run_name}'", *extra])
+    try:
+        return train_fn(0, 1)
+    finally:
+        gin.clear_config()
