@@ -512,8 +512,9 @@ def _math_flags(q: torch.Tensor) -> dict:
 _FWD_TABLE = {16: (64, 32, 4, 3), 32: (64, 32, 4, 3), 64: (64, 32, 4, 2), 128: (64, 64, 4, 2)}
 _BWD_TABLE = {16: (64, 64, 32, 8, 2), 32: (64, 64, 32, 8, 2), 64: (32, 16, 16, 4, 2), 128: (64, 16, 16, 4, 3)}
 # fp32 with TF32 dots (the trainer's default), timed at the trainer's padded shapes (B = 128,
-# N = 211 and 61, full length): only head dim 64 gains from a change (ml-20m h = 4: forward
-# 0.22 -> 0.12 ms, backward 0.67 -> 0.55 ms); the default tiles were fastest or within 5% elsewhere.
+# N = 211 and 61, full length; benchmarks/hstu_attention_fp32_tiles.py): only head dim 64 gains
+# from a change (ml-20m h = 4: forward 0.22 -> 0.12 ms, backward 0.67 -> 0.55 ms); the default
+# tiles were fastest or within 5% elsewhere.
 _FWD_TABLE_FP32 = {64: (32, 32, 4, 2)}
 _BWD_TABLE_FP32 = {64: (32, 32, 32, 4, 2)}
 
