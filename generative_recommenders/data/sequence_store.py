@@ -18,12 +18,14 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 import numpy as np
 
 CACHE_FILE = "sequences.npz"
 FORMAT_VERSION = 1
+SPLIT_TRAIN, SPLIT_VALID, SPLIT_TEST = 0, 1, 2
+_OPTIONAL_ARRAYS = ("user_split", "item_keys", "item_titles")
 
 
 @dataclasses.dataclass
@@ -38,6 +40,11 @@ class SequenceData:
     user_ids: np.ndarray  # int64 (num_users,), the data set's own user ids
     candidate_ids: np.ndarray  # int32 sorted: items that can be recommended / sampled
     user_features: Dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    # Session data sets: SPLIT_TRAIN / SPLIT_VALID / SPLIT_TEST of each sequence (None: one sequence per user).
+    user_split: Optional[np.ndarray] = None  # int8 (num_users,)
+    # Per item id (index 0 = padding): the source's own id, and a title where the source has one.
+    item_keys: Optional[np.ndarray] = None  # str (max_item_id + 1,)
+    item_titles: Optional[np.ndarray] = None  # str (max_item_id + 1,)
 
     @property
     def num_users(self) -> int:
@@ -78,6 +85,13 @@ class SequenceData:
         for key, values in self.user_features.items():
             if values.shape[0] != self.num_users:
                 problems.append(f"user feature {key} must have one entry per user")
+        if self.user_split is not None and (self.user_split.shape != (self.num_users,)
+                                            or not np.isin(self.user_split, (SPLIT_TRAIN, SPLIT_VALID, SPLIT_TEST)).all()):
+            problems.append("user_split must hold one of 0 (train), 1 (valid), 2 (test) per sequence")
+        for field in ("item_keys", "item_titles"):
+            values = getattr(self, field)
+            if values is not None and values.shape != (self.max_item_id + 1,):
+                problems.append(f"{field} must have one entry per item id 0..{self.max_item_id}")
         if problems:
             raise ValueError(f"invalid sequence data {self.name!r}: " + "; ".join(problems))
 
@@ -121,6 +135,9 @@ def save_sequences(data: SequenceData, path: Path) -> None:
     }
     for key, values in data.user_features.items():
         arrays[f"user_feature.{key}"] = values
+    for field in _OPTIONAL_ARRAYS:
+        if getattr(data, field) is not None:
+            arrays[field] = getattr(data, field)
     meta = {"format_version": FORMAT_VERSION, "name": data.name, **data.summary()}
     arrays["meta_json"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
 
