@@ -96,7 +96,7 @@ def main(argv: List[str]) -> None:
             worker(0, *args)
         else:
             torch.multiprocessing.spawn(worker, args=args, nprocs=world_size, join=True)
-    except (FileNotFoundError, ValueError, PreprocessingError) as exc:
+    except (FileNotFoundError, ValueError, PreprocessingError, FloatingPointError) as exc:
         sys.exit(f"error: {exc}")
     except torch.multiprocessing.ProcessRaisedException as exc:
         # The child's traceback ends with its exception; a rank failing stops all of them.

@@ -24,12 +24,11 @@ import gin
 import torch
 from absl import app, flags
 
+from generative_recommenders.config import TrainConfig
 from generative_recommenders.cuda_graph import CudaGraphStep
-from generative_recommenders.data.samples import DeviceSequences, history_total, make_splits
+from generative_recommenders.data.samples import history_total
 from generative_recommenders.data.synthetic import random_sequences
-from generative_recommenders.evaluation import CandidateIndex, Evaluator
-from generative_recommenders.loss import NegativesSampler
-from generative_recommenders.modeling.recommender import SequentialRecommender
+from generative_recommenders.retrieval import RetrievalTask
 from generative_recommenders.trainer import TrainStep, _versions
 
 flags.DEFINE_multi_string("config", None, "Config files (default: the nine frozen ones).")
@@ -52,13 +51,6 @@ SHAPES = {
 ASSUMED_SHAPES = {"amzn-books"}
 
 
-def _param(name: str, default):
-    try:
-        return gin.query_parameter(name)
-    except ValueError:
-        return default
-
-
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -67,32 +59,20 @@ def _sync() -> None:
 def bench(config_file: str, device: torch.device) -> Dict:
     gin.clear_config()
     gin.parse_config_files_and_bindings([config_file], [])
-    dataset = _param("train_fn.dataset_name", "synthetic")
+    config = TrainConfig()
+    dataset = config.dataset_name
     users, max_item_id, num_candidates, mean_len, longest = SHAPES[dataset]
     data = random_sequences(users, max_item_id, num_candidates, mean_len, longest)
-    max_len = _param("train_fn.max_sequence_length", 200)
-    padded_len = max_len + _param("train_fn.gr_output_length", 10) + 1
-    batch_size = _param("train_fn.local_batch_size", 128)
-    epochs = _param("train_fn.num_epochs", 101)
+    max_len, batch_size, epochs = config.max_sequence_length, config.local_batch_size, config.num_epochs
     torch.backends.cuda.matmul.allow_tf32 = True
-    model = SequentialRecommender(
-        _param("train_fn.main_module", "HSTU"), data.max_item_id, padded_len,
-        _param("train_fn.item_embedding_dim", 50), _param("train_fn.dropout_rate", 0.2),
-    ).to(device)
-    use_graph = device.type == "cuda" and model.graph_safe(device)
-    model.padded_layout = use_graph
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.98), fused=device.type == "cuda",
-                                  capturable=use_graph)
-    candidates = torch.as_tensor(data.candidate_ids, dtype=torch.long, device=device)
-    sampler = NegativesSampler("local", candidates)
-    sequences = DeviceSequences(data, device)
-    splits = make_splits(data.lengths, "paper")
+    task = RetrievalTask(config, data, device)  # the model, loss and evaluator main.py builds
+    use_graph = task.use_cuda_graphs(device)
+    optimizer = torch.optim.AdamW(task.model.parameters(), lr=1e-3, betas=(0.9, 0.98),
+                                  fused=device.type == "cuda", capturable=use_graph)
+    splits = task.splits
     train = splits["train"][torch.randperm(splits["train"].shape[0]).numpy()]
     train_on_device = torch.as_tensor(train, device=device)
-    num_negatives = _param("train_fn.num_negatives", 128)
-
-    train_step = TrainStep(model, model, optimizer, sequences, sampler, "SampledSoftmaxLoss", num_negatives, 0.05,
-                           max_len, use_graph)
+    train_step = TrainStep(task, task.model, optimizer)
 
     def step(i: int) -> int:
         start = (i * batch_size) % (train.shape[0] - batch_size)
@@ -115,9 +95,8 @@ def bench(config_file: str, device: torch.device) -> Dict:
             _sync()
         sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
         print(prof.key_averages().table(sort_by=sort, row_limit=25), flush=True)
-    index = CandidateIndex(candidates, data.max_item_id)
-    eval_batch = _param("train_fn.eval_batch_size", 128)
-    evaluator = Evaluator(model, sequences, index, max_len, eval_batch, use_graph)
+    eval_batch = config.eval_batch_size
+    evaluator = task.evaluator
     evaluator(splits["eval"], max_batches=CudaGraphStep.WARMUP_CALLS + 2)
     _sync()
     start = time.perf_counter()
@@ -126,8 +105,8 @@ def bench(config_file: str, device: torch.device) -> Dict:
     eval_s = (time.perf_counter() - start) / FLAGS.eval_batches
     steps_per_epoch = -(-train.shape[0] // batch_size)
     eval_batches_full = -(-splits["eval"].shape[0] // eval_batch)
-    full_every = _param("train_fn.full_eval_every_n", 1)
-    partial = min(_param("train_fn.partial_eval_num_batches", 64), eval_batches_full)
+    full_every = config.full_eval_every_n
+    partial = min(config.partial_eval_num_batches, eval_batches_full)
     full_evals = len([e for e in range(epochs) if e % full_every == 0 or e == epochs - 1])
     projected = epochs * steps_per_epoch * train_s + (full_evals * eval_batches_full + (epochs - full_evals) * partial) * eval_s
     return {

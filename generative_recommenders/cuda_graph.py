@@ -23,19 +23,24 @@ class CudaGraphStep:
 
     The returned tensor is only valid until the next call (a replay overwrites
     it): consume it at once, e.g. `running_sum += step(samples, total)`.
-    `total` is a host-side number the step may use for shapes; under a graph
-    the captured value is reused, so it must not matter for inputs of the
-    captured shape (the models' padded layout ignores it).
+    `total` is a host-side number the step may use for shapes; a replay reuses
+    the captured one, which is right only when the model ignores it: under
+    its padded layout. So graphs are used exactly while `model.padded_layout`
+    is on (see SequentialRecommender.use_padded_layout), and never without a model.
     """
 
     WARMUP_CALLS = 3  # eager calls on a side stream before capture, as CUDA graphs require
 
-    def __init__(self, fn: Step, enabled: bool) -> None:
+    def __init__(self, fn: Step, model: Optional[torch.nn.Module] = None) -> None:
         self.fn = fn
-        self.enabled = enabled
+        self.model = model
         self.shape: Optional[torch.Size] = None
         self.warmup_left = self.WARMUP_CALLS
         self.graph: Optional[torch.cuda.CUDAGraph] = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.model is not None and bool(getattr(self.model, "padded_layout", False))
 
     def __call__(self, samples: torch.Tensor, total: int) -> torch.Tensor:
         if self.shape is None:

@@ -1,83 +1,99 @@
-"""Retrieval evaluation (REFERENCE.md section 7): rank the target among all candidates.
+"""Retrieval evaluation (REFERENCE.md sections 7 and 13): rank each target among all candidates.
 
-For each user the query is the encoder output at the last history position.
-Scores are dot products with the L2-normalised embeddings of every candidate;
-items of the (truncated) history fed to the model are removed; the target's
-1-based rank r is searched within the top k = min(2500, #candidates) and set
-to k + 1 outside it. Ties are broken in the target's favour: r is one plus the
-number of remaining candidates that score strictly higher.
+For each sample the objective gives the query (the encoder output after the
+history); scores are dot products with the model's item vectors of every
+candidate (normalised as in training).
+
+- User protocols: items of the (truncated) history fed to the model are
+  removed, and ranks beyond k = min(2500, #candidates) count as k + 1.
+- Sessions (GRU4Rec's rules): nothing is removed (repeat clicks are
+  legitimate targets) and ranks are exact.
+
+Ties are scored at their expected value under a random order of the tied
+items: a target with h strictly higher and t equally scored candidates has
+rank uniform on h + 1 .. h + t + 1, and every metric is averaged over that
+range. A model that scores everything alike thus gets HR@K = K / #candidates,
+not 1. Non-finite queries or item vectors stop the run (FloatingPointError):
+NaN scores would otherwise compare as "not higher" and rank every target first.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, Optional
+from typing import Callable, Dict, Iterable, Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from generative_recommenders.cuda_graph import CudaGraphStep
-from generative_recommenders.data.samples import DeviceSequences, history_total
+from generative_recommenders.data.candidates import CandidateIndex
+from generative_recommenders.data.samples import Batch, DeviceSequences, history_total
 
 RANK_CAP = 2500
-HR_NDCG_KS = (1, 10, 50, 100, 200)
+HR_NDCG_KS = (1, 10, 20, 50, 100, 200)
 HR_ONLY_KS = (500, 1000)
+MRR_KS = (20,)  # MRR@20 (0 beyond rank 20), GRU4Rec's session metric
+
+Query = Callable[[torch.nn.Module, Batch], torch.Tensor]
 
 
 def metric_names() -> list:
     names = [f"{m}@{k}" for k in HR_NDCG_KS for m in ("ndcg", "hr")]
-    return names + [f"hr@{k}" for k in HR_ONLY_KS] + ["mrr"]
+    return names + [f"hr@{k}" for k in HR_ONLY_KS] + ["mrr"] + [f"mrr@{k}" for k in MRR_KS]
 
 
-class CandidateIndex:
-    """Maps item ids to columns of the candidate score matrix."""
+def rank_counts(scores: torch.Tensor, target_columns: torch.Tensor, exclude: Optional[torch.Tensor] = None):
+    """(B, C) scores, (B,) target columns (-1: not a candidate), optional (B, n) columns to remove (-1: none).
 
-    def __init__(self, candidate_ids: torch.Tensor, max_item_id: int) -> None:
-        self.candidate_ids = candidate_ids
-        column = torch.full((max_item_id + 1,), -1, dtype=torch.long, device=candidate_ids.device)
-        column[candidate_ids.long()] = torch.arange(candidate_ids.numel(), device=candidate_ids.device)
-        self.column = column
-        self.top_k = min(RANK_CAP, candidate_ids.numel())
-
-    def columns(self, ids: torch.Tensor) -> torch.Tensor:
-        """Column of each id, -1 for ids that are not candidates (0 = padding included)."""
-        return self.column[ids.clamp(0, self.column.numel() - 1)].masked_fill(ids >= self.column.numel(), -1)
-
-
-def target_ranks(
-    query: torch.Tensor,
-    candidate_embeddings: torch.Tensor,
-    index: CandidateIndex,
-    target_ids: torch.Tensor,
-    history_ids: torch.Tensor,
-) -> torch.Tensor:
-    """(B, D) queries, (C, D) normalised candidates, (B,) targets, (B, n) history (0 = padding) -> (B,) ranks."""
-    num_candidates = candidate_embeddings.shape[0]
-    # One extra "sink" column takes the scatter of padding and non-candidate ids.
-    scores = torch.nn.functional.pad(query @ candidate_embeddings.T, (0, 1))
-    history_cols = index.columns(history_ids)
-    history_cols = torch.where(history_cols >= 0, history_cols, num_candidates)
-    scores = scores.scatter(1, history_cols, float("-inf"))[:, :num_candidates]
-    target_cols = index.columns(target_ids)
-    target_scores = scores.gather(1, target_cols.clamp(min=0).unsqueeze(1))
-    ranks = 1 + (scores > target_scores).sum(dim=1)
-    missing = (target_cols < 0) | torch.isneginf(target_scores.squeeze(1))
-    return torch.where(missing | (ranks > index.top_k), index.top_k + 1, ranks)
+    Returns (higher, ties, missing): candidates scored strictly above the
+    target, others scored equal to it, and whether the target cannot be ranked
+    (not a candidate, or removed).
+    """
+    num_candidates = scores.shape[1]
+    if exclude is not None:
+        # One extra "sink" column takes the scatter of padding and non-candidate ids.
+        sink = torch.where(exclude >= 0, exclude, num_candidates)
+        scores = torch.nn.functional.pad(scores, (0, 1)).scatter(1, sink, float("-inf"))[:, :num_candidates]
+    target = scores.gather(1, target_columns.clamp(min=0).unsqueeze(1))
+    higher = (scores > target).sum(dim=1)
+    ties = (scores == target).sum(dim=1) - 1
+    missing = (target_columns < 0) | torch.isneginf(target.squeeze(1))
+    return higher, ties, missing
 
 
-def metrics_from_ranks(ranks: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """Per-user metric values (B,) for each metric name."""
-    ranks = ranks.to(torch.float64)
-    out = {}
-    for k in HR_NDCG_KS:
-        hit = (ranks <= k).to(torch.float64)
-        out[f"hr@{k}"] = hit
-        out[f"ndcg@{k}"] = hit / torch.log2(ranks + 1)
-    for k in HR_ONLY_KS:
-        out[f"hr@{k}"] = (ranks <= k).to(torch.float64)
-    out["mrr"] = 1.0 / ranks
-    return out
+class RankMetrics:
+    """Expected metric values over ranks h + 1 .. h + t + 1, from prefix sums of each metric's gain."""
+
+    def __init__(self, rank_cap: int, device: torch.device) -> None:
+        self.rank_cap = rank_cap
+        ranks = torch.arange(1, rank_cap + 1, dtype=torch.float64, device=device)  # 1 .. cap
+        zero = torch.zeros(1, dtype=torch.float64, device=device)
+        self.discount_sum = torch.cat([zero, (1.0 / torch.log2(ranks + 1)).cumsum(0)])
+        self.harmonic_sum = torch.cat([zero, (1.0 / ranks).cumsum(0)])
+
+    @staticmethod
+    def _sum_up_to(prefix: torch.Tensor, before: torch.Tensor, last: torch.Tensor, k: int) -> torch.Tensor:
+        """Sum of a gain over ranks before+1..last when prefix[n] sums ranks 1..n and the gain is 0 beyond k."""
+        return prefix[last.clamp(max=k)] - prefix[before.clamp(max=k)]
+
+    def __call__(self, higher: torch.Tensor, ties: torch.Tensor, missing: torch.Tensor) -> Dict[str, torch.Tensor]:
+        cap = self.rank_cap
+        # Ranks beyond the cap (and unrankable targets) count as cap + 1, as the release's top-k search did.
+        before = torch.where(missing, cap, higher)  # ranks before+1 .. last, each equally likely
+        last = torch.where(missing, cap + 1, higher + ties + 1)
+        width = (last - before).to(torch.float64)
+        beyond_cap = (last - before.clamp(min=cap)).clamp(min=0).to(torch.float64)
+        out = {}
+        for k in HR_NDCG_KS + HR_ONLY_KS:
+            k_ranked = min(k, cap)  # rank cap + 1 stands for "not found": never a hit
+            out[f"hr@{k}"] = (last.clamp(max=k_ranked) - before).clamp(min=0).to(torch.float64) / width
+            if k in HR_NDCG_KS:
+                out[f"ndcg@{k}"] = self._sum_up_to(self.discount_sum, before, last, k_ranked) / width
+        out["mrr"] = (self._sum_up_to(self.harmonic_sum, before, last, cap) + beyond_cap / (cap + 1)) / width
+        for k in MRR_KS:
+            out[f"mrr@{k}"] = self._sum_up_to(self.harmonic_sum, before, last, min(k, cap)) / width
+        return out
 
 
 def average(sums: Dict[str, float], count: float) -> Dict[str, float]:
@@ -91,53 +107,63 @@ def format_metrics(metrics: Dict[str, float], names: Iterable[str] = ("hr@10", "
 class Evaluator:
     """Averages every metric over a split's (user, end) samples, batch by batch on the device.
 
-    With `popularity` (C,) the model is ignored and candidates are ranked by it
-    (the most-popular baseline), with the same history filter. With `use_graph`
-    each full batch is one CUDA-graph replay (see cuda_graph.py); the per-user
-    metrics do not depend on how users are batched.
+    `query(model, batch)` gives the (B, D) queries (the objective's). With
+    `popularity` (C,) the model is ignored and candidates are ranked by it (the
+    most-popular baseline). Under the model's padded layout each full batch is
+    one CUDA-graph replay (see cuda_graph.py); per-sample metrics do not depend
+    on how samples are batched.
     """
 
-    def __init__(self, model: torch.nn.Module, sequences: DeviceSequences, index: CandidateIndex, max_history: int,
-                 batch_size: int, use_graph: bool = False, popularity: Optional[torch.Tensor] = None) -> None:
-        self.model, self.sequences, self.index = model, sequences, index
+    def __init__(self, model: torch.nn.Module, query: Query, sequences: DeviceSequences, index: CandidateIndex,
+                 max_history: int, batch_size: int, filter_history: bool = True, rank_cap: Optional[int] = RANK_CAP,
+                 popularity: Optional[torch.Tensor] = None) -> None:
+        self.model, self.query, self.sequences, self.index = model, query, sequences, index
         self.max_history, self.batch_size = max_history, batch_size
+        self.filter_history = filter_history
         self.popularity = popularity
+        cap = index.num_candidates if rank_cap is None else min(rank_cap, index.num_candidates)
+        self.metrics = RankMetrics(cap, sequences.offsets.device)
         self.candidates: Optional[torch.Tensor] = None  # (C, D) or (C, 1): refreshed per evaluation, read by every batch
-        self.step = CudaGraphStep(self._batch_sums, use_graph and popularity is None)
+        self.step = CudaGraphStep(self._batch_sums, model if popularity is None else None)
 
     def _candidate_matrix(self) -> torch.Tensor:
-        """Normalised candidate embeddings, or the popularity scores as a (C, 1) column."""
+        """The candidates' item vectors, or the popularity scores as a (C, 1) column."""
         if self.popularity is not None:
             return self.popularity.to(torch.float32).unsqueeze(1)
-        candidates = self.model.item_embedding(self.index.candidate_ids.long())
-        return torch.nn.functional.normalize(candidates, dim=-1, eps=1e-6)
+        return self.model.item_vectors(self.index.candidate_ids)
 
     def _batch_sums(self, samples: torch.Tensor, total: int) -> torch.Tensor:
-        """Sums of every metric over one batch, then the batch size."""
+        """Sums of every metric over one batch, then the non-finite query count, then the batch size."""
         batch = self.sequences.gather(samples, self.max_history, self.model.max_seq_len, total)
         if self.popularity is None:
-            out, offsets = self.model(batch.ids, batch.timestamps, batch.lengths, batch.total)
-            query = out[offsets[:-1] + batch.lengths - 1]
+            query = self.query(self.model, batch)
         else:
             query = self.candidates.new_ones(batch.targets.numel(), 1)
-        pos = torch.arange(batch.ids.shape[1], device=batch.ids.device)
-        history = torch.where(pos[None, :] < batch.lengths[:, None], batch.ids, 0)
-        per_user = metrics_from_ranks(target_ranks(query, self.candidates, self.index, batch.targets, history))
-        count = per_user["mrr"].new_full((1,), batch.targets.numel())
-        return torch.cat([torch.stack([per_user[n].sum() for n in metric_names()]), count])
+        exclude = None
+        if self.filter_history:
+            pos = torch.arange(batch.ids.shape[1], device=batch.ids.device)
+            exclude = self.index.columns(torch.where(pos[None, :] < batch.lengths[:, None], batch.ids, 0))
+        scores = query @ self.candidates.T
+        per_sample = self.metrics(*rank_counts(scores, self.index.columns(batch.targets), exclude))
+        non_finite = (~torch.isfinite(query).all(dim=1)).sum().to(torch.float64).unsqueeze(0)
+        count = non_finite.new_full((1,), batch.targets.numel())
+        return torch.cat([torch.stack([per_sample[n].sum() for n in metric_names()]), non_finite, count])
 
     @torch.no_grad()
     def __call__(self, samples: np.ndarray, max_batches: Optional[int] = None) -> Dict[str, float]:
         """Metric averages over `samples` (this rank's share, summed over ranks)."""
         was_training = self.model.training
         self.model.eval()
+        matrix = self._candidate_matrix()
+        if not bool(torch.isfinite(matrix).all()):
+            raise FloatingPointError("non-finite item embeddings at evaluation")
         if self.candidates is None:
-            self.candidates = self._candidate_matrix()
+            self.candidates = matrix
         else:  # in place: a captured graph reads this buffer
-            self.candidates.copy_(self._candidate_matrix())
+            self.candidates.copy_(matrix)
         device = self.sequences.offsets.device
         on_device = torch.as_tensor(samples, device=device)  # one upload, no per-batch host sync
-        sums = torch.zeros(len(metric_names()) + 1, dtype=torch.float64, device=device)
+        sums = torch.zeros(len(metric_names()) + 2, dtype=torch.float64, device=device)
         for b, start in enumerate(range(0, samples.shape[0], self.batch_size)):
             if max_batches is not None and b >= max_batches:
                 break
@@ -147,4 +173,6 @@ class Evaluator:
             dist.all_reduce(sums)
         self.model.train(was_training)
         values = sums.tolist()
-        return average(dict(zip(metric_names(), values[:-1])), values[-1])
+        if values[-2] > 0:
+            raise FloatingPointError(f"non-finite user embeddings for {int(values[-2])} evaluation samples")
+        return average(dict(zip(metric_names(), values[:-2])), values[-1])

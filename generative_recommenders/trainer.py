@@ -1,4 +1,4 @@
-"""The training loop: data -> model -> loss -> AdamW steps -> evaluation every epoch.
+"""The training loop: task (data, model, objective) -> AdamW steps -> evaluation every epoch.
 
 One process per device (DistributedDataParallel over NCCL on GPUs, gloo on
 CPU, or a single plain process). All sequences live on the device and batches
@@ -25,23 +25,24 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from generative_recommenders import faults
-from generative_recommenders.data.samples import Batch, DeviceSequences, history_total, make_splits, selection_split
-from generative_recommenders.data.sequence_store import SequenceData, atomic_write
-from generative_recommenders.data.datasets import load_dataset
+from generative_recommenders.config import ConfigError, TrainConfig
 from generative_recommenders.cuda_graph import CudaGraphStep
-from generative_recommenders.evaluation import CandidateIndex, Evaluator, format_metrics
-from generative_recommenders.loss import NegativesSampler, autoregressive_loss
-from generative_recommenders.modeling.recommender import SequentialRecommender
-from ops.jagged import dense_to_jagged
+from generative_recommenders.data.datasets import load_dataset
+from generative_recommenders.data.sequence_store import SequenceData, atomic_write
+from generative_recommenders.evaluation import format_metrics
+from generative_recommenders.retrieval import RetrievalTask
 
-SELECTION_METRIC = "ndcg@10"
+TASKS = {"retrieval": RetrievalTask}
+PROGRESS_EVERY_S = 10.0
+SHOWN_METRICS = ("hr@10", "ndcg@10", "hr@50", "mrr")
 
 
 @dataclasses.dataclass
 class RunState:
-    """What a checkpoint carries besides the weights."""
+    """What a checkpoint carries besides the weights (plain values only: it is loaded without pickle)."""
 
     fingerprint: str = ""
+    world_size: int = 1
     epochs_done: int = 0
     step: int = 0
     wall_seconds: float = 0.0
@@ -55,11 +56,6 @@ def _device_for(rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def _log(rank: int, message: str) -> None:
-    if rank == 0:
-        print(message, flush=True)
-
-
 def _shard(num: int, epoch: int, seed: int, rank: int, world_size: int) -> np.ndarray:
     """This rank's indices of a seeded per-epoch permutation, padded so every rank gets as many."""
     order = np.random.default_rng([seed, epoch]).permutation(num)
@@ -68,74 +64,29 @@ def _shard(num: int, epoch: int, seed: int, rank: int, world_size: int) -> np.nd
     return order[rank::world_size]
 
 
-def _eval_samples(samples: np.ndarray, epoch: int, seed: int, rank: int, world_size: int, full: bool) -> np.ndarray:
-    """A full evaluation splits the users over the ranks; a partial one takes a shuffled share."""
+def eval_samples(samples: np.ndarray, epoch: int, seed: int, rank: int, world_size: int, full: bool) -> np.ndarray:
+    """A full evaluation splits the samples over the ranks; a partial one takes a shuffled share."""
     if full:
         return samples[rank::world_size]
     return samples[_shard(samples.shape[0], epoch, seed + 1, rank, world_size)]
+
+
+def is_full_eval(epoch: int, config: TrainConfig) -> bool:
+    """Books' rule (REFERENCE.md section 7): full every n-th epoch and at the last, partial otherwise."""
+    return epoch % config.full_eval_every_n == 0 or epoch == config.num_epochs - 1
+
+
+def warmup_lr(config: TrainConfig, step: int) -> float:
+    """Linear warmup over num_warmup_steps optimizer steps, then the constant rate."""
+    if config.num_warmup_steps == 0:
+        return config.learning_rate
+    return config.learning_rate * min(1.0, (step + 1) / config.num_warmup_steps)
 
 
 def _all_reduce(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(tensor)
     return tensor
-
-
-def training_popularity(data: SequenceData, train_samples: np.ndarray, index: CandidateIndex) -> torch.Tensor:
-    """(C,) count of each candidate among the items the training samples contain."""
-    ends = np.zeros(data.num_users, dtype=np.int64)
-    ends[train_samples[:, 0]] = train_samples[:, 1]
-    user_of_row = np.repeat(np.arange(data.num_users), data.lengths)
-    position = np.arange(data.num_interactions) - data.offsets[user_of_row]
-    counts = np.bincount(data.item_ids[position < ends[user_of_row]], minlength=data.max_item_id + 1)
-    return torch.as_tensor(counts, device=index.candidate_ids.device)[index.candidate_ids.long()]
-
-
-def batch_loss(
-    train_model: torch.nn.Module,
-    model: SequentialRecommender,
-    batch: Batch,
-    sampler: NegativesSampler,
-    loss_module: str,
-    num_negatives: int,
-    temperature: float,
-) -> torch.Tensor:
-    """Forward pass and loss of one training batch (train_model may be the DDP wrapper of model)."""
-    out, offsets = train_model(batch.ids, batch.timestamps, batch.lengths, batch.total)
-    labels = torch.nn.functional.pad(batch.ids[:, 1:], (0, 1))
-    positive_ids = dense_to_jagged(labels.unsqueeze(-1), offsets, out.shape[0]).squeeze(-1)
-    return autoregressive_loss(loss_module, out, positive_ids, model.item_embedding, sampler, num_negatives, temperature)
-
-
-class TrainStep:
-    """One optimizer step on a batch of (user, end) samples already on the device.
-
-    On a single GPU the whole step (gather, forward, loss, backward, AdamW) is
-    a CUDA-graph replay (see cuda_graph.py). The graph needs static shapes, so
-    the model then encodes the padded layout (see SequentialRecommender).
-    Returns the batch's loss, valid until the next call.
-    """
-
-    def __init__(self, train_model: torch.nn.Module, model: SequentialRecommender, optimizer: torch.optim.Optimizer,
-                 sequences: DeviceSequences, sampler: NegativesSampler, loss_module: str, num_negatives: int,
-                 temperature: float, max_history: int, use_graph: bool) -> None:
-        self.train_model, self.model, self.optimizer = train_model, model, optimizer
-        self.sequences, self.sampler = sequences, sampler
-        self.loss_args = (loss_module, num_negatives, temperature)
-        self.max_history = max_history
-        self.graphed = CudaGraphStep(self._run, use_graph)
-
-    def _run(self, samples: torch.Tensor, total: int) -> torch.Tensor:
-        # Gradients set to None (not zeroed): under a graph, backward then writes them afresh each replay.
-        self.optimizer.zero_grad(set_to_none=True)
-        batch = self.sequences.gather(samples, self.max_history, self.model.max_seq_len, total)
-        loss = batch_loss(self.train_model, self.model, batch, self.sampler, *self.loss_args)
-        loss.backward()
-        self.optimizer.step()
-        return loss.detach()
-
-    def __call__(self, samples: torch.Tensor, total: int) -> torch.Tensor:
-        return self.graphed(samples, total)
 
 
 def _versions() -> Dict[str, str]:
@@ -154,12 +105,37 @@ def _device_name(device: torch.device) -> str:
 
 
 def config_fingerprint(data: SequenceData) -> str:
-    """The configuration and data a checkpoint belongs to; num_epochs may change on resume."""
-    lines = [l for l in gin.config_str().splitlines() if not l.startswith(("train_fn.num_epochs", "train_fn.resume"))]
+    """The configuration and data a checkpoint belongs to; num_epochs and resume may change between runs."""
+    lines = [l for l in gin.config_str().splitlines()
+             if not l.startswith(("train_fn.num_epochs", "train_fn.resume", "train_fn.early_stopping_patience"))]
     return "\n".join(lines + [json.dumps(data.summary(), sort_keys=True)])
 
 
-def _save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: RunState) -> None:
+class TrainStep:
+    """One optimizer step on a batch of samples already on the device.
+
+    Under the model's padded layout (one GPU) the whole step (gather,
+    forward, loss, backward, AdamW) is a CUDA-graph replay (see
+    cuda_graph.py). Returns the batch's loss, valid until the next call.
+    """
+
+    def __init__(self, task, train_model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.task, self.train_model, self.optimizer = task, train_model, optimizer
+        self.graphed = CudaGraphStep(self._run, task.model)
+
+    def _run(self, samples: torch.Tensor, total: int) -> torch.Tensor:
+        # Gradients set to None (not zeroed): under a graph, backward then writes them afresh each replay.
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.task.loss(self.train_model, samples, total)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+    def __call__(self, samples: torch.Tensor, total: int) -> torch.Tensor:
+        return self.graphed(samples, total)
+
+
+def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: RunState) -> None:
     payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": dataclasses.asdict(state)}
 
     def write(tmp: Path) -> None:
@@ -169,193 +145,276 @@ def _save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.
     atomic_write(path, write)
 
 
-def _load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> RunState:
-    payload = torch.load(path, map_location=device, weights_only=False)
-    model.load_state_dict(payload["model"])
-    optimizer.load_state_dict(payload["optimizer"])
-    return RunState(**payload["state"])
+def load_checkpoint_file(path: Path, device: torch.device) -> Dict:
+    """Reads a checkpoint without running code from it (no pickle beyond tensors and plain containers)."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # UnpicklingError for forbidden objects; others for damaged files
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(
+            f"{path} cannot be loaded safely: it holds something other than tensors and plain values, or is damaged "
+            f"({first_line}). It was not written by this version of the trainer; delete it (or start the run over "
+            f"with train_fn.resume = False) to train from scratch"
+        ) from None
 
 
-def _best_epoch(history: List[Dict], split: str) -> Optional[Dict]:
-    full = [h for h in history if h["full_eval"]]
-    return max(full, key=lambda h: h[split][SELECTION_METRIC]) if full else None
+class Trainer:
+    """Runs one configuration: set-up, then per epoch: train, check, evaluate, log and checkpoint."""
 
+    def __init__(self, config: TrainConfig, rank: int, world_size: int, default_run_name: str,
+                 process_start: Optional[float]) -> None:
+        config.validate()
+        self.config, self.rank, self.world_size = config, rank, world_size
+        self.start_time = time.time()
+        self.device = _device_for(rank)
+        torch.backends.cuda.matmul.allow_tf32 = config.enable_tf32
+        torch.backends.cudnn.allow_tf32 = config.enable_tf32
+        self.run_name = config.run_name or default_run_name
+        group = f"{config.dataset_name}-l{config.max_sequence_length}"
+        self.run_dir = Path(config.exp_root) / group / self.run_name
+        self.ckpt_dir = Path(config.ckpt_root) / group / self.run_name
 
-def _write_results(path: Path, summary: Dict, state: RunState, split: str) -> None:
-    best = _best_epoch(state.history, split)
-    results = {
-        **summary,
-        "wall_seconds": state.wall_seconds,
-        "process_seconds": time.time() - summary["process_start"],
-        "epochs_done": state.epochs_done,
-        "per_epoch": state.history,
-        "best": {"selected_by": f"{split}/{SELECTION_METRIC}", **(best or {})},
-        "last": state.history[-1] if state.history else {},
-    }
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(results, indent=1)))
+        data = load_dataset(config.dataset_name, config.data_dir)
+        torch.manual_seed(config.random_seed)
+        self.task = TASKS[config.task](config, data, self.device)
+        self.model = self.task.model
+        use_graph = (config.cuda_graphs and world_size == 1 and config.num_warmup_steps == 0
+                     and self.task.use_cuda_graphs(self.device))
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=config.learning_rate, betas=(0.9, 0.98), weight_decay=config.weight_decay,
+            fused=self.device.type == "cuda", capturable=use_graph,
+        )
+        self.state = self._resume(RunState(fingerprint=config_fingerprint(data), world_size=world_size))
+        train_model = DistributedDataParallel(self.model) if dist.is_initialized() else self.model
+        self.step = TrainStep(self.task, train_model, self.optimizer)
+        self.summary = {
+            "run_name": self.run_name, "dataset": config.dataset_name, "protocol": config.protocol,
+            "main_module": config.main_module, "loss_module": config.loss_module, "config": gin.config_str(),
+            "device": _device_name(self.device), "world_size": world_size, "cuda_graph": use_graph,
+            "versions": _versions(), "data": data.summary(), "run_dir": str(self.run_dir),
+            "selected_by": f"{self.task.selection_split}/{config.selection_metric}",
+            "process_start": process_start or self.start_time,
+        }
+        self.writer = None
 
+    # ---------------------------------------------------------------------------------------------
+    # Set-up
 
-@gin.configurable
-def train_fn(
-    rank: int,
-    world_size: int,
-    default_run_name: str = "run",
-    process_start: Optional[float] = None,
-    dataset_name: str = "synthetic",
-    data_dir: str = "tmp",
-    protocol: str = "paper",
-    max_sequence_length: int = 200,
-    gr_output_length: int = 10,
-    local_batch_size: int = 128,
-    eval_batch_size: int = 128,
-    main_module: str = "HSTU",
-    item_embedding_dim: int = 50,
-    dropout_rate: float = 0.2,
-    user_embedding_norm: str = "l2_norm",
-    loss_module: str = "SampledSoftmaxLoss",
-    num_negatives: int = 128,
-    sampling_strategy: str = "local",
-    temperature: float = 0.05,
-    item_l2_norm: bool = True,
-    l2_norm_eps: float = 1e-6,
-    learning_rate: float = 1e-3,
-    weight_decay: float = 0.0,
-    num_warmup_steps: int = 0,
-    num_epochs: int = 101,
-    full_eval_every_n: int = 1,
-    partial_eval_num_batches: int = 64,
-    enable_tf32: bool = True,
-    random_seed: int = 42,
-    run_name: Optional[str] = None,
-    exp_root: str = "exps",
-    ckpt_root: str = "ckpts",
-    resume: bool = True,
-    cuda_graphs: bool = True,
-) -> Dict:
-    """Trains and evaluates one configuration; returns the results dict (also in results.json)."""
-    start_time = time.time()
-    device = _device_for(rank)
-    torch.backends.cuda.matmul.allow_tf32 = enable_tf32
-    torch.backends.cudnn.allow_tf32 = enable_tf32
-    run_name = run_name or default_run_name
-    run_dir = Path(exp_root) / f"{dataset_name}-l{max_sequence_length}" / run_name
-    ckpt_path = Path(ckpt_root) / f"{dataset_name}-l{max_sequence_length}" / run_name / "last.pt"
+    def _log(self, message: str) -> None:
+        if self.rank == 0:
+            print(message, flush=True)
 
-    data: SequenceData = load_dataset(dataset_name, data_dir)
-    splits = make_splits(data.lengths, protocol)
-    eval_splits = [name for name in splits if name != "train"]
-    split = selection_split(protocol)
-    sequences = DeviceSequences(data, device)
-    candidate_ids = torch.as_tensor(data.candidate_ids, dtype=torch.long, device=device)
-    index = CandidateIndex(candidate_ids, data.max_item_id)
-    padded_len = max_sequence_length + gr_output_length + 1
+    def _resume(self, fresh: RunState) -> RunState:
+        path = self.ckpt_dir / "last.pt"
+        if not (self.config.resume and path.exists()):
+            return fresh
+        payload = load_checkpoint_file(path, self.device)
+        saved = RunState(**payload["state"])
+        if saved.fingerprint != fresh.fingerprint:
+            raise ConfigError(f"checkpoint {path} belongs to a different configuration or data set; set "
+                              f"train_fn.run_name to a new name, or delete the checkpoint to start over")
+        if saved.world_size != fresh.world_size:
+            raise ConfigError(f"checkpoint {path} was written by {saved.world_size} process(es), this run has "
+                              f"{fresh.world_size}: the global batch (local batch x processes) would change mid-run; "
+                              f"resume with {saved.world_size} process(es) (--num_processes) or start a new run")
+        self.model.load_state_dict(payload["model"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self._log(f"resuming {self.run_name} from {path} after epoch {saved.epochs_done}")
+        return saved
 
-    torch.manual_seed(random_seed)
-    model = SequentialRecommender(main_module, data.max_item_id, padded_len, item_embedding_dim, dropout_rate,
-                                  user_embedding_norm).to(device)
-    use_graph = (cuda_graphs and device.type == "cuda" and world_size == 1 and num_warmup_steps == 0
-                 and sampling_strategy == "local" and model.graph_safe(device))
-    model.padded_layout = use_graph
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, betas=(0.9, 0.98), weight_decay=weight_decay,
-                                  fused=device.type == "cuda", capturable=use_graph)
-    sampler = NegativesSampler(sampling_strategy, candidate_ids, item_l2_norm, l2_norm_eps)
-    state = RunState(fingerprint=config_fingerprint(data))
-    if resume and ckpt_path.exists():
-        saved = _load_checkpoint(ckpt_path, model, optimizer, device)
-        if saved.fingerprint != state.fingerprint:
-            raise ValueError(
-                f"checkpoint {ckpt_path} belongs to a different configuration or data set; set "
-                f"train_fn.run_name to a new name, or delete the checkpoint to start over"
-            )
-        state = saved
-        _log(rank, f"resuming {run_name} from {ckpt_path} after epoch {state.epochs_done}")
-    train_model = DistributedDataParallel(model) if dist.is_initialized() else model
-    step = TrainStep(train_model, model, optimizer, sequences, sampler, loss_module, num_negatives, temperature,
-                     max_sequence_length, use_graph)
-
-    summary = {
-        "run_name": run_name, "dataset": dataset_name, "protocol": protocol, "main_module": main_module,
-        "config": gin.config_str(), "device": _device_name(device), "world_size": world_size, "cuda_graph": use_graph,
-        "versions": _versions(), "data": data.summary(), "run_dir": str(run_dir),
-        "process_start": process_start or start_time,
-    }
-    popular = Evaluator(model, sequences, index, max_sequence_length, eval_batch_size,
-                        popularity=training_popularity(data, splits["train"], index))
-    summary["most_popular_baseline"] = {name: popular(splits[name][rank::world_size]) for name in eval_splits}
-    evaluator = Evaluator(model, sequences, index, max_sequence_length, eval_batch_size, use_graph)
-    writer = None
-    if rank == 0:
+    def _announce(self) -> None:
+        self.summary["most_popular_baseline"] = {
+            name: self.task.baseline(self.task.splits[name][self.rank::self.world_size])
+            for name in self.task.eval_splits
+        }
+        if self.rank != 0:
+            return
         from torch.utils.tensorboard import SummaryWriter
 
-        run_dir.mkdir(parents=True, exist_ok=True)
-        writer = SummaryWriter(str(run_dir))
-        print(f"{run_name}: {main_module} on {dataset_name} ({data.num_users} users, {index.candidate_ids.numel()} candidates), "
-              f"protocol {protocol}, {world_size} process(es) on {summary['device']}; logs in {run_dir}", flush=True)
-        for name, metrics in summary["most_popular_baseline"].items():
-            print(f"most-popular baseline, {name}: {format_metrics(metrics, ('hr@10', 'ndcg@10', 'hr@50', 'mrr'))}", flush=True)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.writer = SummaryWriter(str(self.run_dir))
+        self._log(f"{self.run_name}: {self.task.describe()}, {self.world_size} process(es) on "
+                  f"{self.summary['device']}; logs in {self.run_dir}")
+        for name, metrics in self.summary["most_popular_baseline"].items():
+            self._log(f"most-popular baseline, {name}: {format_metrics(metrics, SHOWN_METRICS)}")
 
-    for epoch in range(state.epochs_done, num_epochs):
-        epoch_start = time.time()
-        torch.manual_seed(random_seed * 1_000_003 + epoch * 101 + rank)
-        model.train()
-        shard = splits["train"][_shard(splits["train"].shape[0], epoch, random_seed, rank, world_size)]
+    # ---------------------------------------------------------------------------------------------
+    # One epoch
+
+    def _train_epoch(self, epoch: int) -> float:
+        """Runs the epoch's steps; returns the mean training loss over all ranks."""
+        config, samples = self.config, self.task.splits["train"]
+        shard = samples[_shard(samples.shape[0], epoch, config.random_seed, self.rank, self.world_size)]
         # One upload per epoch: a host-to-device copy per step would wait for the GPU to go idle.
-        shard_on_device = torch.as_tensor(shard, device=device)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        num_steps = 0
-        for start in range(0, shard.shape[0], local_batch_size):
+        shard_on_device = torch.as_tensor(shard, device=self.device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        starts = range(0, shard.shape[0], config.local_batch_size)
+        progress = _Progress(epoch, config.num_epochs, len(starts), self._log)
+        for i, start in enumerate(starts):
             if start >= shard.shape[0] // 2:
-                faults.kill_if("train", epoch, rank)
-            if num_warmup_steps > 0:
-                for group in optimizer.param_groups:
-                    group["lr"] = learning_rate * min(1.0, (state.step + 1) / num_warmup_steps)
-            end = start + local_batch_size
-            loss_sum += step(shard_on_device[start:end], history_total(shard[start:end], max_sequence_length))
-            num_steps += 1
-            state.step += 1
-        if faults.poison_loss(epoch, rank):
+                faults.kill_if("train", epoch, self.rank)
+            if config.num_warmup_steps:
+                for group in self.optimizer.param_groups:
+                    group["lr"] = warmup_lr(config, self.state.step)
+            end = start + config.local_batch_size
+            loss_sum += self.step(shard_on_device[start:end], self.task.batch_total(shard[start:end]))
+            self.state.step += 1
+            progress.update(i + 1, self.device)
+        if faults.poison_loss(epoch, self.rank):
             loss_sum += float("nan")
-        train_loss = float(_all_reduce(loss_sum).item()) / max(num_steps * world_size, 1)
-        if not np.isfinite(train_loss):
-            raise FloatingPointError(
-                f"non-finite training loss in epoch {epoch} of {run_name}; stopping. The last good checkpoint "
-                f"({ckpt_path}, after epoch {state.epochs_done}) is kept. Try a lower learning rate or warmup."
-            )
-        train_seconds = time.time() - epoch_start  # train_loss waited for the last step
-        faults.kill_if("eval", epoch, rank)
-        full = epoch % full_eval_every_n == 0 or epoch == num_epochs - 1
-        record = {"epoch": epoch, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"], "full_eval": full,
-                  "train_seconds": train_seconds}
-        for name in eval_splits:
-            samples = _eval_samples(splits[name], epoch, random_seed, rank, world_size, full)
-            max_batches = None if full else -(-partial_eval_num_batches // world_size)
-            record[name] = evaluator(samples, max_batches)
-        record["seconds"] = time.time() - epoch_start
-        state.history.append(record)
-        state.epochs_done = epoch + 1
-        state.wall_seconds += time.time() - start_time
-        start_time = time.time()
-        if rank == 0:
-            writer.add_scalar("train/loss", train_loss, epoch)
-            writer.add_scalar("train/lr", record["lr"], epoch)
-            for name in eval_splits:
-                for metric, value in record[name].items():
-                    writer.add_scalar(f"{name}/{metric}", value, epoch)
-            writer.flush()
-            _save_checkpoint(ckpt_path, model, optimizer, state)
-            _write_results(run_dir / "results.json", summary, state, split)
-            evals = " | ".join(f"{name}{'' if full else ' (partial)'} {format_metrics(record[name], ('hr@10', 'ndcg@10', 'hr@50', 'mrr'))}" for name in eval_splits)
-            print(f"epoch {epoch + 1}/{num_epochs} loss {train_loss:.4f} | {evals} | {record['seconds']:.1f}s", flush=True)
+        return float(_all_reduce(loss_sum).item()) / max(len(starts) * self.world_size, 1)
 
-    state.wall_seconds += time.time() - start_time
-    if rank == 0:
-        _write_results(run_dir / "results.json", summary, state, split)
-        writer.close()
-        best = _best_epoch(state.history, split)
-        if best is not None:
-            report = " | ".join(f"{name} {format_metrics(best[name])}" for name in eval_splits)
-            print(f"best epoch {best['epoch'] + 1} by {split}/{SELECTION_METRIC}: {report}", flush=True)
-        print(f"results: {run_dir / 'results.json'}; TensorBoard: tensorboard --logdir {run_dir.parent}", flush=True)
-    if dist.is_initialized():
-        dist.barrier()
-    return json.loads((run_dir / "results.json").read_text()) if rank == 0 else {}
+    def _stop_non_finite(self, what: str, epoch: int) -> None:
+        kept = (f"the last good checkpoint ({self.ckpt_dir / 'last.pt'}, after epoch {self.state.epochs_done}) is kept"
+                if self.state.epochs_done else "no checkpoint was written yet")
+        raise FloatingPointError(f"non-finite {what} in epoch {epoch + 1} of {self.run_name}; stopping. {kept}. "
+                                 f"Try a lower learning rate or warmup.")
+
+    def _check_finite(self, train_loss: float, epoch: int) -> None:
+        """Stops on a non-finite loss, or on weights the epoch's last update made non-finite."""
+        if not np.isfinite(train_loss):
+            self._stop_non_finite("training loss", epoch)
+        finite = torch.stack([p.detach().isfinite().all() for p in self.model.parameters()]).all()
+        if not bool(finite):
+            self._stop_non_finite("weights after the last update", epoch)
+
+    def _check_ranks_agree(self, epoch: int) -> None:
+        """DDP keeps every rank's weights bitwise equal; a difference means the ranks train different models."""
+        flat = torch.cat([p.detach().reshape(-1).double() for p in self.model.parameters()])
+        checksum = torch.stack([flat.sum(), (flat * torch.arange(1, flat.numel() + 1, device=flat.device)).sum()])
+        gathered = [torch.empty_like(checksum) for _ in range(self.world_size)]
+        dist.all_gather(gathered, checksum)
+        if any(not torch.equal(g, gathered[0]) for g in gathered):
+            raise RuntimeError(f"the {self.world_size} processes hold different weights after epoch {epoch + 1}")
+
+    def _evaluate(self, epoch: int, full: bool) -> Dict[str, Dict[str, float]]:
+        config = self.config
+        results = {}
+        for name in self.task.eval_splits:
+            samples = eval_samples(self.task.splits[name], epoch, config.random_seed, self.rank, self.world_size, full)
+            max_batches = None if full else -(-config.partial_eval_num_batches // self.world_size)
+            try:
+                results[name] = self.task.evaluate(samples, max_batches)
+            except FloatingPointError as exc:
+                self._stop_non_finite(f"scores at evaluation ({exc})", epoch)
+        return results
+
+    def _run_epoch(self, epoch: int) -> Dict:
+        epoch_start = time.time()
+        torch.manual_seed(self.config.random_seed * 1_000_003 + epoch * 101 + self.rank)
+        self.model.train()
+        train_loss = self._train_epoch(epoch)
+        self._check_finite(train_loss, epoch)
+        if dist.is_initialized():
+            self._check_ranks_agree(epoch)
+        train_seconds = time.time() - epoch_start  # train_loss waited for the last step
+        faults.kill_if("eval", epoch, self.rank)
+        full = is_full_eval(epoch, self.config)
+        record = {"epoch": epoch, "train_loss": train_loss, "lr": self.optimizer.param_groups[0]["lr"],
+                  "full_eval": full, "train_seconds": train_seconds, **self._evaluate(epoch, full)}
+        record["seconds"] = time.time() - epoch_start
+        return record
+
+    # ---------------------------------------------------------------------------------------------
+    # Logging, checkpoints, results
+
+    def best_epoch(self) -> Optional[Dict]:
+        split, metric = self.task.selection_split, self.config.selection_metric
+        full = [h for h in self.state.history if h["full_eval"]]
+        return max(full, key=lambda h: h[split][metric]) if full else None
+
+    def _should_stop_early(self) -> bool:
+        patience = self.config.early_stopping_patience
+        best = self.best_epoch()
+        return bool(patience) and best is not None and self.state.history[-1]["epoch"] - best["epoch"] >= patience
+
+    def _write_results(self) -> None:
+        best = self.best_epoch()
+        results = {
+            **self.summary,
+            "wall_seconds": self.state.wall_seconds,
+            "process_seconds": time.time() - self.summary["process_start"],
+            "epochs_done": self.state.epochs_done,
+            "per_epoch": self.state.history,
+            "best": {"selected_by": self.summary["selected_by"], **(best or {})},
+            "last": self.state.history[-1] if self.state.history else {},
+        }
+        atomic_write(self.run_dir / "results.json", lambda tmp: tmp.write_text(json.dumps(results, indent=1)))
+
+    def _log_epoch(self, record: Dict) -> None:
+        if self.rank != 0:
+            return
+        epoch = record["epoch"]
+        self.writer.add_scalar("train/loss", record["train_loss"], epoch)
+        self.writer.add_scalar("train/lr", record["lr"], epoch)
+        for name in self.task.eval_splits:
+            for metric, value in record[name].items():
+                self.writer.add_scalar(f"{name}/{metric}", value, epoch)
+        self.writer.flush()
+        save_checkpoint(self.ckpt_dir / "last.pt", self.model, self.optimizer, self.state)
+        best = self.best_epoch()
+        if best is not None and best["epoch"] == epoch:
+            atomic_write(self.ckpt_dir / "best.pt",
+                         lambda tmp: torch.save({"model": self.model.state_dict(), "epoch": epoch}, tmp))
+        self._write_results()
+        partial = "" if record["full_eval"] else " (partial)"
+        evals = " | ".join(f"{name}{partial} {format_metrics(record[name], SHOWN_METRICS)}"
+                           for name in self.task.eval_splits)
+        print(f"epoch {epoch + 1}/{self.config.num_epochs} loss {record['train_loss']:.4f} | {evals} | "
+              f"{record['seconds']:.1f}s", flush=True)
+
+    def _finish(self) -> Dict:
+        if self.rank == 0:
+            self._write_results()
+            self.writer.close()
+            best = self.best_epoch()
+            if best is not None:
+                report = " | ".join(f"{name} {format_metrics(best[name])}" for name in self.task.eval_splits)
+                print(f"best epoch {best['epoch'] + 1} by {self.summary['selected_by']}: {report}", flush=True)
+            print(f"results: {self.run_dir / 'results.json'}; TensorBoard: tensorboard --logdir "
+                  f"{self.run_dir.parent}", flush=True)
+        if dist.is_initialized():
+            dist.barrier()
+        return json.loads((self.run_dir / "results.json").read_text()) if self.rank == 0 else {}
+
+    def run(self) -> Dict:
+        self._announce()
+        for epoch in range(self.state.epochs_done, self.config.num_epochs):
+            if self._should_stop_early():
+                self._log(f"early stopping: no better {self.summary['selected_by']} for "
+                          f"{self.config.early_stopping_patience} epochs")
+                break
+            record = self._run_epoch(epoch)
+            self.state.history.append(record)
+            self.state.epochs_done = epoch + 1
+            self.state.wall_seconds += time.time() - self.start_time
+            self.start_time = time.time()
+            self._log_epoch(record)
+        self.state.wall_seconds += time.time() - self.start_time
+        return self._finish()
+
+
+class _Progress:
+    """A progress line (steps/s, ETA) at most every PROGRESS_EVERY_S seconds within a long epoch."""
+
+    def __init__(self, epoch: int, num_epochs: int, num_steps: int, log) -> None:
+        self.epoch, self.num_epochs, self.num_steps, self.log = epoch, num_epochs, num_steps, log
+        self.start = self.last = time.time()
+
+    def update(self, steps_done: int, device: torch.device) -> None:
+        now = time.time()
+        if now - self.last < PROGRESS_EVERY_S or steps_done == self.num_steps:
+            return
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # launches run ahead of the GPU; rate what has finished
+            now = time.time()
+        self.last = now
+        rate = steps_done / (now - self.start)
+        self.log(f"  epoch {self.epoch + 1}/{self.num_epochs}: step {steps_done}/{self.num_steps}, "
+                 f"{rate:.1f} steps/s, epoch ETA {(self.num_steps - steps_done) / rate:.0f}s")
+
+
+def train_fn(rank: int = 0, world_size: int = 1, default_run_name: str = "run",
+             process_start: Optional[float] = None) -> Dict:
+    """Trains and evaluates the gin-configured TrainConfig; returns the results dict (also in results.json)."""
+    return Trainer(TrainConfig(), rank, world_size, default_run_name, process_start).run()

@@ -19,7 +19,10 @@ fused Triton kernel (ops/triton) on CUDA when it is available.
 
 from __future__ import annotations
 
+import functools
 import math
+import re
+import sys
 from typing import Optional
 
 import torch
@@ -121,15 +124,40 @@ def hstu_attention_reference(
     return dense_to_jagged(out, seq_offsets, total).view(total, heads, dv).to(v.dtype)
 
 
-def triton_available(device: torch.device) -> bool:
-    """True when the fused kernel can run on `device` (CUDA and Triton importable)."""
-    if device.type != "cuda":
-        return False
+MIN_TRITON = (3, 3)  # the kernel's backward uses tl.gather, first released in Triton 3.3
+
+
+@functools.lru_cache(maxsize=None)
+def triton_problem() -> Optional[str]:
+    """Why the fused kernel cannot be used here (Triton missing, too old or broken), or None."""
+    try:
+        import triton
+    except Exception as exc:
+        return f"Triton is not importable ({exc})"
+    version = tuple(int(part) for part in re.findall(r"\d+", triton.__version__)[:2])
+    if version < MIN_TRITON:
+        return (f"Triton {triton.__version__} is older than {'.'.join(map(str, MIN_TRITON))}, "
+                "which the fused kernel needs (tl.gather)")
     try:
         from ops.triton import hstu_attention as _  # noqa: F401
-    except Exception:  # Triton missing or broken: the PyTorch path still works
+    except Exception as exc:
+        return f"the fused kernel failed to import ({exc})"
+    return None
+
+
+def triton_available(device: torch.device) -> bool:
+    """True when the fused kernel can run on `device`; on CUDA without it, says once why PyTorch is used."""
+    if device.type != "cuda":
         return False
-    return True
+    problem = triton_problem()
+    if problem is not None:
+        _notify_fallback(problem)
+    return problem is None
+
+
+@functools.lru_cache(maxsize=None)
+def _notify_fallback(problem: str) -> None:
+    print(f"notice: HSTU attention uses the PyTorch path (slower): {problem}", file=sys.stderr, flush=True)
 
 
 def hstu_attention(
@@ -153,6 +181,8 @@ def hstu_attention(
     if use_triton:
         if normalization != "silu":
             raise ValueError("the Triton kernel implements the silu normalization only")
+        if triton_problem() is not None:
+            raise RuntimeError(f"attention kernel 'triton' requested, but {triton_problem()}")
         from ops.triton.hstu_attention import triton_hstu_attention
 
         return triton_hstu_attention(q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w)

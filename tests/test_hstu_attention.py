@@ -311,3 +311,29 @@ def test_dispatcher_on_cpu_uses_reference_and_validates_arguments():
         hstu_attention(q, k, v, offsets, N, kernel="cuda")
     with pytest.raises(ValueError):
         hstu_attention_reference(q, k, v, offsets, N, normalization="relu")
+
+
+def test_an_old_triton_falls_back_to_pytorch_with_a_notice(monkeypatch, capsys):
+    import triton
+
+    import ops.hstu_attention as attention
+
+    for cached in (attention.triton_problem, attention._notify_fallback):
+        cached.cache_clear()
+    monkeypatch.setattr(triton, "__version__", "3.2.0")
+    try:
+        assert "older than 3.3" in attention.triton_problem()
+        cuda = torch.device("cuda")  # the check runs before anything touches the device
+        assert attention.triton_available(cuda) is False
+        assert attention.triton_available(cuda) is False
+        notices = capsys.readouterr().err.splitlines()
+        assert len(notices) == 1 and notices[0].startswith("notice: HSTU attention uses the PyTorch path")
+        q = torch.randn(3, 1, 4)
+        with pytest.raises(RuntimeError, match="older than 3.3"):
+            attention.hstu_attention(q, q, q, torch.tensor([0, 3]), 4, kernel="triton")
+    finally:
+        for cached in (attention.triton_problem, attention._notify_fallback):
+            cached.cache_clear()
+    monkeypatch.setattr(triton, "__version__", "3.3.1")
+    assert attention.triton_problem() is None
+    attention.triton_problem.cache_clear()

@@ -1,4 +1,5 @@
-"""generative_recommenders/loss.py: sampled softmax, BCE, negative sampling (REFERENCE.md section 3)."""
+"""generative_recommenders/objectives/losses.py: sampled softmax, BCE, full softmax, BPR, BPR-max, negative
+sampling (REFERENCE.md sections 3 and 12), each against a direct formula."""
 
 from __future__ import annotations
 
@@ -8,11 +9,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from generative_recommenders.loss import (
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from generative_recommenders.config import ConfigError
+from generative_recommenders.data.candidates import CandidateIndex
+from generative_recommenders.objectives.losses import (
     NEGATIVE_EQUALS_POSITIVE_LOGIT,
     NegativesSampler,
-    autoregressive_loss,
+    RetrievalLoss,
     bce_loss,
+    bpr_loss,
+    bpr_max_loss,
+    full_softmax_loss,
     negative_logits,
     sampled_softmax_loss,
 )
@@ -69,17 +78,26 @@ def test_negative_equal_to_positive_is_masked_out():
     assert NEGATIVE_EQUALS_POSITIVE_LOGIT == -5e4
 
 
+def _vectors(table: torch.nn.Module, l2_norm: bool = True):
+    """The model's item_vectors: normalised (eps 1e-6) embeddings, as SequentialRecommender gives them."""
+    return lambda ids: F.normalize(table(ids), dim=-1, eps=1e-6) if l2_norm else table(ids)
+
+
+def _loss(name, candidates, num_negatives=5, temperature=0.05, **kwargs):
+    index = CandidateIndex(candidates, int(candidates.max()))
+    return RetrievalLoss(name, index, "local", num_negatives, temperature, **kwargs)
+
+
 def test_logits_are_divided_by_temperature():
-    gen_seed = 11
     torch.manual_seed(0)
     table = torch.nn.Embedding(30, 8)
     query = F.normalize(torch.randn(6, 8), dim=-1)
     pos_ids = torch.tensor([3, 0, 7, 7, 12, 29])
-    sampler = NegativesSampler("local", torch.arange(1, 30))
     for temperature in (0.05, 1.0, 0.5):
-        got = autoregressive_loss("SampledSoftmaxLoss", query, pos_ids, table, sampler, 5, temperature,
-                                  torch.Generator().manual_seed(gen_seed))
-        neg_ids, _ = negative_logits(query, pos_ids, table, sampler, 5, torch.Generator().manual_seed(gen_seed))
+        loss = _loss("SampledSoftmaxLoss", torch.arange(1, 30), temperature=temperature)
+        got = loss(query, pos_ids, _vectors(table), torch.Generator().manual_seed(11))
+        neg_ids, _ = negative_logits(query, pos_ids, _vectors(table), loss.sampler, 5,
+                                     torch.Generator().manual_seed(11))
         items = F.normalize(table.weight, dim=-1, eps=1e-6)
         pos = ((query * items[pos_ids]).sum(-1) / temperature).tolist()
         negs = (torch.einsum("ld,lrd->lr", query, items[neg_ids]) / temperature)
@@ -102,14 +120,14 @@ def test_bce_loss_formula():
     assert same.item() == pytest.approx((softplus(-1.0) + softplus(-2.0) + softplus(-0.7)) / 2, rel=1e-6)
 
 
-def test_autoregressive_bce_uses_one_negative():
+def test_bce_uses_one_negative_at_temperature_one_and_refuses_another():
     torch.manual_seed(1)
     table = torch.nn.Embedding(20, 4)
     query = torch.randn(5, 4)
     pos_ids = torch.tensor([1, 2, 0, 4, 5])
-    sampler = NegativesSampler("local", torch.arange(6, 20))  # negatives never equal positives
-    got = autoregressive_loss("BCELoss", query, pos_ids, table, sampler, 128, 1.0, torch.Generator().manual_seed(3))
-    neg_ids, _ = negative_logits(query, pos_ids, table, sampler, 1, torch.Generator().manual_seed(3))
+    loss = _loss("BCELoss", torch.arange(6, 20), num_negatives=128, temperature=1.0)  # negatives never equal positives
+    got = loss(query, pos_ids, _vectors(table), torch.Generator().manual_seed(3))
+    neg_ids, _ = negative_logits(query, pos_ids, _vectors(table), loss.sampler, 1, torch.Generator().manual_seed(3))
     assert neg_ids.shape == (5, 1)
     items = F.normalize(table.weight, dim=-1, eps=1e-6)
     pos = (query * items[pos_ids]).sum(-1)
@@ -117,22 +135,23 @@ def test_autoregressive_bce_uses_one_negative():
     w = (pos_ids != 0).float()
     expected = ((F.softplus(-pos) + F.softplus(neg)) * w).sum() / w.sum()
     assert got.item() == pytest.approx(expected.item(), rel=1e-5)
-    with pytest.raises(ValueError):
-        autoregressive_loss("HingeLoss", query, pos_ids, table, sampler, 4, 1.0)
+    with pytest.raises(ConfigError, match="temperature = 1.0"):
+        _loss("BCELoss", torch.arange(6, 20), temperature=0.05)
+    with pytest.raises(ConfigError, match="loss_module"):
+        _loss("HingeLoss", torch.arange(6, 20))
 
 
-def test_unsupervised_positions_do_not_change_autoregressive_loss():
+@pytest.mark.parametrize("name", ["SampledSoftmaxLoss", "FullSoftmaxLoss", "BPRLoss", "BPRMaxLoss"])
+def test_unsupervised_positions_do_not_change_the_loss(name):
     torch.manual_seed(2)
     table = torch.nn.Embedding(50, 8)
     query = torch.randn(4, 8)
     pos_ids = torch.tensor([3, 0, 7, 0])
-    sampler = NegativesSampler("local", torch.arange(1, 50))
-    base = autoregressive_loss("SampledSoftmaxLoss", query, pos_ids, table, sampler, 6, 0.05,
-                               torch.Generator().manual_seed(0))
+    loss = _loss(name, torch.arange(1, 50), num_negatives=6)
+    base = loss(query, pos_ids, _vectors(table), torch.Generator().manual_seed(0))
     query2 = query.clone()
     query2[[1, 3]] = torch.randn(2, 8) * 100
-    other = autoregressive_loss("SampledSoftmaxLoss", query2, pos_ids, table, sampler, 6, 0.05,
-                                torch.Generator().manual_seed(0))
+    other = loss(query2, pos_ids, _vectors(table), torch.Generator().manual_seed(0))
     assert other.item() == pytest.approx(base.item(), rel=1e-6)
 
 
@@ -144,7 +163,7 @@ def test_negative_logits_both_paths_are_dot_products_with_normalised_sampled_ite
     pos_ids = torch.randint(1, 600, (7,))
     candidates = torch.arange(100, 100 + num_candidates)
     sampler = NegativesSampler("local", candidates)
-    ids, logits = negative_logits(query, pos_ids, table, sampler, 5, torch.Generator().manual_seed(9))
+    ids, logits = negative_logits(query, pos_ids, _vectors(table), sampler, 5, torch.Generator().manual_seed(9))
     assert ids.shape == logits.shape == (7, 5)
     assert bool(torch.isin(ids, candidates).all())
     expected = torch.einsum("ld,lrd->lr", query, F.normalize(table.weight[ids], dim=-1, eps=1e-6))
@@ -157,7 +176,7 @@ def test_local_sampler_draws_only_candidates_uniformly():
     candidates = torch.tensor([3, 17, 42, 88])
     sampler = NegativesSampler("local", candidates)
     assert torch.equal(sampler.pool(torch.tensor([1, 2, 0])), candidates)
-    ids, _ = negative_logits(torch.randn(100, 4), torch.arange(100), table, sampler, 100,
+    ids, _ = negative_logits(torch.randn(100, 4), torch.arange(100), _vectors(table), sampler, 100,
                              torch.Generator().manual_seed(0))
     counts = torch.stack([(ids == c).sum() for c in candidates]).float()
     assert counts.sum().item() == 10000  # nothing outside the candidate set
@@ -170,16 +189,76 @@ def test_in_batch_sampler_draws_only_batch_ids():
     sampler = NegativesSampler("in-batch", torch.arange(1, 100))
     pos_ids = torch.tensor([7, 0, 7, 31, 56, 0, 31])
     assert sampler.pool(pos_ids).tolist() == [7, 31, 56]
-    ids, _ = negative_logits(torch.randn(7, 4), pos_ids, table, sampler, 300, torch.Generator().manual_seed(1))
+    ids, _ = negative_logits(torch.randn(7, 4), pos_ids, _vectors(table), sampler, 300,
+                             torch.Generator().manual_seed(1))
     assert set(ids.unique().tolist()) == {7, 31, 56}
-
-
-def test_sampler_l2_normalisation_eps_and_switch():
-    sampler = NegativesSampler("local", torch.arange(1, 5))
-    x = torch.tensor([[3.0, 4.0], [0.0, 0.0], [1e-8, 0.0]])
-    torch.testing.assert_close(sampler.normalize(x), torch.tensor([[0.6, 0.8], [0.0, 0.0], [1e-2, 0.0]]))
-    assert sampler.eps == 1e-6
-    raw = NegativesSampler("local", torch.arange(1, 5), l2_norm=False)
-    assert torch.equal(raw.normalize(x), x)
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError):
         NegativesSampler("global", torch.arange(1, 5))
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 40), candidates=st.integers(2, 60), dim=st.integers(1, 8),
+       temperature=st.sampled_from([0.05, 0.5, 1.0]), chunk=st.sampled_from([1, 7, 1 << 20]), seed=st.integers(0, 99))
+def test_full_softmax_equals_cross_entropy_in_value_and_gradients(rows, candidates, dim, temperature, chunk, seed):
+    import generative_recommenders.objectives.losses as losses
+
+    torch.manual_seed(seed)
+    query = torch.randn(rows, dim, dtype=torch.float64, requires_grad=True)
+    items = torch.randn(candidates, dim, dtype=torch.float64, requires_grad=True)
+    columns = torch.randint(-1, candidates, (rows,))
+    weights = (torch.rand(rows) < 0.8).double() * (columns >= 0).double()
+    saved = losses.FULL_SOFTMAX_CHUNK_ELEMENTS
+    losses.FULL_SOFTMAX_CHUNK_ELEMENTS = chunk * candidates  # forces chunks of `chunk` rows
+    try:
+        got = full_softmax_loss(query, items, columns, weights, temperature)
+        got.backward()
+    finally:
+        losses.FULL_SOFTMAX_CHUNK_ELEMENTS = saved
+    q2, i2 = query.detach().clone().requires_grad_(), items.detach().clone().requires_grad_()
+    per_row = F.cross_entropy(q2 @ i2.T / temperature, columns.clamp(min=0), reduction="none")
+    expected = (per_row * weights).sum() / weights.sum().clamp(min=1.0)
+    expected.backward()
+    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(query.grad, q2.grad, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(items.grad, i2.grad, rtol=1e-6, atol=1e-9)
+
+
+def test_full_softmax_loss_ranks_against_every_candidate():
+    torch.manual_seed(6)
+    table = torch.nn.Embedding(40, 6)
+    candidates = torch.arange(5, 40)
+    query = torch.randn(3, 6)
+    pos_ids = torch.tensor([5, 0, 39])
+    got = _loss("FullSoftmaxLoss", candidates, temperature=0.1)(query, pos_ids, _vectors(table))
+    items = F.normalize(table.weight[candidates], dim=-1, eps=1e-6)
+    logits = query @ items.T / 0.1
+    expected = F.cross_entropy(logits[[0, 2]], torch.tensor([0, 34]))
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 12), negatives=st.integers(1, 6), seed=st.integers(0, 999))
+def test_bpr_and_bpr_max_equal_their_direct_formulas(rows, negatives, seed):
+    gen = torch.Generator().manual_seed(seed)
+    pos = torch.randn(rows, generator=gen, dtype=torch.float64) * 3
+    negs = torch.randn(rows, negatives, generator=gen, dtype=torch.float64) * 3
+    pos_ids = torch.randint(0, 4, (rows,), generator=gen)
+    neg_ids = torch.randint(1, 4, (rows, negatives), generator=gen)
+    weights = (pos_ids != 0).double()
+    bpr_rows, bpr_max_rows = [], []
+    for p, row, p_id, row_ids in zip(pos.tolist(), negs.tolist(), pos_ids.tolist(), neg_ids.tolist()):
+        real = [n for n, n_id in zip(row, row_ids) if n_id != p_id]
+        sigmoid = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731
+        bpr_rows.append(sum(-math.log(sigmoid(p - n)) for n in real) / max(len(real), 1))
+        if real:
+            z = sum(math.exp(n) for n in real)
+            soft = [math.exp(n) / z for n in real]
+            bpr_max_rows.append(-math.log(sum(s * sigmoid(p - n) for s, n in zip(soft, real)))
+                                + 0.5 * sum(s * n * n for s, n in zip(soft, real)))
+        else:
+            bpr_max_rows.append(0.0)
+    w = weights.tolist()
+    expect = lambda values: sum(v * wi for v, wi in zip(values, w)) / max(sum(w), 1.0)  # noqa: E731
+    assert bpr_loss(pos, negs, pos_ids, neg_ids, weights).item() == pytest.approx(expect(bpr_rows), rel=1e-9, abs=1e-12)
+    got = bpr_max_loss(pos, negs, pos_ids, neg_ids, weights, regularization=0.5).item()
+    assert got == pytest.approx(expect(bpr_max_rows), rel=1e-9, abs=1e-12)

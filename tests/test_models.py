@@ -43,9 +43,10 @@ def _gin():
     gin.clear_config()
 
 
-def _model(encoder_type, seed=0, **kwargs):
+def _model(encoder_type, seed=0, padded_layout=False, **kwargs):
     torch.manual_seed(seed)
     model = SequentialRecommender(encoder_type, MAX_ITEM, N, D, dropout_rate=0.3, **kwargs)
+    model.padded_layout = padded_layout  # a test-only switch: use_padded_layout turns it on only on CUDA
     if encoder_type == "HSTU":
         # Larger relative-bias weights than the N(0, 0.02) init so that timestamp effects are visible.
         with torch.no_grad():

@@ -61,7 +61,7 @@ def test_sigkill_then_rerun_gives_the_same_results(tmp_path, reference, fault):
     if fault.startswith("checkpoint"):
         # The checkpoint being written when the process died must not be taken for a complete one.
         epoch = int(fault.split("@")[1])
-        done = torch.load(ckpt, weights_only=False)["state"]["epochs_done"] if ckpt.exists() else 0
+        done = torch.load(ckpt, weights_only=True)["state"]["epochs_done"] if ckpt.exists() else 0
         assert done == epoch
     resumed = _run(tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -70,23 +70,43 @@ def test_sigkill_then_rerun_gives_the_same_results(tmp_path, reference, fault):
 
 
 def test_sigkill_at_a_random_moment(tmp_path, reference):
-    proc = subprocess.Popen(_cmd(tmp_path), cwd=REPO, env=cpu_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    time.sleep(random.Random(os.getpid()).uniform(4.0, 9.0))
+    """Killed at a moment drawn from the run's own progress: after a random epoch's line, a random share of
+    that epoch's duration later (another epoch always follows, so the kill lands mid-run)."""
+    rng = random.Random(os.getpid())
+    after_epoch = rng.randint(1, EPOCHS - 1)
+    proc = subprocess.Popen(_cmd(tmp_path), cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:
+        if line.startswith(f"epoch {after_epoch}/{EPOCHS} "):
+            epoch_seconds = float(line.rsplit("|", 1)[1].strip().rstrip("s"))
+            break
+    else:
+        pytest.fail(f"the run ended without printing epoch {after_epoch}")
+    time.sleep(rng.uniform(0.0, 0.8) * epoch_seconds)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    assert proc.wait() == -signal.SIGKILL, "the run finished before the kill: nothing was tested"
     resumed = _run(tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stdout
     assert _metrics(tmp_path) == reference
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     proc = _run(tmp_path, "nan@2")
     assert proc.returncode != 0
-    assert "non-finite training loss in epoch 2" in proc.stderr
-    ckpt = torch.load(tmp_path / "ckpts/synthetic-l20/hstu-default/last.pt", weights_only=False)
+    assert "non-finite training loss in epoch 3" in proc.stderr
+    assert "last good checkpoint" in proc.stderr and "after epoch 2" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    ckpt = torch.load(tmp_path / "ckpts/synthetic-l20/hstu-default/last.pt", weights_only=True)
     assert ckpt["state"]["epochs_done"] == 2
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_non_finite_loss_in_the_first_epoch_says_no_checkpoint_exists(tmp_path):
+    proc = _run(tmp_path, "nan@0")
+    assert proc.returncode != 0
+    assert "non-finite training loss in epoch 1" in proc.stderr and "no checkpoint was written yet" in proc.stderr
+    assert not (tmp_path / "ckpts/synthetic-l20/hstu-default/last.pt").exists()
 
 
 @pytest.mark.parametrize(

@@ -33,24 +33,43 @@ LENGTHS = np.array([5, 1, 2, 3, 4, 12])
 
 
 def test_paper_protocol_splits():
-    splits = make_splits(LENGTHS, "paper")
+    splits = make_splits(_data(LENGTHS), "paper")
     assert set(splits) == {"train", "eval"}
     # train end = n - 1 (needs n >= 3), eval end = n (needs n >= 2).
     assert splits["train"].tolist() == [[0, 4], [3, 2], [4, 3], [5, 11]]
     assert splits["eval"].tolist() == [[0, 5], [2, 2], [3, 3], [4, 4], [5, 12]]
     assert splits["train"].dtype == np.int64
-    assert selection_split("paper") == "eval"
+    assert selection_split("paper", splits) == "eval"
 
 
 def test_leave_one_out_splits():
-    splits = make_splits(LENGTHS, "leave_one_out")
+    splits = make_splits(_data(LENGTHS), "leave_one_out")
     assert set(splits) == {"train", "valid", "test"}
     assert splits["train"].tolist() == [[0, 3], [4, 2], [5, 10]]
     assert splits["valid"].tolist() == [[0, 4], [3, 2], [4, 3], [5, 11]]
     assert splits["test"].tolist() == [[0, 5], [2, 2], [3, 3], [4, 4], [5, 12]]
-    assert selection_split("leave_one_out") == "valid"
+    assert selection_split("leave_one_out", splits) == "valid"
     with pytest.raises(ValueError):
-        make_splits(LENGTHS, "random")
+        make_splits(_data(LENGTHS), "random")
+    with pytest.raises(ValueError, match="holds users"):
+        make_splits(_data(LENGTHS), "sessions")
+
+
+def test_session_protocol_trains_on_whole_train_sessions_and_evaluates_every_position():
+    data = _data(LENGTHS)
+    data.user_split = np.array([0, 0, 2, 1, 2, 0], dtype=np.int8)
+    splits = make_splits(data, "sessions")
+    # Train: whole sessions of length >= 2 (session 1 has one click).
+    assert splits["train"].tolist() == [[0, 5], [5, 12]]
+    # Every position but the first is a target: ends 2..n.
+    assert splits["valid"].tolist() == [[3, 2], [3, 3]]
+    assert splits["test"].tolist() == [[2, 2], [4, 2], [4, 3], [4, 4]]
+    assert selection_split("sessions", splits) == "valid"
+    data.user_split = np.array([0, 0, 2, 2, 2, 0], dtype=np.int8)
+    no_valid = make_splits(data, "sessions")
+    assert set(no_valid) == {"train", "test"} and selection_split("sessions", no_valid) == "test"
+    with pytest.raises(ValueError, match="protocol = sessions"):
+        make_splits(data, "paper")
 
 
 def test_batch_truncates_to_most_recent_history_and_places_target_at_length():
@@ -92,7 +111,7 @@ def test_splits_feed_batches_consistently():
     """Every paper-protocol sample: its target is the user's item at end - 1."""
     data = _data(LENGTHS)
     seqs = DeviceSequences(data, torch.device("cpu"))
-    for name, samples in make_splits(data.lengths, "paper").items():
+    for name, samples in make_splits(data, "paper").items():
         batch = seqs.batch(samples, max_history=3, padded_len=5)
         for (user, end), target, length in zip(samples.tolist(), batch.targets.tolist(), batch.lengths.tolist()):
             assert target == data.sequence(user)[end - 1], name

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tiny_config import TINY, cpu_env, free_port, train_tiny
@@ -60,3 +61,100 @@ def test_two_process_gloo_ddp(tmp_path):
     assert len(results["per_epoch"]) == 2
     assert 0.0 < results["best"]["eval"]["hr@10"] <= 1.0
     assert results["per_epoch"][-1]["eval"]["hr@10"] > results["most_popular_baseline"]["eval"]["hr@10"]
+    # The trainer compares the ranks' weights after every epoch and stops if they differ (as they would
+    # without DistributedDataParallel's gradient averaging); both epochs passed that check.
+    assert "hold different weights" not in proc.stderr
+
+
+def test_resume_refuses_another_number_of_processes(tmp_path):
+    import gin
+
+    from generative_recommenders.config import ConfigError
+    from generative_recommenders.trainer import train_fn
+
+    train_tiny(tmp_path, ["train_fn.num_epochs = 1"])
+    gin.parse_config(TINY + [f"train_fn.exp_root = '{tmp_path}/exps'", f"train_fn.ckpt_root = '{tmp_path}/ckpts'",
+                             "train_fn.run_name = 'run'", "train_fn.num_epochs = 2"])
+    try:
+        with pytest.raises(ConfigError, match="written by 1 process\\(es\\), this run has 2"):
+            train_fn(0, 2)  # refused before any process group is needed
+    finally:
+        gin.clear_config()
+
+
+def test_books_rule_full_evaluation_every_nth_and_last_epoch():
+    from generative_recommenders.config import TrainConfig
+    from generative_recommenders.trainer import eval_samples, is_full_eval
+
+    config = TrainConfig(num_epochs=201, full_eval_every_n=5)
+    full = [e for e in range(201) if is_full_eval(e, config)]
+    assert full == list(range(0, 201, 5)) and len(full) == 41
+    assert [is_full_eval(e, TrainConfig(num_epochs=7, full_eval_every_n=5)) for e in range(7)] == \
+        [True, False, False, False, False, True, True]
+    samples = np.stack([np.arange(100), np.full(100, 5)], axis=1)
+    # A full evaluation covers every sample once across ranks; a partial one a shuffled share per epoch.
+    shares = [eval_samples(samples, 3, 42, rank, 2, True) for rank in range(2)]
+    assert sorted(np.concatenate(shares)[:, 0].tolist()) == list(range(100))
+    first, second = eval_samples(samples, 1, 42, 0, 1, False), eval_samples(samples, 2, 42, 0, 1, False)
+    assert sorted(first[:, 0].tolist()) == list(range(100)) and first[:, 0].tolist() != second[:, 0].tolist()
+
+
+def test_partial_epochs_evaluate_the_configured_batches_and_never_select_the_best(tmp_path, monkeypatch):
+    from generative_recommenders.retrieval import RetrievalTask
+
+    calls = []
+    original = RetrievalTask.evaluate
+
+    def spy(self, samples, max_batches=None):
+        calls.append((samples.shape[0], max_batches))
+        return original(self, samples, max_batches)
+
+    monkeypatch.setattr(RetrievalTask, "evaluate", spy)
+    results = train_tiny(tmp_path, ["train_fn.num_epochs = 4", "train_fn.full_eval_every_n = 3",
+                                    "train_fn.partial_eval_num_batches = 2", "train_fn.eval_batch_size = 16"])
+    assert [e["full_eval"] for e in results["per_epoch"]] == [True, False, False, True]
+    num_eval = calls[0][0]
+    assert calls == [(num_eval, None), (num_eval, 2), (num_eval, 2), (num_eval, None)]
+    assert results["best"]["full_eval"] is True
+
+
+def test_linear_warmup_of_the_learning_rate(tmp_path):
+    from generative_recommenders.config import TrainConfig
+    from generative_recommenders.trainer import warmup_lr
+
+    config = TrainConfig(learning_rate=1e-3, num_warmup_steps=10)
+    assert [warmup_lr(config, s) for s in (0, 4, 9, 50)] == pytest.approx([1e-4, 5e-4, 1e-3, 1e-3])
+    assert warmup_lr(TrainConfig(num_warmup_steps=0), 0) == 1e-3
+    results = train_tiny(tmp_path, ["train_fn.num_epochs = 2", "train_fn.num_warmup_steps = 1000"])
+    steps_per_epoch = -(-results["data"]["users"] // 64)  # every tiny user has a training sample
+    assert [e["lr"] for e in results["per_epoch"]] == pytest.approx(
+        [1e-3 * steps_per_epoch / 1000, 1e-3 * 2 * steps_per_epoch / 1000])
+
+
+class _PlantsAMarker:
+    """Unpickling this runs os.system: what a shared, malicious checkpoint could do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_loading_a_checkpoint_never_runs_code_from_it(tmp_path):
+    import torch
+
+    from generative_recommenders.config import ConfigError
+
+    marker = tmp_path / "code-ran"
+    ckpt = tmp_path / "ckpts/synthetic-l20/run/last.pt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"model": {}, "optimizer": {}, "state": {"payload": _PlantsAMarker(marker)}}, ckpt)
+    with pytest.raises(ConfigError, match="cannot be loaded safely"):
+        train_tiny(tmp_path)
+    assert not marker.exists()
+    # The same file through plain pickle would have run the command: the test's bait is real.
+    torch.load(ckpt, weights_only=False)
+    assert marker.exists()

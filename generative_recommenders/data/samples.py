@@ -1,4 +1,4 @@
-"""Train/evaluation samples of the two protocols, and batches assembled on the device.
+"""Train/evaluation samples of the protocols, and batches assembled on the device.
 
 A sample is (user, end): the user's first `end` interactions, of which the
 last is the target and up to `max_sequence_length` before it (the most recent
@@ -7,6 +7,10 @@ ones) are the history.
 - "paper" (the release's protocol): train end = n - 1, eval end = n.
 - "leave_one_out": train end = n - 2, valid end = n - 1, test end = n; the
   model is selected on valid and test is reported at that epoch.
+- "sessions" (session data, REFERENCE.md section 13): each sequence is a
+  session of one split. Train sessions are trained on whole (end = n); every
+  position of a valid or test session is evaluated (end = 2..n): the session
+  so far predicts its next click. Selection on valid when the data has it.
 """
 
 from __future__ import annotations
@@ -18,25 +22,26 @@ from typing import Dict
 import numpy as np
 import torch
 
-from generative_recommenders.data.sequence_store import SequenceData
+from generative_recommenders.config import ConfigError
+from generative_recommenders.data.sequence_store import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VALID, SequenceData
 
-PROTOCOLS = {
+HELD_OUT = {
     "paper": {"train": 1, "eval": 0},
     "leave_one_out": {"train": 2, "valid": 1, "test": 0},
 }
+SESSIONS = "sessions"
 
 
-def selection_split(protocol: str) -> str:
+def selection_split(protocol: str, splits: Dict[str, np.ndarray]) -> str:
     """The split whose metrics choose the best epoch."""
-    return "eval" if protocol == "paper" else "valid"
+    if protocol == "paper":
+        return "eval"
+    return "valid" if "valid" in splits else "test"
 
 
-def make_splits(lengths: np.ndarray, protocol: str) -> Dict[str, np.ndarray]:
-    """Split name -> (S, 2) int64 array of (user, end). Users too short for a split are left out."""
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"train_fn.protocol must be one of {sorted(PROTOCOLS)}, got {protocol!r}")
+def _user_splits(lengths: np.ndarray, protocol: str) -> Dict[str, np.ndarray]:
     splits = {}
-    for name, held_out in PROTOCOLS[protocol].items():
+    for name, held_out in HELD_OUT[protocol].items():
         ends = lengths - held_out
         keep = ends >= 2  # a sample needs a target and at least one history item
         if not keep.all():
@@ -45,6 +50,37 @@ def make_splits(lengths: np.ndarray, protocol: str) -> Dict[str, np.ndarray]:
         users = np.nonzero(keep)[0]
         splits[name] = np.stack([users, ends[keep]], axis=1).astype(np.int64)
     return splits
+
+
+def _every_position(sessions: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """(S, 2) samples (session, end) for end = 2..n of each session."""
+    counts = np.maximum(lengths[sessions] - 1, 0)
+    owner = np.repeat(sessions, counts)
+    first = np.repeat(np.cumsum(counts) - counts, counts)
+    ends = np.arange(counts.sum()) - first + 2
+    return np.stack([owner, ends], axis=1).astype(np.int64)
+
+
+def _session_splits(data: SequenceData) -> Dict[str, np.ndarray]:
+    lengths = data.lengths
+    of_split = {code: np.nonzero((data.user_split == code) & (lengths >= 2))[0]
+                for code in (SPLIT_TRAIN, SPLIT_VALID, SPLIT_TEST)}
+    splits = {"train": np.stack([of_split[SPLIT_TRAIN], lengths[of_split[SPLIT_TRAIN]]], axis=1).astype(np.int64)}
+    if of_split[SPLIT_VALID].size:
+        splits["valid"] = _every_position(of_split[SPLIT_VALID], lengths)
+    splits["test"] = _every_position(of_split[SPLIT_TEST], lengths)
+    return splits
+
+
+def make_splits(data: SequenceData, protocol: str) -> Dict[str, np.ndarray]:
+    """Split name -> (S, 2) int64 array of (user, end). Users too short for a split are left out."""
+    is_sessions = data.user_split is not None
+    if protocol not in (*HELD_OUT, SESSIONS):
+        raise ConfigError(f"train_fn.protocol must be one of {', '.join([*HELD_OUT, SESSIONS])}; got {protocol!r}")
+    if is_sessions != (protocol == SESSIONS):
+        raise ConfigError(f"data set {data.name!r} holds {'sessions' if is_sessions else 'users'}: set "
+                          f"train_fn.protocol = {'sessions' if is_sessions else 'paper or leave_one_out'}")
+    return _session_splits(data) if is_sessions else _user_splits(data.lengths, protocol)
 
 
 def history_total(samples: np.ndarray, max_history: int) -> int:

@@ -33,18 +33,23 @@ class ItemEmbedding(nn.Module):
 
 
 class InputPreprocessor(nn.Module):
-    """x = item_emb * sqrt(D) + position_emb, dropout, zeroed where id == 0."""
+    """x = item_emb * sqrt(D) (+ position_emb), dropout, zeroed where id == 0.
 
-    def __init__(self, max_seq_len: int, dim: int, dropout_rate: float) -> None:
+    Recurrent encoders know the order without learned positions (positions=False).
+    """
+
+    def __init__(self, max_seq_len: int, dim: int, dropout_rate: float, positions: bool = True) -> None:
         super().__init__()
-        self.position = nn.Embedding(max_seq_len, dim)
-        truncated_normal_(self.position.weight.data, std=math.sqrt(1.0 / dim))
+        self.position = nn.Embedding(max_seq_len, dim) if positions else None
+        if self.position is not None:
+            truncated_normal_(self.position.weight.data, std=math.sqrt(1.0 / dim))
         self.dropout = nn.Dropout(dropout_rate)
         self.scale = math.sqrt(dim)
 
     def forward(self, ids: torch.Tensor, item_embeddings: torch.Tensor) -> torch.Tensor:
-        n = ids.shape[1]
-        x = item_embeddings * self.scale + self.position.weight[:n].unsqueeze(0)
+        x = item_embeddings * self.scale
+        if self.position is not None:
+            x = x + self.position.weight[: ids.shape[1]].unsqueeze(0)
         return self.dropout(x) * (ids != 0).unsqueeze(-1).to(x.dtype)
 
 

@@ -101,6 +101,10 @@ class HSTUEncoder(nn.Module):
             return False
         return layer.attention_kernel == "triton" or triton_available(device)
 
+    def graph_safe(self, device: torch.device) -> bool:
+        """The PyTorch attention path syncs with the host (jagged shapes); the fused kernel does not."""
+        return self.uses_triton(device)
+
     def forward(
         self, x: torch.Tensor, ids: torch.Tensor, seq_offsets: torch.Tensor, total: int,
         timestamps: torch.Tensor,

@@ -1,13 +1,21 @@
-"""The full sequential recommender: item table -> input -> encoder -> normalised user embeddings."""
+"""The sequential recommender: item table -> input -> encoder -> normalised user embeddings.
+
+Every encoder (one module each under modeling/) shares the item table, the
+input module and the output normalisation here; adding one means one file
+and one entry in ENCODERS. An encoder declares CAUSAL (bidirectional
+encoders get a [MASK] row in the item table and the cloze objective) and
+USES_POSITIONS (whether the input adds learned absolute positions).
+"""
 
 from __future__ import annotations
 
 from typing import Optional, Tuple
 
-import gin
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from generative_recommenders.config import ConfigError
 from generative_recommenders.modeling.embeddings import InputPreprocessor, ItemEmbedding, normalize_output
 from generative_recommenders.modeling.hstu import HSTUEncoder
 from generative_recommenders.modeling.sasrec import SASRecEncoder
@@ -17,7 +25,7 @@ ENCODERS = {"HSTU": HSTUEncoder, "SASRec": SASRecEncoder}
 
 
 class SequentialRecommender(nn.Module):
-    """Encodes padded histories into one L2-normalised query per valid position."""
+    """Encodes padded histories into one normalised query per valid position."""
 
     def __init__(
         self,
@@ -27,40 +35,58 @@ class SequentialRecommender(nn.Module):
         item_embedding_dim: int,
         dropout_rate: float,
         user_embedding_norm: str = "l2_norm",
-        padded_layout: bool = False,
+        item_l2_norm: bool = True,
+        l2_norm_eps: float = 1e-6,
     ) -> None:
         super().__init__()
-        self.padded_layout = padded_layout
         if encoder_type not in ENCODERS:
-            raise ValueError(f"train_fn.main_module must be one of {sorted(ENCODERS)}, got {encoder_type!r}")
+            raise ConfigError(f"train_fn.main_module must be one of {', '.join(ENCODERS)}; got {encoder_type!r}")
+        encoder_class = ENCODERS[encoder_type]
         self.max_seq_len = max_seq_len
         self.user_embedding_norm = user_embedding_norm
+        self.item_l2_norm, self.l2_norm_eps = item_l2_norm, l2_norm_eps
+        self.padded_layout = False  # see use_padded_layout
         normalize_output(torch.zeros(1, 2), user_embedding_norm)  # fail early on a bad name
-        self.item_embedding = ItemEmbedding(max_item_id, item_embedding_dim)
-        self.input_preproc = InputPreprocessor(max_seq_len, item_embedding_dim, dropout_rate)
-        self.encoder = ENCODERS[encoder_type](dim=item_embedding_dim, max_seq_len=max_seq_len)
+        # Bidirectional encoders read a [MASK] token: one more row, never a candidate.
+        self.mask_id: Optional[int] = None if getattr(encoder_class, "CAUSAL", True) else max_item_id + 1
+        self.item_embedding = ItemEmbedding(max_item_id + (self.mask_id is not None), item_embedding_dim)
+        self.input_preproc = InputPreprocessor(max_seq_len, item_embedding_dim, dropout_rate,
+                                               positions=getattr(encoder_class, "USES_POSITIONS", True))
+        self.encoder = encoder_class(dim=item_embedding_dim, max_seq_len=max_seq_len)
         if encoder_type == "HSTU":
             # The release re-initialises everything outside the HSTU stack and the
             # item table (i.e. the position table) with Xavier normal.
             nn.init.xavier_normal_(self.input_preproc.position.weight)
 
-    def graph_safe(self, device: torch.device) -> bool:
-        """Whether a training step can be captured in a CUDA graph (no host syncs inside)."""
-        return not isinstance(self.encoder, HSTUEncoder) or self.encoder.uses_triton(device)
+    def item_vectors(self, ids: torch.Tensor) -> torch.Tensor:
+        """The item embeddings queries are scored against, in training and evaluation alike."""
+        embeddings = self.item_embedding(ids)
+        return F.normalize(embeddings, dim=-1, eps=self.l2_norm_eps) if self.item_l2_norm else embeddings
+
+    def use_padded_layout(self, device: torch.device) -> bool:
+        """Switches to the padded layout when the model can run as a CUDA graph on `device`; returns whether.
+
+        A captured step reuses the shapes of its capture, so graphs need every
+        batch to have the same token count: only the padded layout gives that.
+        """
+        graph_safe = getattr(self.encoder, "graph_safe", lambda _: True)(device)
+        self.padded_layout = device.type == "cuda" and graph_safe
+        return self.padded_layout
 
     def forward(
         self, ids: torch.Tensor, timestamps: torch.Tensor, lengths: torch.Tensor, total: Optional[int] = None
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """ids, timestamps: (B, N); lengths: (B,) history lengths.
+        """ids, timestamps: (B, N); lengths: (B,) valid prefix lengths.
 
         Returns the (L, D) user embeddings of positions 0..length-1 of every
-        sequence (position i predicts the id at i + 1) and their offsets (B + 1).
-        `total` = sum(lengths) saves a device-to-host sync when the caller knows it.
+        sequence and their offsets (B + 1). `total` = sum(lengths) saves a
+        device-to-host sync when the caller knows it.
 
         With `padded_layout` every sequence is encoded at its full padded
         length N (L = B * N, static shapes for CUDA graphs). Causal attention
-        keeps the padding invisible to valid positions, so their outputs are the
-        same; the extra positions carry label 0 and get no loss weight.
+        keeps the padding invisible to valid positions, and bidirectional
+        encoders mask padded keys by id, so valid outputs are the same; the
+        extra positions carry label 0 and get no loss weight.
         """
         if self.padded_layout:
             lengths = torch.full_like(lengths, ids.shape[1])

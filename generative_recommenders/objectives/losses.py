@@ -1,0 +1,221 @@
+"""Retrieval losses: score (query, item) pairs and push the positive above the rest.
+
+Every loss takes (L, D) queries, their (L,) positive item ids (0 = no
+supervision) and the model's `item_vectors` (ids -> the embeddings scored
+against, L2-normalised unless train_fn.item_l2_norm is off); logits are dot
+products / temperature.
+
+- SampledSoftmaxLoss (the release's default, REFERENCE.md section 3):
+  cross-entropy over the positive and R negatives drawn uniformly with
+  replacement; a negative equal to the positive gets logit -5e4.
+- BCELoss (the release's other option): binary cross-entropy of the positive
+  and one negative, at temperature 1 as in the release.
+- FullSoftmaxLoss ("SASRec+", REFERENCE.md section 12): cross-entropy over
+  every candidate, computed in row chunks so the (L, C) logits never exist at
+  once.
+- BPRLoss / BPRMaxLoss (GRU4Rec's pairwise losses, Hidasi et al.): mean of
+  -log sigmoid(s+ - s-) over R negatives; BPR-max weights the pairs by the
+  softmax of the negatives' scores and adds reg * sum softmax * s-^2.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from generative_recommenders.config import ConfigError
+from generative_recommenders.data.candidates import CandidateIndex
+
+NEGATIVE_EQUALS_POSITIVE_LOGIT = -5e4
+SAMPLING_STRATEGIES = ("local", "in-batch")
+SAMPLED_LOSSES = ("SampledSoftmaxLoss", "BCELoss", "BPRLoss", "BPRMaxLoss")
+LOSSES = SAMPLED_LOSSES + ("FullSoftmaxLoss",)
+FULL_SOFTMAX_CHUNK_ELEMENTS = 1 << 26  # logits per chunk: 256 MB in fp32
+
+ItemVectors = Callable[[torch.Tensor], torch.Tensor]
+
+
+class NegativesSampler:
+    """Draws negatives uniformly with replacement.
+
+    "local": from the data set's candidate ids. "in-batch": from the unique
+    positive ids of the current batch (a host sync: not for CUDA graphs).
+    """
+
+    def __init__(self, strategy: str, candidate_ids: torch.Tensor) -> None:
+        if strategy not in SAMPLING_STRATEGIES:
+            raise ConfigError(f"train_fn.sampling_strategy must be one of {', '.join(SAMPLING_STRATEGIES)}; "
+                              f"got {strategy!r}")
+        self.strategy = strategy
+        self.candidate_ids = candidate_ids
+
+    @property
+    def graph_safe(self) -> bool:
+        return self.strategy == "local"
+
+    def pool(self, positive_ids: torch.Tensor) -> torch.Tensor:
+        """The ids negatives are drawn from."""
+        if self.strategy == "local":
+            return self.candidate_ids
+        return torch.unique(positive_ids[positive_ids != 0])
+
+
+def negative_logits(
+    query: torch.Tensor,
+    positive_ids: torch.Tensor,
+    item_vectors: ItemVectors,
+    sampler: NegativesSampler,
+    num: int,
+    generator: Optional[torch.Generator] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(L, num) negative ids and their dot products with the (L, D) queries.
+
+    Two equivalent ways, chosen by cost: gather the (L, num, D) negative
+    embeddings, or, when the pool is small (<= 2 * num * D ids, e.g.
+    MovieLens), score the whole pool with one matmul and pick the sampled
+    columns, which avoids the embedding gather and its scatter-add backward.
+    Both draw the same negatives from the same random numbers.
+    """
+    pool = sampler.pool(positive_ids)
+    columns = torch.randint(0, pool.numel(), (positive_ids.numel(), num), device=pool.device, generator=generator)
+    ids = pool[columns]
+    if pool.numel() <= 2 * num * query.shape[-1]:
+        return ids, (query @ item_vectors(pool).T).gather(1, columns)
+    return ids, torch.einsum("ld,lrd->lr", query, item_vectors(ids))
+
+
+def _weighted_mean(losses: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return (losses * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+def sampled_softmax_loss(positive_logits: torch.Tensor, negative_logits: torch.Tensor, positive_ids: torch.Tensor,
+                         negative_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted mean of -log softmax([pos, negs])[0]; logits (L,) and (L, R), already / T."""
+    negative_logits = negative_logits.masked_fill(negative_ids == positive_ids.unsqueeze(1),
+                                                  NEGATIVE_EQUALS_POSITIVE_LOGIT)
+    logits = torch.cat([positive_logits.unsqueeze(1), negative_logits], dim=1)
+    return _weighted_mean(-F.log_softmax(logits, dim=1)[:, 0], weights)
+
+
+def bce_loss(positive_logits: torch.Tensor, negative_logits: torch.Tensor, positive_ids: torch.Tensor,
+             negative_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of the positive (label 1) and the first negative (label 0)."""
+    # A negative that equals the positive is no negative: it contributes nothing.
+    negative_weights = weights * (negative_ids[:, 0] != positive_ids).to(weights.dtype)
+    positive = F.binary_cross_entropy_with_logits(positive_logits, torch.ones_like(positive_logits), reduction="none")
+    negative = F.binary_cross_entropy_with_logits(negative_logits[:, 0], torch.zeros_like(positive_logits),
+                                                  reduction="none")
+    return (positive * weights + negative * negative_weights).sum() / weights.sum().clamp(min=1.0)
+
+
+def bpr_loss(positive_logits: torch.Tensor, negative_logits: torch.Tensor, positive_ids: torch.Tensor,
+             negative_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Mean over the negatives (those unequal to the positive) of -log sigmoid(s+ - s-)."""
+    real = (negative_ids != positive_ids.unsqueeze(1)).to(positive_logits.dtype)
+    pair_losses = -F.logsigmoid(positive_logits.unsqueeze(1) - negative_logits) * real
+    return _weighted_mean(pair_losses.sum(1) / real.sum(1).clamp(min=1.0), weights)
+
+
+def bpr_max_loss(positive_logits: torch.Tensor, negative_logits: torch.Tensor, positive_ids: torch.Tensor,
+                 negative_ids: torch.Tensor, weights: torch.Tensor, regularization: float) -> torch.Tensor:
+    """-log sum_j softmax(s-)_j sigmoid(s+ - s-_j) + reg * sum_j softmax(s-)_j (s-_j)^2."""
+    real = negative_ids != positive_ids.unsqueeze(1)
+    log_p = torch.log_softmax(negative_logits.masked_fill(~real, float("-inf")), dim=1)
+    # Rows whose negatives all equal the positive have no pairs: log_p is NaN there, zeroed below.
+    log_p = torch.where(real, log_p, float("-inf"))
+    ranking = -torch.logsumexp(log_p + F.logsigmoid(positive_logits.unsqueeze(1) - negative_logits), dim=1)
+    penalty = (log_p.exp() * negative_logits.square()).sum(1)
+    has_pairs = real.any(1)
+    losses = torch.where(has_pairs, ranking + regularization * penalty, 0.0)
+    return _weighted_mean(losses, weights)
+
+
+class _FullSoftmaxCrossEntropy(torch.autograd.Function):
+    """Weighted mean cross-entropy of queries against every candidate, chunk by chunk.
+
+    The gradients are computed in the forward pass, one chunk of rows at a
+    time, so neither the (L, C) logits nor their softmax are kept for
+    backward: memory is one chunk's logits whatever the catalog size.
+    """
+
+    @staticmethod
+    def forward(ctx, query: torch.Tensor, items: torch.Tensor, columns: torch.Tensor, weights: torch.Tensor,
+                inverse_temperature: float) -> torch.Tensor:
+        scale = weights / weights.sum().clamp(min=1.0)
+        chunk = max(1, FULL_SOFTMAX_CHUNK_ELEMENTS // max(items.shape[0], 1))
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        grad_query = torch.empty_like(query) if need_grad else None
+        grad_items = torch.zeros_like(items) if need_grad else None
+        dtype = torch.promote_types(query.dtype, torch.float32)  # softmax sums in at least fp32
+        loss = query.new_zeros((), dtype=dtype)
+        for start in range(0, query.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            q, cols, w = query[rows], columns[rows].unsqueeze(1), scale[rows].unsqueeze(1).to(dtype)
+            logits = (q @ items.T).to(dtype) * inverse_temperature
+            log_norm = logits.logsumexp(dim=1, keepdim=True)
+            loss = loss + (w * (log_norm - logits.gather(1, cols))).sum()
+            if need_grad:
+                # d loss / d logits = w * (softmax - one_hot(positive)), times 1/T for the dot products.
+                grad_logits = (logits - log_norm).exp_().mul_(w).scatter_add_(1, cols, -w)
+                grad_logits = grad_logits.mul_(inverse_temperature).to(query.dtype)
+                grad_query[rows] = grad_logits @ items
+                grad_items.addmm_(grad_logits.T, q)
+        ctx.save_for_backward(grad_query, grad_items)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        grad_query, grad_items = ctx.saved_tensors
+        return grad_query * grad_loss, grad_items * grad_loss, None, None, None
+
+
+def full_softmax_loss(query: torch.Tensor, items: torch.Tensor, columns: torch.Tensor, weights: torch.Tensor,
+                      temperature: float) -> torch.Tensor:
+    """Weighted mean of -log softmax(query @ items.T / T)[positive column]; columns (L,), weights (L,)."""
+    return _FullSoftmaxCrossEntropy.apply(query, items, columns.clamp(min=0), weights, 1.0 / temperature)
+
+
+class RetrievalLoss:
+    """The configured loss over (query, positive id) pairs; see the module docstring."""
+
+    def __init__(self, name: str, candidates: CandidateIndex, sampling_strategy: str = "local",
+                 num_negatives: int = 128, temperature: float = 0.05, bpr_max_regularization: float = 1.0) -> None:
+        if name not in LOSSES:
+            raise ConfigError(f"train_fn.loss_module must be one of {', '.join(LOSSES)}; got {name!r}")
+        if name == "BCELoss" and temperature != 1.0:
+            raise ConfigError("train_fn.loss_module = 'BCELoss' uses temperature 1.0 in the release "
+                              f"(REFERENCE.md section 3); set train_fn.temperature = 1.0 (got {temperature})")
+        self.name = name
+        self.candidates = candidates
+        self.sampler = NegativesSampler(sampling_strategy, candidates.candidate_ids)
+        self.num_negatives = 1 if name == "BCELoss" else num_negatives
+        self.temperature = temperature
+        self.bpr_max_regularization = bpr_max_regularization
+
+    @property
+    def graph_safe(self) -> bool:
+        """Whether the loss runs without host syncs (CUDA-graph capture)."""
+        return self.name == "FullSoftmaxLoss" or self.sampler.graph_safe
+
+    def __call__(self, query: torch.Tensor, positive_ids: torch.Tensor, item_vectors: ItemVectors,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Loss of (L, D) queries and their (L,) positive ids (0 = unsupervised)."""
+        weights = (positive_ids != 0).to(query.dtype)
+        if self.name == "FullSoftmaxLoss":
+            columns = self.candidates.columns(positive_ids)
+            weights = weights * (columns >= 0).to(query.dtype)
+            items = item_vectors(self.candidates.candidate_ids)
+            return full_softmax_loss(query, items, columns, weights, self.temperature)
+        negative_ids, negatives = negative_logits(query, positive_ids, item_vectors, self.sampler,
+                                                  self.num_negatives, generator)
+        positives = (query * item_vectors(positive_ids)).sum(-1)
+        args = (positives / self.temperature, negatives / self.temperature, positive_ids, negative_ids, weights)
+        if self.name == "SampledSoftmaxLoss":
+            return sampled_softmax_loss(*args)
+        if self.name == "BCELoss":
+            return bce_loss(*args)
+        if self.name == "BPRLoss":
+            return bpr_loss(*args)
+        return bpr_max_loss(*args, regularization=self.bpr_max_regularization)

@@ -1,0 +1,83 @@
+"""The retrieval experiment: a protocol's samples, the recommender, its objective, its evaluators.
+
+The trainer asks a task for the model, the training samples, the loss of a
+batch of samples and the evaluation of a split; everything specific to
+next-item retrieval (user protocols and session data) lives here.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from generative_recommenders.config import TrainConfig
+from generative_recommenders.data.candidates import CandidateIndex
+from generative_recommenders.data.samples import SESSIONS, DeviceSequences, history_total, make_splits, selection_split
+from generative_recommenders.data.sequence_store import SequenceData
+from generative_recommenders.evaluation import RANK_CAP, Evaluator
+from generative_recommenders.modeling.recommender import SequentialRecommender
+from generative_recommenders.objectives import make_objective
+from generative_recommenders.objectives.losses import RetrievalLoss
+
+
+def training_popularity(data: SequenceData, train_samples: np.ndarray, index: CandidateIndex) -> torch.Tensor:
+    """(C,) count of each candidate among the items the training samples contain."""
+    ends = np.zeros(data.num_users, dtype=np.int64)
+    ends[train_samples[:, 0]] = train_samples[:, 1]
+    user_of_row = np.repeat(np.arange(data.num_users), data.lengths)
+    position = np.arange(data.num_interactions) - data.offsets[user_of_row]
+    counts = np.bincount(data.item_ids[position < ends[user_of_row]], minlength=data.max_item_id + 1)
+    return torch.as_tensor(counts, device=index.candidate_ids.device)[index.candidate_ids]
+
+
+class RetrievalTask:
+    """Next-item retrieval on user histories ("paper", "leave_one_out") or sessions ("sessions")."""
+
+    def __init__(self, config: TrainConfig, data: SequenceData, device: torch.device) -> None:
+        self.config = config
+        self.data = data
+        self.splits = make_splits(data, config.protocol)
+        self.eval_splits: List[str] = [name for name in self.splits if name != "train"]
+        self.selection_split = selection_split(config.protocol, self.splits)
+        self.sequences = DeviceSequences(data, device)
+        self.index = CandidateIndex(torch.as_tensor(data.candidate_ids, device=device), data.max_item_id)
+        self.model = SequentialRecommender(
+            config.main_module, data.max_item_id, config.padded_len, config.item_embedding_dim, config.dropout_rate,
+            config.user_embedding_norm, config.item_l2_norm, config.l2_norm_eps,
+        ).to(device)
+        self.loss_fn = RetrievalLoss(config.loss_module, self.index, config.sampling_strategy, config.num_negatives,
+                                     config.temperature, config.bpr_max_regularization)
+        self.objective = make_objective(self.model, self.loss_fn, config.mask_prob)
+        sessions = config.protocol == SESSIONS
+        options = dict(filter_history=not sessions, rank_cap=None if sessions else RANK_CAP)
+        self.evaluator = Evaluator(self.model, self.objective.query, self.sequences, self.index,
+                                   config.max_sequence_length, config.eval_batch_size, **options)
+        self.popular = Evaluator(self.model, self.objective.query, self.sequences, self.index,
+                                 config.max_sequence_length, config.eval_batch_size, **options,
+                                 popularity=training_popularity(data, self.splits["train"], self.index))
+
+    def describe(self) -> str:
+        return (f"{self.config.main_module} on {self.data.name} ({self.data.num_users} "
+                f"{'sessions' if self.config.protocol == SESSIONS else 'users'}, {self.index.num_candidates} "
+                f"candidates), protocol {self.config.protocol}, {self.config.loss_module}")
+
+    def use_cuda_graphs(self, device: torch.device) -> bool:
+        """Switches the model to the padded layout when the whole step can be a CUDA graph."""
+        return self.loss_fn.graph_safe and self.model.use_padded_layout(device)
+
+    def batch_total(self, samples: np.ndarray) -> int:
+        return history_total(samples, self.config.max_sequence_length)
+
+    def loss(self, train_model: torch.nn.Module, samples: torch.Tensor, total: int) -> torch.Tensor:
+        """Loss of one batch of (user, end) samples on the device; `train_model` may be the DDP wrapper."""
+        batch = self.sequences.gather(samples, self.config.max_sequence_length, self.config.padded_len, total)
+        return self.objective.loss(train_model, batch)
+
+    def evaluate(self, samples: np.ndarray, max_batches: Optional[int] = None) -> Dict[str, float]:
+        return self.evaluator(samples, max_batches)
+
+    def baseline(self, samples: np.ndarray) -> Dict[str, float]:
+        """The most-popular baseline's metrics on the same samples."""
+        return self.popular(samples)
