@@ -16,12 +16,26 @@ import torch.nn.functional as F
 from torch import nn
 
 from generative_recommenders.config import ConfigError
+from generative_recommenders.modeling.bert4rec import BERT4RecEncoder
 from generative_recommenders.modeling.embeddings import InputPreprocessor, ItemEmbedding, normalize_output
+from generative_recommenders.modeling.gru4rec import GRU4RecEncoder
 from generative_recommenders.modeling.hstu import HSTUEncoder
 from generative_recommenders.modeling.sasrec import SASRecEncoder
 from ops.jagged import complete_cumsum
 
-ENCODERS = {"HSTU": HSTUEncoder, "SASRec": SASRecEncoder}
+ENCODERS = {"HSTU": HSTUEncoder, "SASRec": SASRecEncoder, "GRU4Rec": GRU4RecEncoder, "BERT4Rec": BERT4RecEncoder}
+
+
+def _build_encoder(encoder_type: str, encoder_class, dim: int, max_seq_len: int) -> nn.Module:
+    try:
+        return encoder_class(dim=dim, max_seq_len=max_seq_len)
+    except RuntimeError as exc:
+        if "Required bindings" not in str(exc):
+            raise
+        # gin names the encoder's missing hyperparameters; say where a complete set is.
+        example = f"configs/synthetic/{encoder_type.lower()}-default.gin"
+        raise ConfigError(f"train_fn.main_module = {encoder_type!r} needs its encoder's settings: {exc}; "
+                          f"copy them from {example}") from None
 
 
 class SequentialRecommender(nn.Module):
@@ -52,7 +66,7 @@ class SequentialRecommender(nn.Module):
         self.item_embedding = ItemEmbedding(max_item_id + (self.mask_id is not None), item_embedding_dim)
         self.input_preproc = InputPreprocessor(max_seq_len, item_embedding_dim, dropout_rate,
                                                positions=getattr(encoder_class, "USES_POSITIONS", True))
-        self.encoder = encoder_class(dim=item_embedding_dim, max_seq_len=max_seq_len)
+        self.encoder = _build_encoder(encoder_type, encoder_class, item_embedding_dim, max_seq_len)
         if encoder_type == "HSTU":
             # The release re-initialises everything outside the HSTU stack and the
             # item table (i.e. the position table) with Xavier normal.
