@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
+import hashlib
 import subprocess
 import sys
 import time
@@ -15,14 +17,12 @@ from typing import Dict, List, Optional
 import numpy as np
 import pytest
 
+from generative_recommenders.data import download as download_mod
 from generative_recommenders.data import public_datasets as pd_mod
-from generative_recommenders.data.public_datasets import (
-    PreprocessingError,
-    download,
-    ensure_preprocessed,
-    preprocess,
-)
+from generative_recommenders.data.download import Checksum, download
+from generative_recommenders.data.public_datasets import PreprocessingError, ensure_preprocessed, preprocess
 from generative_recommenders.data.sequence_store import load_sequences
+from generative_recommenders.data.sources import amazon
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_ML_1M = Path(__file__).resolve().parents[2] / "shared/data/ml-1m.zip"
@@ -140,6 +140,10 @@ def test_ml_1m_sequences_features_and_csv(tmp_path):
     assert '"2,10,1","3,5,4","50,100,100"' in (tmp_path / "data/ml-1m/sasrec_format.csv").read_text()
     assert ensure_preprocessed("ml-1m", str(tmp_path / "data")) == path
     assert files_under(tmp_path / "data") == ["ml-1m/sasrec_format.csv", "ml-1m/sequences.npz"]
+    # Per item id 0..20: the movie id as a string and the title (latin-1 decoded); "" where there is no movie.
+    named = {i: (data.item_keys[i], data.item_titles[i]) for i in range(21) if data.item_keys[i] or data.item_titles[i]}
+    assert named == {1: ("1", "Toy Story (1995)"), 2: ("2", "Jumanji (1995)"), 10: ("10", "GoldenEye (1995)"),
+                     20: ("20", "Caf\xe9 Society (1995)")}
 
 
 def test_count_mismatch_warning_names_each_count(tmp_path, capsys):
@@ -149,7 +153,8 @@ def test_count_mismatch_warning_names_each_count(tmp_path, capsys):
     for text in ("users: 3 here, 6,040", "rated items: 4 here, 3,706", "max item id: 20 here, 3,952",
                  "ratings: 8 here, 1,000,209", "candidate items: 4 here, 3,883"):
         assert any(text in line for line in warnings), (text, out)
-    assert len(warnings) == 5
+    assert len(warnings) == 6  # the five counts, and the archive that is not the official one
+    assert "ml-1m.zip differs from the official archive ml-1m.zip" in warnings[0]
 
 
 def test_ml_20m_quoted_titles_half_stars(tmp_path):
@@ -162,6 +167,20 @@ def test_ml_20m_quoted_titles_half_stars(tmp_path):
     text = (tmp_path / "ml-20m/sasrec_format.csv").read_text().splitlines()
     assert text[0] == "index,user_id,sequence_item_ids,sequence_ratings,sequence_timestamps"
     assert text[1] == '0,2,"131262,1","0.5,4.5","974820889,974820889"'
+    assert data.item_keys.shape == data.item_titles.shape == (131263,)
+    assert {i: str(data.item_titles[i]) for i in np.flatnonzero(data.item_titles)} == {
+        1: "Toy Story (1995)", 3: "American President, The (1995)", 29: "City of Lost Children, The (1995)",
+        131262: "Innocence (2014)"}
+    assert np.flatnonzero(data.item_keys).tolist() == [1, 3, 29, 131262] and data.item_keys[131262] == "131262"
+
+
+def test_rated_movie_missing_from_the_movies_file(tmp_path):
+    lines: List[str] = []
+    data = load_sequences(preprocess("ml-1m", tmp_path, ml_1m_zip(tmp_path / "ml-1m.zip", ratings="1::7::5::100\n"),
+                                     log=lines.append))
+    assert any("1 rated movie ids are missing from" in line and "[7]" in line for line in lines)
+    assert data.candidate_ids.tolist() == [1, 2, 7, 10, 20]
+    assert (data.item_keys[7], data.item_titles[7]) == ("7", "")  # a movie id without a title
 
 
 def test_amazon_one_pass_filter_and_sorted_string_ids(tmp_path, capsys):
@@ -186,6 +205,7 @@ def test_amazon_one_pass_filter_and_sorted_string_ids(tmp_path, capsys):
     rows = list(csv.DictReader(open(tmp_path / "data/amzn-books/sasrec_format.csv")))
     assert rows[0]["user_id"] == "0" and rows[0]["sequence_item_ids"] == "4,1,0,2,3"
     assert rows[0]["sequence_ratings"] == "2.0,4.0,3.0,5.0,1.0"
+    assert data.item_keys.tolist() == ["", "A5", "B10", "B9", "E7", "Z1"]  # the original ids ("rare" dropped)
 
 
 def test_amazon_matches_naive_reference_on_random_rows(tmp_path):
@@ -198,23 +218,24 @@ def test_amazon_matches_naive_reference_on_random_rows(tmp_path):
 
 def test_amazon_chunked_parsing_and_string_order(tmp_path):
     source = amazon_csv(tmp_path / "r.csv")
-    whole, users, items = pd_mod.parse_amazon_ratings(source)
-    chunked, *counts = pd_mod.parse_amazon_ratings(source, chunk_rows=4)
-    assert (users, items) == (6, 6) and counts == [6, 6]
-    for a, b in zip(whole, chunked):
+    whole, users, items = amazon.parse_amazon_ratings(source)
+    chunked, *ids = amazon.parse_amazon_ratings(source, chunk_rows=4)
+    assert users.tolist() == [b"u_a", b"u_b", b"u_c", b"u_d", b"u_short", b"u_tiny"]
+    assert items.tolist() == [b"A5", b"B10", b"B9", b"E7", b"Z1", b"rare"]
+    for a, b in zip([*whole, users, items], [*chunked, *ids]):
         np.testing.assert_array_equal(a, b)
     # Codes follow Python's string order (code points), also for non-ASCII ids.
     ids = ["zed", "\xe9clair", "Zeta", "apple", "zed", "B10", "B9"]
-    coder = pd_mod._SortedIdCoder()
+    coder = amazon.SortedIdCoder()
     assert coder.add(np.array(ids[:3], dtype=object)) and coder.add(np.array(ids[3:], dtype=object))
-    codes, n = coder.finish()
+    codes, distinct = coder.finish()
     ranks = {v: i for i, v in enumerate(sorted(set(ids)))}
-    assert n == 6 and codes.tolist() == [ranks[v] for v in ids]
+    assert [v.decode() for v in distinct] == sorted(set(ids)) and codes.tolist() == [ranks[v] for v in ids]
     # An error in a later chunk still names its line.
     bad = tmp_path / "bad.csv"
     bad.write_text(source.read_text() + "u_x,B9,x,3\n")
     with pytest.raises(PreprocessingError, match="line 29: non-numeric rating 'x'"):
-        pd_mod.parse_amazon_ratings(bad, chunk_rows=4)
+        amazon.parse_amazon_ratings(bad, chunk_rows=4)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -351,20 +372,60 @@ def test_download_verifies_and_renames(tmp_path):
     source = ml_1m_zip(tmp_path / "source.zip")
     lines: List[str] = []
     dest = download(source.as_uri(), tmp_path / "dl/ml-1m.zip", expected_size=source.stat().st_size,
-                    check=pd_mod._check_zip, log=lines.append)
+                    check=download_mod.check_zip, log=lines.append)
     assert dest.read_bytes() == source.read_bytes()
     assert any("downloaded" in line and "MiB" in line for line in lines)
     with pytest.raises(PreprocessingError, match="sha256"):
-        download(source.as_uri(), tmp_path / "dl2/ml-1m.zip", expected_sha256="0" * 64, log=quiet)
+        download(source.as_uri(), tmp_path / "dl2/ml-1m.zip", expected_checksum=Checksum("sha256", "0" * 64), log=quiet)
     assert files_under(tmp_path / "dl2") == []
 
 
+def _official(monkeypatch, archive: Path, size_delta: int = 0, md5: Optional[str] = None) -> None:
+    """Makes `archive` (or a variant of it) the official ml-1m archive of the spec."""
+    spec = pd_mod.DATASETS["ml-1m"]
+    remote = download_mod.RemoteFile(archive.as_uri(), size=archive.stat().st_size + size_delta,
+                                     checksum=Checksum("md5", md5 or hashlib.md5(archive.read_bytes()).hexdigest()))
+    monkeypatch.setitem(pd_mod.DATASETS, "ml-1m", dataclasses.replace(spec, remote=remote))
+
+
+def test_archive_on_disk_is_checked_against_the_published_size_and_md5(tmp_path, monkeypatch):
+    archive = ml_1m_zip(tmp_path / "ml-1m.zip")
+    lines: List[str] = []
+    _official(monkeypatch, archive)
+    preprocess("ml-1m", tmp_path / "a", archive, log=lines.append)
+    assert f"{archive}: size and md5 match the official archive" in lines
+    _official(monkeypatch, archive, md5="0" * 32)
+    path = preprocess("ml-1m", tmp_path / "b", archive, log=lines.append)
+    assert (f"WARNING: {archive} differs from the official archive ml-1m.zip: its md5 is "
+            f"{hashlib.md5(archive.read_bytes()).hexdigest()}, the official one {'0' * 32}; using it anyway") in lines
+    assert load_sequences(path).num_users == 3  # used anyway
+    _official(monkeypatch, archive, size_delta=1)
+    monkeypatch.setattr(download_mod, "file_digest", None)  # a file of the wrong size is not hashed
+    preprocess("ml-1m", tmp_path / "c", archive, log=lines.append)
+    size = archive.stat().st_size
+    assert (f"WARNING: {archive} differs from the official archive ml-1m.zip: it has {size:,} bytes, the official "
+            f"one {size + 1:,}; using it anyway") in lines
+
+
+def test_download_fails_on_a_published_checksum_mismatch(tmp_path, monkeypatch):
+    (tmp_path / "server").mkdir()
+    source = ml_1m_zip(tmp_path / "server/ml-1m.zip")
+    _official(monkeypatch, source)
+    assert load_sequences(preprocess("ml-1m", tmp_path / "ok", log=quiet)).num_users == 3  # downloaded, md5 checked
+    assert (tmp_path / "ok/ml-1m.zip").read_bytes() == source.read_bytes()
+    _official(monkeypatch, source, md5="0" * 32)
+    with pytest.raises(PreprocessingError, match=r"md5 \w+ differs from the known 0+; the download is corrupt"):
+        preprocess("ml-1m", tmp_path / "bad", log=quiet)
+    assert files_under(tmp_path / "bad") == []
+
+
 def test_download_failure_says_how_to_supply_the_archive(tmp_path, monkeypatch):
-    monkeypatch.setattr(pd_mod.time, "sleep", lambda s: None)
+    monkeypatch.setattr(download_mod.time, "sleep", lambda s: None)
     for proxy in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
         monkeypatch.delenv(proxy, raising=False)  # a closed local port must fail at once
     spec = pd_mod.DATASETS["ml-1m"]
-    monkeypatch.setitem(pd_mod.DATASETS, "ml-1m", pd_mod.dataclasses.replace(spec, url="http://127.0.0.1:9/ml-1m.zip"))
+    remote = dataclasses.replace(spec.remote, url="http://127.0.0.1:9/ml-1m.zip")
+    monkeypatch.setitem(pd_mod.DATASETS, "ml-1m", dataclasses.replace(spec, remote=remote))
     lines: List[str] = []
     with pytest.raises(PreprocessingError) as info:
         preprocess("ml-1m", tmp_path, log=lines.append)
@@ -412,8 +473,12 @@ def test_cli_exit_codes(tmp_path):
 @pytest.mark.skipif(not SHARED_ML_1M.exists(), reason=f"{SHARED_ML_1M} not present")
 def test_real_ml_1m_counts(tmp_path):
     start = time.time()
-    path = preprocess("ml-1m", tmp_path, SHARED_ML_1M, log=quiet)
+    lines: List[str] = []
+    path = preprocess("ml-1m", tmp_path, SHARED_ML_1M, log=lines.append)
     assert time.time() - start < 30
+    # A reconstruction (../shared/data/README.md): not the official archive, so a warning, and it is used.
+    assert f"WARNING: {SHARED_ML_1M} differs from the official archive ml-1m.zip: it has 5,689,857 bytes, the " \
+           "official one 5,917,549; using it anyway" in lines
     start = time.time()
     data = load_sequences(path)
     assert time.time() - start < 2

@@ -122,6 +122,13 @@ def atomic_write(path: Path, write_fn, suffix: str = "") -> None:
             os.unlink(tmp)
 
 
+def remove_stale_temporaries(path: Path) -> None:
+    """Deletes temporary files that an earlier, killed run left for `path` (atomic_write's naming)."""
+    for stale in path.parent.glob(f"*{path.name}.*.tmp"):
+        if stale.name.startswith("."):  # also nested ones: "..sequences.npz.abc.npz.tmp.def.tmp"
+            stale.unlink(missing_ok=True)
+
+
 def save_sequences(data: SequenceData, path: Path) -> None:
     """Writes `data` to `path` (an .npz file) atomically."""
     data.validate()

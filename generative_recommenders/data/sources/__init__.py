@@ -1,0 +1,1 @@
+"""Readers of each raw data source: MovieLens, Amazon Books, session click logs."""
