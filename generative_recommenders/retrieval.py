@@ -51,6 +51,8 @@ class RetrievalTask:
                                      config.temperature, config.bpr_max_regularization)
         self.objective = make_objective(self.model, self.loss_fn, config.mask_prob)
         sessions = config.protocol == SESSIONS
+        # GRU4Rec's session metrics are recall@20 (= HR@20, one target per event) and MRR@20.
+        self.shown_metrics = ("hr@20", "mrr@20", "hr@10", "ndcg@10") if sessions else ("hr@10", "ndcg@10", "hr@50", "mrr")
         options = dict(filter_history=not sessions, rank_cap=None if sessions else RANK_CAP)
         self.evaluator = Evaluator(self.model, self.objective.query, self.sequences, self.index,
                                    config.max_sequence_length, config.eval_batch_size, **options)

@@ -34,7 +34,6 @@ from generative_recommenders.retrieval import RetrievalTask
 
 TASKS = {"retrieval": RetrievalTask}
 PROGRESS_EVERY_S = 10.0
-SHOWN_METRICS = ("hr@10", "ndcg@10", "hr@50", "mrr")
 
 
 @dataclasses.dataclass
@@ -236,7 +235,7 @@ class Trainer:
         self._log(f"{self.run_name}: {self.task.describe()}, {self.world_size} process(es) on "
                   f"{self.summary['device']}; logs in {self.run_dir}")
         for name, metrics in self.summary["most_popular_baseline"].items():
-            self._log(f"most-popular baseline, {name}: {format_metrics(metrics, SHOWN_METRICS)}")
+            self._log(f"most-popular baseline, {name}: {format_metrics(metrics, self.task.shown_metrics)}")
 
     # ---------------------------------------------------------------------------------------------
     # One epoch
@@ -358,7 +357,7 @@ class Trainer:
                          lambda tmp: torch.save({"model": self.model.state_dict(), "epoch": epoch}, tmp))
         self._write_results()
         partial = "" if record["full_eval"] else " (partial)"
-        evals = " | ".join(f"{name}{partial} {format_metrics(record[name], SHOWN_METRICS)}"
+        evals = " | ".join(f"{name}{partial} {format_metrics(record[name], self.task.shown_metrics)}"
                            for name in self.task.eval_splits)
         print(f"epoch {epoch + 1}/{self.config.num_epochs} loss {record['train_loss']:.4f} | {evals} | "
               f"{record['seconds']:.1f}s", flush=True)

@@ -26,7 +26,7 @@ def _tasks(module: str):
     gin.clear_config()
     gin.parse_config(TINY + [f"train_fn.main_module = '{module}'", "train_fn.loss_module = 'FullSoftmaxLoss'",
                              "train_fn.dropout_rate = 0.0", "hstu_encoder.linear_dropout_rate = 0.0",
-                             "sasrec_encoder.ffn_dropout_rate = 0.0"])
+                             "sasrec_encoder.ffn_dropout_rate = 0.0", "bert4rec_encoder.dropout_rate = 0.0"])
     config = TrainConfig()
     data = generate_synthetic(num_users=600, num_items=300)
     device = torch.device("cuda")
@@ -41,7 +41,7 @@ def _tasks(module: str):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("module", ["HSTU", "SASRec"])
+@pytest.mark.parametrize("module", ["HSTU", "SASRec", "GRU4Rec", "BERT4Rec"])
 def test_graph_and_eager_paths_evaluate_alike(module):
     graphed, eager = _tasks(module)
     samples = graphed.splits["eval"]
@@ -53,7 +53,7 @@ def test_graph_and_eager_paths_evaluate_alike(module):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("module", ["HSTU", "SASRec"])
+@pytest.mark.parametrize("module", ["HSTU", "SASRec", "GRU4Rec", "BERT4Rec"])
 def test_graph_and_eager_paths_take_the_same_training_step(module):
     graphed, eager = _tasks(module)
     torch.backends.cuda.matmul.allow_tf32 = False

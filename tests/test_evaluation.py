@@ -191,3 +191,27 @@ def test_evaluator_ranks_equal_a_direct_loop():
             rank = 1 + sum(scores[i] > scores[target] for i in rivals)
             hits.append(float(rank <= 10))
         assert got["hr@10"] == pytest.approx(np.mean(hits)), filter_history
+
+
+def test_session_evaluation_counts_repeat_clicks_and_removes_nothing():
+    # Session 0 clicks 5, 7, 5: events (5 -> 7) and (5 7 -> 5). The query prefers 5, then 7, then the rest.
+    data = SequenceData(
+        name="s", item_ids=np.array([5, 7, 5], np.int32), ratings=np.ones(3, np.float32),
+        timestamps=np.arange(3, dtype=np.int64), offsets=np.array([0, 3]), user_ids=np.array([1]),
+        candidate_ids=np.arange(1, 10, dtype=np.int32), user_split=np.array([2], np.int8))
+    items = torch.zeros(10, 2)
+    items[:, 1] = 1.0
+    items[5] = torch.tensor([3.0, 0.0])
+    items[7] = torch.tensor([2.0, 0.0])
+    query_fn = lambda model, batch: torch.tensor([[1.0, 0.0]]).expand(batch.ids.shape[0], 2)  # noqa: E731
+    index = CandidateIndex(torch.as_tensor(data.candidate_ids), 9)
+    sequences = DeviceSequences(data, torch.device("cpu"))
+    samples = np.array([[0, 2], [0, 3]])
+    sessions = Evaluator(_FixedModel(items, 8), query_fn, sequences, index, 5, 8, filter_history=False,
+                         rank_cap=None)
+    got = sessions(samples)
+    # Event 1: target 7 ranks 2 (5 is above it, though clicked); event 2: the repeat click 5 ranks 1.
+    assert got["hr@1"] == pytest.approx(0.5) and got["mrr@20"] == pytest.approx((1 / 2 + 1) / 2)
+    # The user protocol would remove 5 from event 1's ranking and could not rank event 2's target at all.
+    users = Evaluator(_FixedModel(items, 8), query_fn, sequences, index, 5, 8)(samples)
+    assert users["hr@1"] == pytest.approx(0.5) and users["mrr"] == pytest.approx((1 + 1 / 10) / 2)

@@ -158,3 +158,31 @@ def test_loading_a_checkpoint_never_runs_code_from_it(tmp_path):
     # The same file through plain pickle would have run the command: the test's bait is real.
     torch.load(ckpt, weights_only=False)
     assert marker.exists()
+
+
+@pytest.mark.parametrize("loss", ["SampledSoftmaxLoss", "BCELoss", "FullSoftmaxLoss", "BPRLoss", "BPRMaxLoss"])
+@pytest.mark.parametrize("module", ["HSTU", "SASRec", "GRU4Rec", "BERT4Rec"])
+def test_every_encoder_trains_and_evaluates_with_every_loss(tmp_path, module, loss):
+    extra = ["train_fn.temperature = 1.0"] if loss == "BCELoss" else []
+    results = train_tiny(tmp_path, [f"train_fn.main_module = '{module}'", f"train_fn.loss_module = '{loss}'",
+                                    "train_fn.num_epochs = 1", "synthetic_data.num_users = 200", *extra])
+    epoch = results["per_epoch"][0]
+    assert np.isfinite(epoch["train_loss"]) and epoch["train_loss"] > 0
+    assert 0.0 <= epoch["eval"]["hr@10"] <= epoch["eval"]["hr@50"] <= 1.0
+    assert results["loss_module"] == loss and results["main_module"] == module
+
+
+def test_session_data_trains_and_evaluates_every_test_event(tmp_path):
+    from generative_recommenders.data.sequence_store import SequenceData, save_sequences
+    from generative_recommenders.data.synthetic import generate_synthetic
+
+    base = generate_synthetic(num_users=300, num_items=100, min_length=2, max_length=8)
+    split = np.random.default_rng(0).choice([0, 0, 0, 1, 2], base.num_users).astype(np.int8)
+    save_sequences(SequenceData(**{**base.__dict__, "name": "tiny-sessions", "user_split": split}),
+                   tmp_path / "data/tiny-sessions/sequences.npz")
+    results = train_tiny(tmp_path, ["train_fn.dataset_name = 'tiny-sessions'", f"train_fn.data_dir = '{tmp_path}/data'",
+                                    "train_fn.protocol = 'sessions'", "train_fn.selection_metric = 'mrr@20'",
+                                    "train_fn.num_epochs = 2", "train_fn.main_module = 'GRU4Rec'"])
+    assert results["best"]["selected_by"] == "valid/mrr@20"
+    assert set(results["per_epoch"][0]) >= {"valid", "test"}
+    assert 0.0 < results["best"]["test"]["hr@20"] <= 1.0

@@ -21,6 +21,10 @@ TINY = [
     "sasrec_encoder.num_blocks = 1",
     "sasrec_encoder.num_heads = 1",
     "sasrec_encoder.ffn_hidden_dim = 16",
+    "gru4rec_encoder.num_layers = 1",
+    "bert4rec_encoder.num_blocks = 1",
+    "bert4rec_encoder.num_heads = 2",
+    "bert4rec_encoder.ffn_hidden_dim = 32",
 ]
 
 
