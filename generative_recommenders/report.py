@@ -1,25 +1,30 @@
-"""Compares finished runs: a markdown table and a per-epoch curves PNG from results.json files.
+"""Compares finished runs: markdown tables and per-epoch curves from results.json files.
 
     python3 -m generative_recommenders.report exps/ml-1m-l200/*/results.json --plot curves.png
 
-Each row shows the best epoch (chosen as the run recorded: eval NDCG@10 in
-"paper" mode, validation NDCG@10 in leave-one-out mode, where test metrics
-are reported) and the last epoch, beside the paper's numbers (REFERENCE.md
-section 9) when the data set and model are one of the table's.
+Runs are grouped by data set and protocol, one table each. Every run shows
+its best epoch (chosen as the run recorded: eval NDCG@10 in "paper" mode,
+validation in leave-one-out and session mode, where test metrics are
+reported) and its last epoch, beside the published numbers where there are
+some: the release's table (REFERENCE.md section 9) for its sampled-softmax
+rows, and the full-softmax paper its BERT4Rec / GRU4Rec rows come from
+(section 12).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from absl import app, flags
 
 COLUMNS = ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "hr@200", "ndcg@200")
+SESSION_COLUMNS = ("hr@20", "mrr@20", "hr@10", "ndcg@10")
+SESSION_LABELS = {"hr@20": "recall@20"}
 
-# Release README, verified 2024-04-15: HR@10, NDCG@10, HR@50, NDCG@50, HR@200, NDCG@200.
-PAPER = {
+# Release README, verified 2024-04-15 (sampled softmax, 128 / 512 negatives): HR@10 NDCG@10 HR@50 NDCG@50 HR@200 NDCG@200.
+RELEASE = {
     ("ml-1m", "SASRec"): (0.2853, 0.1603, 0.5474, 0.2185, 0.7528, 0.2498),
     ("ml-1m", "HSTU"): (0.3097, 0.1720, 0.5754, 0.2307, 0.7716, 0.2606),
     ("ml-1m", "HSTU-large"): (0.3294, 0.1893, 0.5935, 0.2481, 0.7839, 0.2771),
@@ -30,40 +35,97 @@ PAPER = {
     ("amzn-books", "HSTU"): (0.0416, 0.0227, 0.0957, 0.0344, 0.1735, 0.0461),
     ("amzn-books", "HSTU-large"): (0.0478, 0.0262, 0.1082, 0.0393, 0.1908, 0.0517),
 }
+# Klenitskiy & Vasilev (RecSys'23), full softmax, leave-one-out (REFERENCE.md section 12): HR@10, NDCG@10.
+# The release's table quotes their BERT4Rec and GRU4Rec rows.
+FULL_SOFTMAX_PAPER = {
+    ("ml-1m", "BERT4Rec"): (0.2843, 0.1537),
+    ("ml-1m", "GRU4Rec"): (0.2811, 0.1648),
+    ("ml-1m", "SASRec"): (0.3152, 0.1821),
+    ("ml-20m", "BERT4Rec"): (0.2816, 0.1703),
+    ("ml-20m", "GRU4Rec"): (0.2813, 0.1730),
+    ("ml-20m", "SASRec"): (0.2983, 0.1833),
+}
+MODEL_ORDER = {"SASRec": 0, "HSTU": 1, "HSTU-large": 2, "GRU4Rec": 3, "BERT4Rec": 4}
+LOSS_LABELS = {"SampledSoftmaxLoss": "sampled softmax", "FullSoftmaxLoss": "full softmax", "BCELoss": "BCE",
+               "BPRLoss": "BPR", "BPRMaxLoss": "BPR-max"}
 
-flags.DEFINE_string("plot", None, "Write the HR@10 / NDCG@10 per-epoch curves to this PNG.")
+flags.DEFINE_string("plot", None, "Write the per-epoch curves of each table's first two columns to this PNG.")
 
 
 def model_label(results: Dict) -> str:
-    """SASRec, HSTU or HSTU-large (the release's row names), from the run name."""
-    if results["main_module"] == "SASRec":
-        return "SASRec"
-    return "HSTU-large" if "large" in results["run_name"] else results["main_module"]
+    """The release's row names (SASRec, HSTU, HSTU-large) or the encoder's name."""
+    module = results["main_module"]
+    return "HSTU-large" if module == "HSTU" and "large" in results["run_name"] else module
+
+
+def loss_label(results: Dict) -> str:
+    loss = results.get("loss_module", "SampledSoftmaxLoss")  # runs before the loss was recorded were sampled
+    label = LOSS_LABELS.get(loss, loss)
+    if loss in ("SampledSoftmaxLoss", "BPRLoss", "BPRMaxLoss"):
+        negatives = _config_value(results, "train_fn.num_negatives")
+        label += f" n{negatives}" if negatives else ""
+    return label
+
+
+def _config_value(results: Dict, key: str) -> Optional[str]:
+    for line in results.get("config", "").splitlines():
+        if line.startswith(key + " ="):
+            return line.split("=", 1)[1].strip()
+    return None
 
 
 def reported_split(results: Dict) -> str:
-    """The split whose metrics are reported: eval in paper mode, test in leave-one-out."""
+    """The split whose metrics are reported: eval in paper mode, test otherwise."""
     return "eval" if results["protocol"] == "paper" else "test"
 
 
-def _cells(metrics: Dict[str, float]) -> List[str]:
-    return [f"{metrics[c]:.4f}" for c in COLUMNS]
+def columns_of(results: Dict) -> Tuple[str, ...]:
+    return SESSION_COLUMNS if results["protocol"] == "sessions" else COLUMNS
+
+
+def published(results: Dict) -> List[Tuple[str, Tuple[float, ...]]]:
+    """(source, values in COLUMNS order, possibly fewer) of the published numbers for this run's row."""
+    key = (results["dataset"], model_label(results))
+    loss = results.get("loss_module", "SampledSoftmaxLoss")
+    rows = []
+    if loss == "SampledSoftmaxLoss" and key in RELEASE:
+        rows.append(("release", RELEASE[key]))
+    if key in FULL_SOFTMAX_PAPER and (loss == "FullSoftmaxLoss" or key[1] != "SASRec"):
+        rows.append(("K&V'23 full CE", FULL_SOFTMAX_PAPER[key]))
+    return rows
+
+
+def _cells(metrics: Dict[str, float], columns: Sequence[str]) -> List[str]:
+    return [f"{metrics[c]:.4f}" if c in metrics else "" for c in columns]
 
 
 def table(runs: Sequence[Dict]) -> str:
-    """Markdown table: best and last epoch of each run, and the paper's row."""
-    header = ["data", "protocol", "model", "epoch", *(c.upper() for c in COLUMNS), "s from start", "device"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    """Markdown table of runs sharing a data set and protocol: best and last epoch, and published rows."""
+    columns = columns_of(runs[0])
+    header = ["model", "loss", "epoch", *(SESSION_LABELS.get(c, c).upper() for c in columns), "s", "device"]
+    lines = [f"{runs[0]['dataset']}, protocol {runs[0]['protocol']} ({reported_split(runs[0])} split)", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in runs:
-        split, label = reported_split(r), model_label(r)
-        common = [r["dataset"], r["protocol"], label]
+        split, common = reported_split(r), [model_label(r), loss_label(r)]
         best, last = r["best"], r["last"]
-        lines.append("| " + " | ".join(common + [f"best {best['epoch'] + 1}", *_cells(best[split]), f"{r.get('process_seconds', r['wall_seconds']):.0f}", r["device"]]) + " |")
-        lines.append("| " + " | ".join(common + [f"last {last['epoch'] + 1}", *_cells(last[split]), "", ""]) + " |")
-        paper = PAPER.get((r["dataset"], label))
-        if paper is not None:
-            lines.append("| " + " | ".join(common + ["paper", *(f"{v:.4f}" for v in paper), "", ""]) + " |")
+        seconds = f"{r.get('process_seconds', r['wall_seconds']):.0f}"
+        lines.append("| " + " | ".join(common + [f"best {best['epoch'] + 1}", *_cells(best[split], columns),
+                                                 seconds, r["device"]]) + " |")
+        lines.append("| " + " | ".join(common + [f"last {last['epoch'] + 1}", *_cells(last[split], columns), "", ""])
+                     + " |")
+        for source, values in published(r):
+            cells = [f"{v:.4f}" for v in values] + [""] * (len(columns) - len(values))
+            lines.append("| " + " | ".join(common + [source, *cells, "", ""]) + " |")
     return "\n".join(lines)
+
+
+def groups(runs: Sequence[Dict]) -> List[List[Dict]]:
+    """Runs grouped by (data set, protocol), each group ordered by model then loss."""
+    keyed: Dict[Tuple[str, str], List[Dict]] = {}
+    for r in runs:
+        keyed.setdefault((r["dataset"], r["protocol"]), []).append(r)
+    return [sorted(group, key=lambda r: (MODEL_ORDER.get(model_label(r), 9), loss_label(r)))
+            for _, group in sorted(keyed.items())]
 
 
 def plot_curves(runs: Sequence[Dict], path: Path) -> None:
@@ -72,21 +134,23 @@ def plot_curves(runs: Sequence[Dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, metric in zip(axes, ("hr@10", "ndcg@10")):
-        for r in runs:
-            split = reported_split(r)
-            epochs = [e for e in r["per_epoch"] if e["full_eval"]]
-            ax.plot([e["epoch"] + 1 for e in epochs], [e[split][metric] for e in epochs], label=model_label(r))
-            paper = PAPER.get((r["dataset"], model_label(r)))
-            if paper is not None:
-                ax.axhline(paper[COLUMNS.index(metric)], ls="--", lw=0.8, color=ax.lines[-1].get_color())
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(f"{metric.upper()} ({split})")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    first = runs[0]
-    fig.suptitle(f"{first['dataset']}, protocol {first['protocol']} (dashed: paper)")
+    grouped = groups(runs)
+    fig, axes = plt.subplots(len(grouped), 2, figsize=(11, 4 * len(grouped)), squeeze=False)
+    for row, group in zip(axes, grouped):
+        for ax, metric in zip(row, columns_of(group[0])[:2]):
+            for r in group:
+                split = reported_split(r)
+                epochs = [e for e in r["per_epoch"] if e["full_eval"]]
+                ax.plot([e["epoch"] + 1 for e in epochs], [e[split][metric] for e in epochs],
+                        label=f"{model_label(r)}, {loss_label(r)}")
+                for _, values in published(r)[:1]:
+                    if r["protocol"] != "sessions":
+                        ax.axhline(values[COLUMNS.index(metric)], ls="--", lw=0.8, color=ax.lines[-1].get_color())
+            ax.set_xlabel("epoch")
+            ax.set_ylabel(f"{SESSION_LABELS.get(metric, metric).upper()} ({split})")
+            ax.set_title(f"{group[0]['dataset']}, protocol {group[0]['protocol']} (dashed: published)", fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -95,9 +159,11 @@ def plot_curves(runs: Sequence[Dict], path: Path) -> None:
 def load(paths: Sequence[str]) -> List[Dict]:
     runs = []
     for p in paths:
-        runs.append(json.loads(Path(p).read_text()))
-    order = {"SASRec": 0, "HSTU": 1, "HSTU-large": 2}
-    return sorted(runs, key=lambda r: (r["dataset"], r["protocol"], order.get(model_label(r), 3)))
+        try:
+            runs.append(json.loads(Path(p).read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise app.UsageError(f"{p}: not a readable results.json ({exc})")
+    return runs
 
 
 def main(argv: List[str]) -> None:
@@ -105,10 +171,10 @@ def main(argv: List[str]) -> None:
     if not paths:
         raise app.UsageError("give one or more results.json files")
     runs = load(paths)
-    print(table(runs))
+    print("\n\n".join(table(group) for group in groups(runs)))
     if flags.FLAGS.plot:
         plot_curves(runs, Path(flags.FLAGS.plot))
-        print(f"wrote {flags.FLAGS.plot}")
+        print(f"\nwrote {flags.FLAGS.plot}")
 
 
 if __name__ == "__main__":
