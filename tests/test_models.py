@@ -96,7 +96,7 @@ def test_layer_norm_output_option():
     with pytest.raises(ValueError):
         SequentialRecommender("HSTU", MAX_ITEM, N, D, 0.0, user_embedding_norm="batch_norm")
     with pytest.raises(ValueError):
-        SequentialRecommender("GRU4Rec", MAX_ITEM, N, D, 0.0)
+        SequentialRecommender("GRU", MAX_ITEM, N, D, 0.0)
 
 
 def test_normalize_output_eps():
