@@ -158,7 +158,7 @@ def plot_curves(runs: Sequence[Dict], path: Path) -> None:
 
 def load(paths: Sequence[str]) -> List[Dict]:
     runs = []
-    for p in paths:
+    for p in dict.fromkeys(paths):  # a file matched by two globs counts once
         try:
             runs.append(json.loads(Path(p).read_text()))
         except (OSError, json.JSONDecodeError) as exc:
