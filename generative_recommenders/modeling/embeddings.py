@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -42,9 +43,13 @@ class InputPreprocessor(nn.Module):
         self.dropout = nn.Dropout(dropout_rate)
         self.scale = math.sqrt(dim)
 
-    def forward(self, ids: torch.Tensor, item_embeddings: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, ids: torch.Tensor, item_embeddings: torch.Tensor, positions: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """ids (B, n) (0 = padding); positions (B, n) default 0..n-1 (M-FALCON targets share one)."""
         n = ids.shape[1]
-        x = item_embeddings * self.scale + self.position.weight[:n].unsqueeze(0)
+        position = self.position.weight[:n].unsqueeze(0) if positions is None else self.position(positions)
+        x = item_embeddings * self.scale + position
         return self.dropout(x) * (ids != 0).unsqueeze(-1).to(x.dtype)
 
 

@@ -1,0 +1,1 @@
+"""Training objectives beyond next-item retrieval (loss.py): generative ranking."""
