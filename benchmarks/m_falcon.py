@@ -173,7 +173,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sizes on the CPU (checks the script runs)")
     parser.add_argument("--candidates", default="64,256,1024,4096")
     parser.add_argument("--history", default="200,1000,4000", help="history lengths in tokens (items + actions)")
-    parser.add_argument("--microbatch", default="256", help="b_m values, comma-separated")
+    parser.add_argument("--microbatch", default="64,256,1024", help="b_m values, comma-separated")
     parser.add_argument("--users", type=int, default=1)
     parser.add_argument("--per-candidate-batch", type=int, default=64)
     parser.add_argument("--per-candidate-cap", type=int, default=256)

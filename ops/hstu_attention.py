@@ -20,11 +20,13 @@ M-FALCON: with `num_targets` (B,) the last num_targets positions of each
 sequence are candidates laid out as in ops/targets.py (each sees the prefix
 and itself, biased as if it alone followed the prefix).
 `hstu_target_attention` computes the same target rows from the prefix's
-cached keys and values, without the prefix rows.
+cached keys and values, without the prefix rows (`target_bias` holds what its
+layers share).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional
 
@@ -190,16 +192,36 @@ def hstu_attention(
     )
 
 
+@dataclasses.dataclass
+class TargetBias:
+    """What every layer's target attention shares within one microbatch (computed once, not per layer)."""
+
+    visible: torch.Tensor  # (B, 1, 1, n + 1): the valid prefix keys, then the target itself
+    pos_index: torch.Tensor  # (B, 1, 1, n): pos_w index of each prefix key seen from position prefix_len
+    buckets: Optional[torch.Tensor]  # (B, 1, T, n): time buckets of target - prefix timestamps
+
+
+def target_bias(prefix_len: torch.Tensor, n: int, max_seq_len: int, prefix_timestamps: Optional[torch.Tensor] = None,
+                target_timestamps: Optional[torch.Tensor] = None, num_buckets: int = NUM_TIME_BUCKETS) -> TargetBias:
+    """TargetBias of targets after prefixes of prefix_len (< max_seq_len) tokens, dense width n (<= max_seq_len)."""
+    key_pos = torch.arange(n, device=prefix_len.device)
+    visible = key_pos[None, :] < prefix_len[:, None]
+    visible = torch.cat([visible, visible.new_ones(visible.shape[0], 1)], dim=1)
+    buckets = None
+    if prefix_timestamps is not None and target_timestamps is not None:
+        buckets = time_buckets(target_timestamps[:, :, None] - prefix_timestamps[:, None, :n], num_buckets)[:, None]
+    pos_index = max_seq_len - 1 + key_pos[None, :] - prefix_len[:, None]
+    return TargetBias(visible[:, None, None, :], pos_index[:, None, None, :], buckets)
+
+
 def hstu_target_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
     prefix_k: torch.Tensor,
     prefix_v: torch.Tensor,
-    prefix_len: torch.Tensor,
+    bias: TargetBias,
     max_seq_len: int,
-    prefix_timestamps: Optional[torch.Tensor] = None,
-    target_timestamps: Optional[torch.Tensor] = None,
     ts_w: Optional[torch.Tensor] = None,
     pos_w: Optional[torch.Tensor] = None,
     normalization: str = "silu",
@@ -207,30 +229,23 @@ def hstu_target_attention(
     """Target rows of M-FALCON attention from the prefix's cached keys and values.
 
     q, k: (B, T, h, dqk) and v: (B, T, h, dv) of T targets per sequence;
-    prefix_k, prefix_v: (B, n, h, .) dense, the first prefix_len[b] rows valid
-    (prefix_len < max_seq_len, n <= max_seq_len);
-    prefix_timestamps (B, n), target_timestamps (B, T). Returns (B, T, h, dv):
-    each target's row of `hstu_attention_reference(..., num_targets=...)` on
-    [prefix, targets], i.e. attention over the prefix and itself at position
-    prefix_len with its own timestamp, for O(T n) work instead of O((n + T)^2).
+    prefix_k, prefix_v: (B, n, h, .) dense, zero padded; `bias` from
+    `target_bias`. Returns (B, T, h, dv): each target's row of
+    `hstu_attention_reference(..., num_targets=...)` on [prefix, targets],
+    i.e. attention over the prefix and itself at position prefix_len with its
+    own timestamp, for O(T n) work instead of O((n + T)^2).
     """
     dqk = q.shape[-1]
     n = prefix_k.shape[1]
     f32 = torch.float32
     prefix_scores = torch.einsum("bthd,bjhd->bhtj", q.to(f32), prefix_k.to(f32))
-    self_scores = (q.to(f32) * k.to(f32)).sum(-1).permute(0, 2, 1).unsqueeze(-1)  # (B, h, T, 1)
-    if ts_w is not None and pos_w is not None and prefix_timestamps is not None:
-        key_pos = torch.arange(n, device=q.device)
-        pos_index = max_seq_len - 1 + key_pos[None, :] - prefix_len[:, None]
-        delta = target_timestamps[:, :, None] - prefix_timestamps[:, None, :n]
-        rab = pos_w.to(f32)[pos_index][:, None, :] + ts_w.to(f32)[time_buckets(delta, ts_w.numel() - 1)]
-        prefix_scores = prefix_scores + rab[:, None]
+    self_scores = (q.to(f32) * k.to(f32)).sum(-1).transpose(1, 2).unsqueeze(-1)  # (B, h, T, 1)
+    if ts_w is not None and pos_w is not None and bias.buckets is not None:
+        prefix_scores = prefix_scores + (pos_w.to(f32)[bias.pos_index] + ts_w.to(f32)[bias.buckets])
         # Its own key: relative position 0, time difference 0 (bucket 0).
         self_scores = self_scores + (pos_w[max_seq_len - 1] + ts_w[0]).to(f32)
-    visible = torch.arange(n, device=q.device)[None, :] < prefix_len[:, None]  # (B, n)
-    visible = torch.cat([visible, visible.new_ones(visible.shape[0], 1)], dim=1)[:, None, None, :]
-    attn = _normalize_scores(torch.cat([prefix_scores, self_scores], dim=-1), visible, normalization,
+    attn = _normalize_scores(torch.cat([prefix_scores, self_scores], dim=-1), bias.visible, normalization,
                              max_seq_len, dqk)
     out = torch.einsum("bhtj,bjhd->bthd", attn[..., :n], prefix_v.to(f32))
-    out = out + attn[..., n:].permute(0, 2, 1, 3) * v.to(f32)
+    out = out + attn[..., n:].transpose(1, 2) * v.to(f32)
     return out.to(v.dtype)

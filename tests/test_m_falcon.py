@@ -32,7 +32,7 @@ from generative_recommenders.data.sequence_store import SequenceData  # noqa: E4
 from generative_recommenders.inference.m_falcon import MFalconScorer  # noqa: E402
 from generative_recommenders.modeling.ranking_model import RankingModel  # noqa: E402
 from generative_recommenders.ranking_evaluation import candidate_predictions  # noqa: E402
-from ops.hstu_attention import hstu_attention_reference, hstu_target_attention  # noqa: E402
+from ops.hstu_attention import hstu_attention_reference, hstu_target_attention, target_bias  # noqa: E402
 from ops.jagged import complete_cumsum, dense_to_jagged  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -173,12 +173,11 @@ def test_target_attention_from_cached_prefix(case):
     target_ts = torch.stack([
         torch.nn.functional.pad(ts[b, p:p + t], (0, max(max(targets), 1) - t))
         for b, (p, t) in enumerate(zip(prefixes, targets))])
+    prefix_k, prefix_v = (_dense_targets(x, offsets, prefixes, targets, "prefix") for x in (k, v))
+    bias = target_bias(torch.tensor(prefixes), prefix_k.shape[1], n, ts, target_ts)
     got = hstu_target_attention(
-        *(_dense_targets(x, offsets, prefixes, targets, "targets") for x in (q, k, v)),
-        *(_dense_targets(x, offsets, prefixes, targets, "prefix") for x in (k, v)),
-        torch.tensor(prefixes), n, ts if with_bias else None, target_ts,
-        *((ts_w, pos_w) if with_bias else (None, None)),
-        normalization=norm)
+        *(_dense_targets(x, offsets, prefixes, targets, "targets") for x in (q, k, v)), prefix_k, prefix_v, bias, n,
+        *((ts_w, pos_w) if with_bias else (None, None)), normalization=norm)
     expected = _dense_targets(full, offsets, prefixes, targets, "targets")
     valid = torch.arange(expected.shape[1])[None, :] < torch.tensor(targets)[:, None]
     torch.testing.assert_close(got[valid], expected[valid], rtol=1e-5, atol=1e-6)

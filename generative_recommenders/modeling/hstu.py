@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ops.hstu_attention import NUM_TIME_BUCKETS, hstu_attention, hstu_target_attention, triton_available
+from ops.hstu_attention import (
+    NUM_TIME_BUCKETS, TargetBias, hstu_attention, hstu_target_attention, target_bias, triton_available,
+)
 from ops.jagged import dense_to_jagged, jagged_to_dense
 from ops.layer_norm import layer_norm
 
@@ -98,15 +100,12 @@ class HSTULayer(nn.Module):
         return self.forward_with_kv(x, seq_offsets, timestamps, num_targets)[0]
 
     def forward_targets(
-        self, x: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor, cache: PrefixCache,
-        target_timestamps: torch.Tensor,
+        self, x: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor, bias: TargetBias,
     ) -> torch.Tensor:
-        """x: (B, T, D) targets after the cached prefixes (this layer's keys/values). Returns (B, T, D)."""
+        """x: (B, T, D) targets after prefixes with this layer's keys/values cached. Returns (B, T, D)."""
         u, q, k, v = self.project(x)
-        attn = hstu_target_attention(
-            q, k, v, prefix_k, prefix_v, cache.lengths, self.max_seq_len, cache.timestamps, target_timestamps,
-            self.ts_w, self.pos_w, self.normalization,
-        )
+        attn = hstu_target_attention(q, k, v, prefix_k, prefix_v, bias, self.max_seq_len, self.ts_w, self.pos_w,
+                                     self.normalization)
         return self.combine(x, u, attn)
 
 
@@ -132,6 +131,8 @@ class HSTUEncoder(nn.Module):
             raise ValueError(f"hstu_encoder.normalization must be silu or softmax, got {normalization!r}")
         if attention_kernel not in ("auto", "triton", "torch"):
             raise ValueError(f"hstu_encoder.attention_kernel must be auto, triton or torch, got {attention_kernel!r}")
+        self.max_seq_len = max_seq_len
+        self.relative_bias = relative_bias
         self.layers = nn.ModuleList(
             HSTULayer(dim, num_heads, dqk, dv, max_seq_len, linear_dropout_rate, normalization,
                       relative_bias, attention_kernel)
@@ -180,6 +181,8 @@ class HSTUEncoder(nn.Module):
     def encode_targets(self, x: torch.Tensor, cache: PrefixCache, target_timestamps: torch.Tensor) -> torch.Tensor:
         """x: (B, T, D) target inputs (at position cache.lengths); returns (B, T, D), each target
         encoded as if it alone followed its prefix."""
+        times = (cache.timestamps, target_timestamps) if self.relative_bias else (None, None)
+        bias = target_bias(cache.lengths, cache.timestamps.shape[1], self.max_seq_len, *times, NUM_TIME_BUCKETS)
         for layer, k, v in zip(self.layers, cache.keys, cache.values):
-            x = layer.forward_targets(x, k, v, cache, target_timestamps)
+            x = layer.forward_targets(x, k, v, bias)
         return x
