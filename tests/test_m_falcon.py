@@ -320,6 +320,8 @@ def test_scores_equal_one_pass_per_candidate(encoder, seed):
     history_samples = test.copy()
     history_samples[:, 2] = 0
     history = sequences.batch(history_samples, MAX_HISTORY, model.max_seq_len)
+    past_end = torch.arange(history.timestamps.shape[1])[None, :] >= history.lengths[:, None]
+    history.timestamps[past_end] = 0  # never read: prefixes end on their own timestamp
     rows = data.offsets[test[:, 0]][:, None] + test[:, 1:2] + np.arange(NUM_CANDIDATES)[None, :]
     item_ids = torch.as_tensor(data.item_ids[rows], dtype=torch.long)
     timestamps = torch.as_tensor(data.timestamps[rows])

@@ -71,8 +71,8 @@ class MFalconScorer:
     @torch.no_grad()
     def __call__(self, history: RankingBatch, item_ids: torch.Tensor,
                  timestamps: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """history: samples without candidates (timestamps past the end repeating the last);
-        item_ids, timestamps: (B, m) candidates. Returns {"liked": (B, m), "rating": (B, m[, 5])}."""
+        """history: a batch of histories (samples without candidates); item_ids, timestamps: (B, m)
+        candidates. Returns {"liked": (B, m), "rating": (B, m[, 5])}."""
         was_training = self.model.training
         self.model.eval()
         cache = self.model.encode_history(history) if self.use_cache else None

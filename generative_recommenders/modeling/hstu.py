@@ -164,18 +164,21 @@ class HSTUEncoder(nn.Module):
     ) -> Tuple[torch.Tensor, PrefixCache]:
         """`forward` of whole prefixes (no targets), also keeping every layer's keys and values.
 
-        timestamps past each prefix's end must repeat its last one (the layout
-        targets see, ops/targets.py).
+        The last position of each prefix reads its own timestamp as the "next"
+        one, as prefixes followed by targets do (ops/targets.py).
         """
         n = x.shape[1]
         batch = seq_offsets.numel() - 1
+        lengths = seq_offsets[1:] - seq_offsets[:-1]
+        last = timestamps.gather(1, (lengths - 1).clamp(min=0)[:, None])
+        past_end = torch.arange(timestamps.shape[1], device=timestamps.device)[None, :] >= lengths[:, None]
+        timestamps = torch.where(past_end, last, timestamps)
         x = dense_to_jagged(x, seq_offsets, total)
         keys, values = [], []
         for layer in self.layers:
             x, k, v = layer.forward_with_kv(x, seq_offsets, timestamps)
             keys.append(jagged_to_dense(k.reshape(total, -1), seq_offsets, n).view(batch, n, *k.shape[1:]))
             values.append(jagged_to_dense(v.reshape(total, -1), seq_offsets, n).view(batch, n, *v.shape[1:]))
-        lengths = seq_offsets[1:] - seq_offsets[:-1]
         return x, PrefixCache(keys, values, lengths, timestamps[:, :n])
 
     def encode_targets(self, x: torch.Tensor, cache: PrefixCache, target_timestamps: torch.Tensor) -> torch.Tensor:
