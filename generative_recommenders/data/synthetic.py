@@ -8,6 +8,8 @@ the user's topics. Timestamps grow by random gaps. Deterministic for a seed.
 
 from __future__ import annotations
 
+import dataclasses
+
 import gin
 import numpy as np
 
@@ -94,3 +96,35 @@ def random_sequences(
         user_ids=np.arange(1, num_users + 1, dtype=np.int64),
         candidate_ids=candidates,
     )
+
+
+@gin.configurable("synthetic_ratings")
+def generate_synthetic_ratings(
+    num_users: int = 2000,
+    num_items: int = 800,
+    num_factors: int = 8,
+    affinity_scale: float = 1.0,
+    drift_scale: float = 0.15,
+    noise_scale: float = 0.5,
+    seed: int = 0,
+) -> SequenceData:
+    """`generate_synthetic`'s sequences with ratings 1..5 that a sequential model can learn (ranking).
+
+    rating = round(3.4 + item bias + user bias + affinity_scale * u.v / sqrt(F) + mood + noise),
+    clipped to [1, 5]; u, v are random user and item factors, so a user's past
+    ratings of similar items tell how they rate an item (beyond the item's and
+    the user's means), and the mood is a per-user random walk along the
+    sequence, so recent ratings tell more than old ones.
+    """
+    data = generate_synthetic(num_users=num_users, num_items=num_items, seed=seed)
+    rng = np.random.default_rng([seed, 1])  # its own stream: the sequences stay those of `seed`
+    user_of_row = np.repeat(np.arange(num_users), data.lengths)
+    user_factors = rng.normal(size=(num_users, num_factors))
+    item_factors = rng.normal(size=(num_items + 1, num_factors))
+    affinity = (user_factors[user_of_row] * item_factors[data.item_ids]).sum(1) / np.sqrt(num_factors)
+    walk = np.cumsum(rng.normal(0.0, drift_scale, data.num_interactions))
+    mood = walk - walk[data.offsets[:-1]][user_of_row]  # each user's walk starts at 0
+    score = (3.4 + rng.normal(0.0, 0.5, num_items + 1)[data.item_ids] + rng.normal(0.0, 0.4, num_users)[user_of_row]
+             + affinity_scale * affinity + mood + rng.normal(0.0, noise_scale, data.num_interactions))
+    ratings = np.clip(np.rint(score), 1, 5).astype(np.float32)
+    return dataclasses.replace(data, name="synthetic-ratings", ratings=ratings)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -46,10 +47,14 @@ class InputPreprocessor(nn.Module):
         self.dropout = nn.Dropout(dropout_rate)
         self.scale = math.sqrt(dim)
 
-    def forward(self, ids: torch.Tensor, item_embeddings: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, ids: torch.Tensor, item_embeddings: torch.Tensor, positions: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """ids (B, n) (0 = padding); positions (B, n) default 0..n-1 (M-FALCON targets share one)."""
         x = item_embeddings * self.scale
         if self.position is not None:
-            x = x + self.position.weight[: ids.shape[1]].unsqueeze(0)
+            n = ids.shape[1]
+            x = x + (self.position.weight[:n].unsqueeze(0) if positions is None else self.position(positions))
         return self.dropout(x) * (ids != 0).unsqueeze(-1).to(x.dtype)
 
 

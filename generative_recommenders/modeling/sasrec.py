@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import gin
 import torch
 import torch.nn.functional as F
@@ -9,6 +11,7 @@ from torch import nn
 
 from ops.jagged import dense_to_jagged
 from ops.layer_norm import layer_norm
+from ops.targets import prefix_lengths, visible_keys
 
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
 
@@ -59,6 +62,7 @@ class SASRecEncoder(nn.Module):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"item_embedding_dim {dim} must be divisible by sasrec_encoder.num_heads {num_heads}")
+        self.num_heads = num_heads
         self.blocks = nn.ModuleList(
             SASRecBlock(dim, num_heads, ffn_hidden_dim, ffn_activation_fn, ffn_dropout_rate)
             for _ in range(num_blocks)
@@ -69,11 +73,19 @@ class SASRecEncoder(nn.Module):
 
     def forward(
         self, x: torch.Tensor, ids: torch.Tensor, seq_offsets: torch.Tensor, total: int,
-        timestamps: torch.Tensor,
+        timestamps: torch.Tensor, num_targets: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """x: (B, N, D) padded input; returns the (L, D) jagged outputs of valid positions."""
+        """x: (B, N, D) padded input; returns the (L, D) jagged outputs of valid positions.
+
+        num_targets (B,): the last num_targets[b] positions only see the prefix
+        before them and themselves (M-FALCON's mask, ops/targets.py).
+        """
         n = x.shape[1]
-        causal_mask = torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1)
+        if num_targets is None:
+            causal_mask = torch.ones(n, n, dtype=torch.bool, device=x.device).triu(1)
+        else:  # one (n, n) mask per sequence and head; True = hidden
+            hidden = ~visible_keys(n, prefix_lengths(seq_offsets[1:] - seq_offsets[:-1], num_targets))
+            causal_mask = hidden.repeat_interleave(self.num_heads, dim=0)
         valid = (ids != 0).unsqueeze(-1).to(x.dtype)
         for block in self.blocks:
             x = block(x, causal_mask, valid)

@@ -14,7 +14,11 @@ forward saves no statistics and the backward needs no `rowsum(dO * O)` pass.
 Layout (kernels, then the autograd Function, then the public function):
 
 * `_hstu_fwd_kernel`: grid (B * heads, query blocks). Key blocks strictly
-  before the query block need no causal mask; the diagonal blocks do.
+  before the query block need no causal mask; the diagonal blocks do. With
+  `num_targets` (M-FALCON, forward only, ops/targets.py) key blocks stop at
+  the end of the prefix, target rows take the prefix end as their position
+  and a row-wise dot adds each target's attention to itself; a constexpr
+  flag compiles this out when the argument is absent.
 * `_hstu_bwd_kernel`: grid (B * heads, blocks). Program p first computes
   dK, dV of key block p (walking the query blocks after it), then dQ of
   query block p (walking the key blocks before it). The two walks have
@@ -164,7 +168,7 @@ def _load_tile(ptrs, rows_ok, cols_ok, MASK_ROWS: tl.constexpr, MASK_COLS: tl.co
 
 
 @triton.jit
-def _fwd_tile(acc, q, qpos, tq, K, V, TS, TsW, PosW, k_base, v_base, ts_base,
+def _fwd_tile(acc, q, qpos, kmax, tq, K, V, TS, TsW, PosW, k_base, v_base, ts_base,
               start_n, seq_len, max_seq_len, stride_km, stride_vm, offs_qk, offs_v,
               DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
               BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_BUCKETS: tl.constexpr,
@@ -177,7 +181,7 @@ def _fwd_tile(acc, q, qpos, tq, K, V, TS, TsW, PosW, k_base, v_base, ts_base,
     v = _load_tile(V + v_base + offs_n[:, None] * stride_vm + offs_v[None, :], kv_ok,
                    offs_v < DV, MASKED, DV != BLOCK_DV)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-    causal = offs_n[None, :] <= qpos[:, None]
+    causal = offs_n[None, :] <= kmax[:, None]
     if HAS_BIAS:
         tk = tl.load(TS + ts_base + tl.minimum(offs_n, max_seq_len - 1))
         rab, _ = _rel_bias(qpos[:, None], offs_n[None, :], tq[:, None], tk[None, :], TsW, PosW,
@@ -191,13 +195,31 @@ def _fwd_tile(acc, q, qpos, tq, K, V, TS, TsW, PosW, k_base, v_base, ts_base,
 
 
 @triton.jit
+def _target_self_term(acc, q, offs_m, is_target, K, V, TsW, PosW, k_base, v_base, max_seq_len,
+                      stride_km, stride_vm, offs_qk, offs_v,
+                      DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, FAST_SILU: tl.constexpr):
+    """Each target row's attention to its own key: a row-wise dot, relative position 0, bucket 0."""
+    k = _load_tile(K + k_base + offs_m[:, None] * stride_km + offs_qk[None, :], is_target,
+                   offs_qk < DQK, True, DQK != BLOCK_DQK)
+    v = _load_tile(V + v_base + offs_m[:, None] * stride_vm + offs_v[None, :], is_target,
+                   offs_v < DV, True, DV != BLOCK_DV)
+    s = tl.sum(q.to(tl.float32) * k.to(tl.float32), axis=1)
+    if HAS_BIAS:
+        s += tl.load(PosW + max_seq_len - 1).to(tl.float32) + tl.load(TsW).to(tl.float32)
+    p = tl.where(is_target, s * _sigmoid(s, FAST_SILU), 0.0)
+    return acc + p[:, None] * v.to(tl.float32)
+
+
+@triton.jit
 def _hstu_fwd_kernel(
-    Q, K, V, Out, SeqOffsets, TS, TsW, PosW,
+    Q, K, V, Out, SeqOffsets, TS, TsW, PosW, NumTargets,
     stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, stride_om, stride_oh,
     stride_tb, num_heads, max_seq_len, inv_n,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
     NUM_BUCKETS: tl.constexpr, DOT_PREC: tl.constexpr, HW_MATH: tl.constexpr, FAST_SILU: tl.constexpr,
+    HAS_TARGETS: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     # Query blocks on grid axis 1, last block first: the longest (most keys)
@@ -220,25 +242,45 @@ def _hstu_fwd_kernel(
     k_base = seq_start * stride_km + off_h * stride_kh
     v_base = seq_start * stride_vm + off_h * stride_vh
     ts_base = off_b.to(tl.int64) * stride_tb
-    qpos = tl.minimum(offs_m, max_seq_len - 1)  # rows past the sequence are junk, never stored
+    if HAS_TARGETS:
+        # M-FALCON (ops/targets.py): targets sit at position n_hist, see the prefix and themselves,
+        # and read their own timestamp, as does the last prefix row.
+        num_targets = tl.load(NumTargets + off_b).to(tl.int32)
+        n_hist = tl.maximum(seq_len - num_targets, 0)
+        qpos = tl.minimum(tl.minimum(offs_m, n_hist), max_seq_len - 1)
+        kmax = tl.minimum(offs_m, n_hist - 1)  # last visible key of the row, before the self term
+        tq_index = tl.where((offs_m >= n_hist - 1) & (num_targets > 0), offs_m, offs_m + 1)
+        full_end = tl.minimum(start_m, n_hist - n_hist % BLOCK_N)
+        diag_end = tl.minimum(start_m + BLOCK_M, n_hist)
+    else:
+        qpos = tl.minimum(offs_m, max_seq_len - 1)  # rows past the sequence are junk, never stored
+        kmax = qpos
+        tq_index = offs_m + 1
+        full_end = start_m
+        diag_end = tl.minimum(start_m + BLOCK_M, seq_len)
     if HAS_BIAS:
-        tq = tl.load(TS + ts_base + tl.minimum(offs_m + 1, max_seq_len - 1))
+        tq = tl.load(TS + ts_base + tl.minimum(tq_index, max_seq_len - 1))
     else:
         tq = qpos
 
     acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
-    # Keys strictly before the query block: every (i, j) is causal, no masks.
-    for start_n in range(0, start_m, BLOCK_N):
-        acc = _fwd_tile(acc, q, qpos, tq, K, V, TS, TsW, PosW, k_base, v_base, ts_base,
+    # Key blocks every row of the block sees entirely: no masks.
+    for start_n in range(0, full_end, BLOCK_N):
+        acc = _fwd_tile(acc, q, qpos, kmax, tq, K, V, TS, TsW, PosW, k_base, v_base, ts_base,
                         start_n, seq_len, max_seq_len, stride_km, stride_vm, offs_qk, offs_v,
                         DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N, HAS_BIAS, NUM_BUCKETS, DOT_PREC,
                         False, HW_MATH, FAST_SILU)
-    # Diagonal key blocks: causal mask, ragged end.
-    for start_n in range(start_m, tl.minimum(start_m + BLOCK_M, seq_len), BLOCK_N):
-        acc = _fwd_tile(acc, q, qpos, tq, K, V, TS, TsW, PosW, k_base, v_base, ts_base,
+    # Diagonal key blocks (and the prefix's ragged end): masked.
+    for start_n in range(full_end, diag_end, BLOCK_N):
+        acc = _fwd_tile(acc, q, qpos, kmax, tq, K, V, TS, TsW, PosW, k_base, v_base, ts_base,
                         start_n, seq_len, max_seq_len, stride_km, stride_vm, offs_qk, offs_v,
                         DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N, HAS_BIAS, NUM_BUCKETS, DOT_PREC,
                         True, HW_MATH, FAST_SILU)
+    if HAS_TARGETS:
+        if start_m + BLOCK_M > n_hist:
+            acc = _target_self_term(acc, q, offs_m, rows_ok & (offs_m >= n_hist), K, V, TsW, PosW,
+                                    k_base, v_base, max_seq_len, stride_km, stride_vm, offs_qk, offs_v,
+                                    DQK, DV, BLOCK_DQK, BLOCK_DV, HAS_BIAS, FAST_SILU)
     acc = acc * inv_n
     o_ptrs = Out + seq_start * stride_om + off_h * stride_oh + offs_m[:, None] * stride_om + offs_v[None, :]
     tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=rows_ok[:, None] & (offs_v < DV)[None, :])
@@ -541,7 +583,7 @@ def _prepare(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _forward(q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w, config=None):
+def _forward(q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w, config=None, num_targets=None):
     total, heads, dqk = q.shape
     dv = v.shape[-1]
     batch = seq_offsets.numel() - 1
@@ -555,12 +597,14 @@ def _forward(q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w, config=
     _hstu_fwd_kernel[grid](
         q, k, v, out, seq_offsets,
         timestamps if has_bias else dummy, ts_w if has_bias else dummy, pos_w if has_bias else dummy,
+        num_targets if num_targets is not None else dummy,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), timestamps.stride(0) if has_bias else 0,
         heads, max_seq_len, 1.0 / max_seq_len,
         DQK=dqk, DV=dv, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, BLOCK_M=block_m, BLOCK_N=block_n,
         HAS_BIAS=has_bias, NUM_BUCKETS=(ts_w.numel() - 1) if has_bias else 0,
-        DOT_PREC=_dot_precision(q.dtype), **_math_flags(q), num_warps=num_warps, num_stages=num_stages,
+        DOT_PREC=_dot_precision(q.dtype), **_math_flags(q), HAS_TARGETS=num_targets is not None,
+        num_warps=num_warps, num_stages=num_stages,
     )
     return out
 
@@ -635,15 +679,20 @@ def kernel_time_buckets(delta: torch.Tensor, num_buckets: int = 128) -> torch.Te
 
 class _HSTUAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w, fwd_config, bwd_config):
-        out = _forward(q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w, fwd_config)
+    def forward(ctx, q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w, fwd_config, bwd_config,
+                num_targets):
+        out = _forward(q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w, fwd_config, num_targets)
         ctx.save_for_backward(q, k, v, seq_offsets, timestamps, ts_w, pos_w)
         ctx.max_seq_len = max_seq_len
         ctx.bwd_config = bwd_config
+        ctx.has_targets = num_targets is not None
         return out
 
     @staticmethod
     def backward(ctx, do):
+        if ctx.has_targets:
+            raise NotImplementedError("the Triton kernel's backward does not take num_targets (M-FALCON is "
+                                      "inference); train through targets with attention kernel 'torch'")
         q, k, v, seq_offsets, timestamps, ts_w, pos_w = ctx.saved_tensors
         has_bias = ts_w is not None
         dq, dk, dv, d_ts, d_pos = _backward(
@@ -652,11 +701,11 @@ class _HSTUAttentionFunction(torch.autograd.Function):
             need_pos_grad=has_bias and ctx.needs_input_grad[7],
             config=ctx.bwd_config,
         )
-        return dq, dk, dv, None, None, None, d_ts, d_pos, None, None
+        return dq, dk, dv, None, None, None, d_ts, d_pos, None, None, None
 
 
 def _hstu_attention(q, k, v, seq_offsets, max_seq_len, timestamps=None, ts_w=None, pos_w=None,
-                    fwd_config=None, bwd_config=None):
+                    fwd_config=None, bwd_config=None, num_targets=None):
     """triton_hstu_attention with explicit block configs (tests and tuning)."""
     total, heads, _ = q.shape
     batch = seq_offsets.numel() - 1
@@ -672,6 +721,7 @@ def _hstu_attention(q, k, v, seq_offsets, max_seq_len, timestamps=None, ts_w=Non
     return _HSTUAttentionFunction.apply(
         _prepare(q), _prepare(k), _prepare(v), seq_offsets.contiguous(), int(max_seq_len),
         timestamps, ts_w, pos_w, fwd_config, bwd_config,
+        None if num_targets is None else num_targets.contiguous(),
     )
 
 
@@ -684,12 +734,15 @@ def triton_hstu_attention(
     timestamps: Optional[torch.Tensor] = None,
     ts_w: Optional[torch.Tensor] = None,
     pos_w: Optional[torch.Tensor] = None,
+    num_targets: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Fused jagged HSTU attention; same contract as `hstu_attention_reference(..., "silu")`.
 
     q, k: (L, h, dqk); v: (L, h, dv); seq_offsets: (B + 1,) int; every length <= max_seq_len.
     timestamps: (B, max_seq_len) int (position `length` holds the target's timestamp);
     ts_w: (num_buckets + 1,); pos_w: (2 * max_seq_len - 1,). Without all three, no bias.
+    num_targets: (B,) int, num_targets[b] <= length b: M-FALCON targets (ops/targets.py),
+    forward only. Without it the targets code is compiled out (HAS_TARGETS is a constexpr).
     Differentiable in q, k, v, ts_w and pos_w. Returns (L, h, dv) in q's dtype.
     """
-    return _hstu_attention(q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w)
+    return _hstu_attention(q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w, num_targets=num_targets)

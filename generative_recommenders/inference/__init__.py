@@ -1,0 +1,1 @@
+"""Inference: M-FALCON candidate scoring for generative ranking."""

@@ -1,0 +1,95 @@
+"""Multi-task losses of generative ranking (issue 12).
+
+At every supervised position of a RankingBatch (candidates, or the history
+items of a training sample): binary cross-entropy of "liked" (rating >= 4), and
+the rating's cross-entropy over the classes 1..5 or its squared error,
+depending on the model's rating head. Optionally, as in the paper, the
+next-item sampled softmax of loss.py at history item positions (action tokens
+and the last history item carry no next-item label). Each term has a weight;
+weight 0 switches it off (it is then not computed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Dict, Optional
+
+import gin
+import torch
+import torch.nn.functional as F
+
+from generative_recommenders.data.ranking import LIKED_RATING, RankingBatch
+from generative_recommenders.loss import NegativesSampler, autoregressive_loss
+from generative_recommenders.modeling.ranking_model import RankingModel
+from ops.jagged import dense_to_jagged
+
+TERMS = ("liked", "rating", "next_item")
+
+
+@gin.configurable("ranking_objective")
+@dataclasses.dataclass(frozen=True)
+class RankingObjective:
+    liked_weight: float = 1.0
+    rating_weight: float = 1.0
+    next_item_weight: float = 0.0
+    loss_module: str = "SampledSoftmaxLoss"  # of the next-item term, as in loss.py
+    num_negatives: int = 128
+    temperature: float = 0.05
+
+    def __post_init__(self) -> None:
+        weights = [getattr(self, f"{term}_weight") for term in TERMS]
+        if min(weights) < 0 or max(weights) == 0:
+            raise ValueError(f"ranking_objective weights must be >= 0 with at least one > 0, got {weights}")
+
+    def weight(self, term: str) -> float:
+        return getattr(self, f"{term}_weight")
+
+
+def _jagged(dense: torch.Tensor, offsets: torch.Tensor, total: int) -> torch.Tensor:
+    return dense_to_jagged(dense.unsqueeze(-1), offsets, total).squeeze(-1)
+
+
+def _weighted_mean(losses: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return (losses * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+def rating_loss(model: RankingModel, rating_output: torch.Tensor, ratings: torch.Tensor) -> torch.Tensor:
+    """Per-position loss: cross-entropy of the class floor(rating), or the squared error."""
+    if model.heads.rating_head == "regression":
+        return (rating_output - ratings).square()
+    classes = (ratings.floor().long() - 1).clamp(min=0)  # unsupervised positions (0) get weight 0
+    return F.cross_entropy(rating_output, classes, reduction="none")
+
+
+def ranking_losses(
+    model: torch.nn.Module,
+    batch: RankingBatch,
+    objective: RankingObjective,
+    sampler: Optional[NegativesSampler] = None,
+    generator: Optional[torch.Generator] = None,
+) -> Dict[str, torch.Tensor]:
+    """Each switched-on term and their weighted sum "loss" for one batch.
+
+    `model` may be a DDP wrapper of a RankingModel; the next-item term needs `sampler`.
+    """
+    core: RankingModel = getattr(model, "module", model)
+    out, offsets = model(batch)
+    total = out.shape[0]
+    ratings = _jagged(batch.ratings, offsets, total)
+    weights = (ratings > 0).to(out.dtype)
+    outputs = core.heads(out)
+    terms = {}
+    if objective.liked_weight > 0:
+        liked = (ratings >= LIKED_RATING).to(out.dtype)
+        terms["liked"] = _weighted_mean(
+            F.binary_cross_entropy_with_logits(outputs["liked"], liked, reduction="none"), weights)
+    if objective.rating_weight > 0:
+        terms["rating"] = _weighted_mean(rating_loss(core, outputs["rating"], ratings), weights)
+    if objective.next_item_weight > 0:
+        if sampler is None:
+            raise ValueError("the next-item term needs a NegativesSampler")
+        terms["next_item"] = autoregressive_loss(
+            objective.loss_module, core.retrieval_queries(out), _jagged(batch.next_item, offsets, total),
+            core.item_embedding, sampler, objective.num_negatives, objective.temperature, generator)
+    terms["loss"] = sum(objective.weight(term) * value for term, value in terms.items())
+    return terms
