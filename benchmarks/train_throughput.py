@@ -28,7 +28,7 @@ from generative_recommenders.config import TrainConfig
 from generative_recommenders.cuda_graph import CudaGraphStep
 from generative_recommenders.data.samples import history_total
 from generative_recommenders.data.synthetic import random_sequences
-from generative_recommenders.retrieval import RetrievalTask
+from generative_recommenders.tasks.retrieval import RetrievalTask
 from generative_recommenders.trainer import TrainStep, _versions
 
 flags.DEFINE_multi_string("config", None, "Config files (default: the nine frozen ones).")

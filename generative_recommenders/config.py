@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import gin
 
 PROTOCOLS = ("paper", "leave_one_out", "sessions")
-TASKS = ("retrieval",)
+TASKS = ("retrieval", "ranking")
 
 
 class ConfigError(ValueError):
@@ -45,6 +45,11 @@ class TrainConfig:
     l2_norm_eps: float = 1e-6
     bpr_max_regularization: float = 1.0
     mask_prob: float = 0.2  # BERT4Rec's cloze objective
+    # Generative ranking (task "ranking", REFERENCE.md section 14; loss weights: ranking_objective.*).
+    ranking_holdout: int = 1  # a user's last k interactions are test candidates, the k before them validation
+    ranking_user_range: Optional[Tuple[int, int]] = None  # (first, last) user ids; ml-1m's exact ratings: (1, 2999)
+    head_hidden_dim: int = 64
+    rating_head: str = "classification"  # or "regression"
     # Optimisation.
     local_batch_size: int = 128
     eval_batch_size: int = 128
@@ -55,8 +60,8 @@ class TrainConfig:
     early_stopping_patience: int = 0  # epochs without a better selection metric; 0 = off
     enable_tf32: bool = True
     random_seed: int = 42
-    # Evaluation (section 7).
-    selection_metric: str = "ndcg@10"
+    # Evaluation (section 7). The best epoch maximises selection_metric (default: the task's, ndcg@10 / auc).
+    selection_metric: Optional[str] = None
     full_eval_every_n: int = 1
     partial_eval_num_batches: int = 64
     # Where results go, and how.
@@ -74,7 +79,8 @@ class TrainConfig:
     def validate(self) -> None:
         """Raises ConfigError for the first invalid value."""
         for name in ("max_sequence_length", "item_embedding_dim", "num_negatives", "local_batch_size",
-                     "eval_batch_size", "full_eval_every_n", "partial_eval_num_batches"):
+                     "eval_batch_size", "full_eval_every_n", "partial_eval_num_batches", "ranking_holdout",
+                     "head_hidden_dim"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train_fn.{name} must be > 0, got {getattr(self, name)}")
         for name in ("num_epochs", "num_warmup_steps", "gr_output_length", "early_stopping_patience",
@@ -91,6 +97,11 @@ class TrainConfig:
             raise ConfigError(f"train_fn.mask_prob must be in (0, 1), got {self.mask_prob}")
         _one_of("protocol", self.protocol, PROTOCOLS)
         _one_of("task", self.task, TASKS)
+        _one_of("rating_head", self.rating_head, ("classification", "regression"))
+        if self.ranking_user_range is not None and (len(self.ranking_user_range) != 2
+                                                    or self.ranking_user_range[0] > self.ranking_user_range[1]):
+            raise ConfigError(f"train_fn.ranking_user_range must be (first, last) user ids with first <= last; "
+                              f"got {self.ranking_user_range}")
         if self.early_stopping_patience and self.protocol == "paper":
             raise ConfigError("train_fn.early_stopping_patience needs a validation split: the paper protocol has "
                               "none (stopping on test metrics would select on test); use protocol leave_one_out")

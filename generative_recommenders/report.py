@@ -21,6 +21,7 @@ from absl import app, flags
 
 COLUMNS = ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "hr@200", "ndcg@200")
 SESSION_COLUMNS = ("hr@20", "mrr@20", "hr@10", "ndcg@10")
+RANKING_COLUMNS = ("auc", "ne", "rmse", "accuracy", "ndcg@10")
 SESSION_LABELS = {"hr@20": "recall@20"}
 
 # Release README, verified 2024-04-15 (sampled softmax, 128 / 512 negatives): HR@10 NDCG@10 HR@50 NDCG@50 HR@200 NDCG@200.
@@ -59,6 +60,10 @@ def model_label(results: Dict) -> str:
 
 
 def loss_label(results: Dict) -> str:
+    if task_of(results) == "ranking":
+        weights = [f"{term} x{_config_value(results, f'ranking_objective.{term}_weight') or '?'}"
+                   for term in ("liked", "rating", "next_item")]
+        return ", ".join(w for w in weights if not w.endswith(" x0.0"))
     loss = results.get("loss_module", "SampledSoftmaxLoss")  # runs before the loss was recorded were sampled
     label = LOSS_LABELS.get(loss, loss)
     if loss in ("SampledSoftmaxLoss", "BPRLoss", "BPRMaxLoss"):
@@ -75,11 +80,17 @@ def _config_value(results: Dict, key: str) -> Optional[str]:
 
 
 def reported_split(results: Dict) -> str:
-    """The split whose metrics are reported: eval in paper mode, test otherwise."""
-    return "eval" if results["protocol"] == "paper" else "test"
+    """The split whose metrics are reported: eval in retrieval's paper mode, test otherwise."""
+    return "eval" if results["protocol"] == "paper" and task_of(results) == "retrieval" else "test"
+
+
+def task_of(results: Dict) -> str:
+    return results.get("task", "retrieval")
 
 
 def columns_of(results: Dict) -> Tuple[str, ...]:
+    if task_of(results) == "ranking":
+        return RANKING_COLUMNS
     return SESSION_COLUMNS if results["protocol"] == "sessions" else COLUMNS
 
 
@@ -88,6 +99,8 @@ def published(results: Dict) -> List[Tuple[str, Tuple[float, ...]]]:
     key = (results["dataset"], model_label(results))
     loss = results.get("loss_module", "SampledSoftmaxLoss")
     rows = []
+    if task_of(results) != "retrieval":
+        return rows
     if loss == "SampledSoftmaxLoss" and key in RELEASE:
         rows.append(("release", RELEASE[key]))
     if key in FULL_SOFTMAX_PAPER and (loss == "FullSoftmaxLoss" or key[1] != "SASRec"):
@@ -103,10 +116,13 @@ def table(runs: Sequence[Dict]) -> str:
     """Markdown table of runs sharing a data set and protocol: best and last epoch, and published rows."""
     columns = columns_of(runs[0])
     header = ["model", "loss", "epoch", *(SESSION_LABELS.get(c, c).upper() for c in columns), "s", "device"]
-    lines = [f"{runs[0]['dataset']}, protocol {runs[0]['protocol']} ({reported_split(runs[0])} split)", "",
+    title = "ranking" if task_of(runs[0]) == "ranking" else f"protocol {runs[0]['protocol']}"
+    lines = [f"{runs[0]['dataset']}, {title} ({reported_split(runs[0])} split)", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in runs:
         split, common = reported_split(r), [model_label(r), loss_label(r)]
+        if _shares_a_row(r, runs):
+            common[0] += f" ({r['run_name']})"
         best, last = r["best"], r["last"]
         seconds = f"{r.get('process_seconds', r['wall_seconds']):.0f}"
         lines.append("| " + " | ".join(common + [f"best {best['epoch'] + 1}", *_cells(best[split], columns),
@@ -116,15 +132,53 @@ def table(runs: Sequence[Dict]) -> str:
         for source, values in published(r):
             cells = [f"{v:.4f}" for v in values] + [""] * (len(columns) - len(values))
             lines.append("| " + " | ".join(common + [source, *cells, "", ""]) + " |")
+    if task_of(runs[0]) == "ranking":  # the non-sequential baselines, fit on the same training interactions
+        for name, metrics in runs[0].get("baselines", {}).get(reported_split(runs[0]), {}).items():
+            lines.append("| " + " | ".join([f"{name} baseline", "", "", *_cells(metrics, columns), "", ""]) + " |")
     return "\n".join(lines)
 
 
+def _row_key(results: Dict) -> Tuple[str, str]:
+    return model_label(results), loss_label(results)
+
+
+def _shares_a_row(results: Dict, runs: Sequence[Dict]) -> bool:
+    """Whether another run of the table has the same model and loss (then run names tell them apart)."""
+    return sum(_row_key(r) == _row_key(results) for r in runs) > 1
+
+
+def seed_spread(group: Sequence[Dict]) -> str:
+    """Mean and standard deviation over the runs sharing a model and loss (e.g. seeds), best epochs."""
+    import numpy as np
+
+    rows: Dict[Tuple[str, str], List[Dict]] = {}
+    for r in group:
+        rows.setdefault(_row_key(r), []).append(r)
+    columns = columns_of(group[0])
+    lines = []
+    for (model, loss), runs in rows.items():
+        if len(runs) < 2:
+            continue
+        split = reported_split(runs[0])
+        cells = []
+        for c in columns:
+            values = np.array([r["best"][split][c] for r in runs], dtype=float)
+            cells.append(f"{values.mean():.4f} ± {values.std(ddof=1):.4f}" if np.isfinite(values).all() else "")
+        seconds = np.array([r.get("process_seconds", r["wall_seconds"]) for r in runs])
+        lines.append(f"| {model} | {loss} | {len(runs)} runs | " + " | ".join(cells) + f" | {seconds.mean():.0f} |")
+    if not lines:
+        return ""
+    header = ["model", "loss", "runs", *(c.upper() for c in columns), "mean s"]
+    return "\n".join(["mean ± std over runs of the same model and loss (best epochs):", "",
+                      "| " + " | ".join(header) + " |", "|" + "---|" * len(header), *lines])
+
+
 def groups(runs: Sequence[Dict]) -> List[List[Dict]]:
-    """Runs grouped by (data set, protocol), each group ordered by model then loss."""
-    keyed: Dict[Tuple[str, str], List[Dict]] = {}
+    """Runs grouped by (data set, task, protocol), each group ordered by model then loss."""
+    keyed: Dict[Tuple[str, str, str], List[Dict]] = {}
     for r in runs:
-        keyed.setdefault((r["dataset"], r["protocol"]), []).append(r)
-    return [sorted(group, key=lambda r: (MODEL_ORDER.get(model_label(r), 9), loss_label(r)))
+        keyed.setdefault((r["dataset"], task_of(r), r["protocol"]), []).append(r)
+    return [sorted(group, key=lambda r: (MODEL_ORDER.get(model_label(r), 9), loss_label(r), r["run_name"]))
             for _, group in sorted(keyed.items())]
 
 
@@ -171,7 +225,7 @@ def main(argv: List[str]) -> None:
     if not paths:
         raise app.UsageError("give one or more results.json files")
     runs = load(paths)
-    print("\n\n".join(table(group) for group in groups(runs)))
+    print("\n\n".join("\n\n".join(filter(None, (table(group), seed_spread(group)))) for group in groups(runs)))
     if flags.FLAGS.plot:
         plot_curves(runs, Path(flags.FLAGS.plot))
         print(f"\nwrote {flags.FLAGS.plot}")

@@ -16,7 +16,7 @@ import json
 import platform
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import gin
 import numpy as np
@@ -30,9 +30,7 @@ from generative_recommenders.cuda_graph import CudaGraphStep
 from generative_recommenders.data.datasets import load_dataset
 from generative_recommenders.data.sequence_store import SequenceData, atomic_write
 from generative_recommenders.evaluation import format_metrics
-from generative_recommenders.retrieval import RetrievalTask
-
-TASKS = {"retrieval": RetrievalTask}
+from generative_recommenders.tasks import TASKS
 PROGRESS_EVERY_S = 10.0
 
 
@@ -64,7 +62,10 @@ def _shard(num: int, epoch: int, seed: int, rank: int, world_size: int) -> np.nd
 
 
 def eval_samples(samples: np.ndarray, epoch: int, seed: int, rank: int, world_size: int, full: bool) -> np.ndarray:
-    """A full evaluation splits the samples over the ranks; a partial one takes a shuffled share."""
+    """A full evaluation splits the samples over the ranks; a partial one takes a shuffled share.
+
+    (Tasks whose metrics are no sums over samples pass world_size 1: every rank evaluates everything.)
+    """
     if full:
         return samples[rank::world_size]
     return samples[_shard(samples.shape[0], epoch, seed + 1, rank, world_size)]
@@ -187,11 +188,11 @@ class Trainer:
         train_model = DistributedDataParallel(self.model) if dist.is_initialized() else self.model
         self.step = TrainStep(self.task, train_model, self.optimizer)
         self.summary = {
-            "run_name": self.run_name, "dataset": config.dataset_name, "protocol": config.protocol,
+            "run_name": self.run_name, "task": config.task, "dataset": config.dataset_name, "protocol": config.protocol,
             "main_module": config.main_module, "loss_module": config.loss_module, "config": gin.config_str(),
             "device": _device_name(self.device), "world_size": world_size, "cuda_graph": use_graph,
             "versions": _versions(), "data": data.summary(), "run_dir": str(self.run_dir),
-            "selected_by": f"{self.task.selection_split}/{config.selection_metric}",
+            "selected_by": f"{self.task.selection_split}/{self.task.selection_metric}",
             "process_start": process_start or self.start_time,
         }
         self.writer = None
@@ -221,11 +222,14 @@ class Trainer:
         self._log(f"resuming {self.run_name} from {path} after epoch {saved.epochs_done}")
         return saved
 
+    def _eval_share(self) -> Tuple[int, int]:
+        """(rank, world size) as evaluation sees them: one share per rank, or everything everywhere."""
+        return (self.rank, self.world_size) if self.task.shards_evaluation else (0, 1)
+
     def _announce(self) -> None:
-        self.summary["most_popular_baseline"] = {
-            name: self.task.baseline(self.task.splits[name][self.rank::self.world_size])
-            for name in self.task.eval_splits
-        }
+        rank, world_size = self._eval_share()
+        self.summary["baselines"] = {name: self.task.baselines(self.task.splits[name][rank::world_size])
+                                     for name in self.task.eval_splits}
         if self.rank != 0:
             return
         from torch.utils.tensorboard import SummaryWriter
@@ -234,8 +238,9 @@ class Trainer:
         self.writer = SummaryWriter(str(self.run_dir))
         self._log(f"{self.run_name}: {self.task.describe()}, {self.world_size} process(es) on "
                   f"{self.summary['device']}; logs in {self.run_dir}")
-        for name, metrics in self.summary["most_popular_baseline"].items():
-            self._log(f"most-popular baseline, {name}: {format_metrics(metrics, self.task.shown_metrics)}")
+        for split, baselines in self.summary["baselines"].items():
+            for name, metrics in baselines.items():
+                self._log(f"{name} baseline, {split}: {format_metrics(metrics, self.task.shown_metrics)}")
 
     # ---------------------------------------------------------------------------------------------
     # One epoch
@@ -288,10 +293,11 @@ class Trainer:
 
     def _evaluate(self, epoch: int, full: bool) -> Dict[str, Dict[str, float]]:
         config = self.config
+        rank, world_size = self._eval_share()
         results = {}
         for name in self.task.eval_splits:
-            samples = eval_samples(self.task.splits[name], epoch, config.random_seed, self.rank, self.world_size, full)
-            max_batches = None if full else -(-config.partial_eval_num_batches // self.world_size)
+            samples = eval_samples(self.task.splits[name], epoch, config.random_seed, rank, world_size, full)
+            max_batches = None if full else -(-config.partial_eval_num_batches // world_size)
             try:
                 results[name] = self.task.evaluate(samples, max_batches)
             except FloatingPointError as exc:
@@ -318,7 +324,7 @@ class Trainer:
     # Logging, checkpoints, results
 
     def best_epoch(self) -> Optional[Dict]:
-        split, metric = self.task.selection_split, self.config.selection_metric
+        split, metric = self.task.selection_split, self.task.selection_metric
         full = [h for h in self.state.history if h["full_eval"]]
         return max(full, key=lambda h: h[split][metric]) if full else None
 
@@ -368,7 +374,8 @@ class Trainer:
             self.writer.close()
             best = self.best_epoch()
             if best is not None:
-                report = " | ".join(f"{name} {format_metrics(best[name])}" for name in self.task.eval_splits)
+                report = " | ".join(f"{name} {format_metrics(best[name], self.task.shown_metrics)}"
+                                    for name in self.task.eval_splits)
                 print(f"best epoch {best['epoch'] + 1} by {self.summary['selected_by']}: {report}", flush=True)
             print(f"results: {self.run_dir / 'results.json'}; TensorBoard: tensorboard --logdir "
                   f"{self.run_dir.parent}", flush=True)

@@ -15,7 +15,7 @@ import torch
 
 from generative_recommenders.config import TrainConfig
 from generative_recommenders.data.synthetic import generate_synthetic
-from generative_recommenders.retrieval import RetrievalTask
+from generative_recommenders.tasks.retrieval import RetrievalTask
 from generative_recommenders.trainer import TrainStep
 from tiny_config import TINY
 

@@ -22,7 +22,8 @@ from generative_recommenders.data.ranking import (
 )
 from generative_recommenders.data.sequence_store import SequenceData
 from generative_recommenders.data.synthetic import generate_synthetic, generate_synthetic_ratings
-from generative_recommenders.loss import NegativesSampler
+from generative_recommenders.data.candidates import CandidateIndex
+from generative_recommenders.objectives.losses import RetrievalLoss
 from generative_recommenders.modeling.ranking_model import RankingModel
 from generative_recommenders.objectives.ranking import RankingObjective, ranking_losses
 from generative_recommenders.ranking_baseline import bias_baseline_predictions
@@ -180,8 +181,8 @@ def _gradients_at_positions(objective: RankingObjective, rating_head: str = "cla
     model = _model("HSTU", 10, rating_head=rating_head)
     out = torch.randn(batch.total, 16, requires_grad=True)
     model.forward = lambda b: (out, torch.tensor([0, b.total]))  # the objective sees this output
-    sampler = NegativesSampler("local", torch.arange(1, 100))
-    terms = ranking_losses(model, batch, objective, sampler, torch.Generator().manual_seed(0))
+    retrieval = RetrievalLoss("SampledSoftmaxLoss", CandidateIndex(torch.arange(1, 100), 99), num_negatives=4)
+    terms = ranking_losses(model, batch, objective, retrieval, torch.Generator().manual_seed(0))
     grads = {}
     for name, value in terms.items():
         (grad,) = torch.autograd.grad(value, out, retain_graph=True)
@@ -190,8 +191,7 @@ def _gradients_at_positions(objective: RankingObjective, rating_head: str = "cla
 
 
 def test_losses_supervise_item_positions_only():
-    grads = _gradients_at_positions(RankingObjective(liked_weight=1.0, rating_weight=0.5, next_item_weight=2.0,
-                                                     num_negatives=4))
+    grads = _gradients_at_positions(RankingObjective(liked_weight=1.0, rating_weight=0.5, next_item_weight=2.0))
     items, actions = torch.arange(0, 10, 2), torch.arange(1, 10, 2)
     for name in ("liked", "rating"):
         assert (grads[name][items] > 0).all() and (grads[name][actions] == 0).all(), name
@@ -221,7 +221,7 @@ def test_weighted_sum_of_terms():
     objective = RankingObjective(liked_weight=0.3, rating_weight=2.0)
     terms = ranking_losses(model, batch, objective)
     torch.testing.assert_close(terms["loss"], 0.3 * terms["liked"] + 2.0 * terms["rating"])
-    with pytest.raises(ValueError, match="NegativesSampler"):
+    with pytest.raises(ValueError, match="RetrievalLoss"):
         ranking_losses(model, batch, RankingObjective(next_item_weight=1.0))
 
 

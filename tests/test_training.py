@@ -22,7 +22,7 @@ def test_training_improves_over_first_epoch_and_popularity(tmp_path, module):
     assert len(epochs) == 3
     assert epochs[-1]["eval"]["hr@10"] > epochs[0]["eval"]["hr@10"]
     assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]
-    assert results["best"]["eval"]["hr@10"] > 2 * results["most_popular_baseline"]["eval"]["hr@10"]
+    assert results["best"]["eval"]["hr@10"] > 2 * results["baselines"]["eval"]["most-popular"]["hr@10"]
     saved = json.loads((tmp_path / "exps/synthetic-l20/run/results.json").read_text())
     assert saved["best"]["selected_by"] == "eval/ndcg@10"
     assert list((tmp_path / "exps/synthetic-l20/run").glob("events.out.tfevents.*"))
@@ -60,7 +60,7 @@ def test_two_process_gloo_ddp(tmp_path):
     assert results["world_size"] == 2
     assert len(results["per_epoch"]) == 2
     assert 0.0 < results["best"]["eval"]["hr@10"] <= 1.0
-    assert results["per_epoch"][-1]["eval"]["hr@10"] > results["most_popular_baseline"]["eval"]["hr@10"]
+    assert results["per_epoch"][-1]["eval"]["hr@10"] > results["baselines"]["eval"]["most-popular"]["hr@10"]
     # The trainer compares the ranks' weights after every epoch and stops if they differ (as they would
     # without DistributedDataParallel's gradient averaging); both epochs passed that check.
     assert "hold different weights" not in proc.stderr
@@ -100,7 +100,7 @@ def test_books_rule_full_evaluation_every_nth_and_last_epoch():
 
 
 def test_partial_epochs_evaluate_the_configured_batches_and_never_select_the_best(tmp_path, monkeypatch):
-    from generative_recommenders.retrieval import RetrievalTask
+    from generative_recommenders.tasks.retrieval import RetrievalTask
 
     calls = []
     original = RetrievalTask.evaluate
@@ -186,3 +186,31 @@ def test_session_data_trains_and_evaluates_every_test_event(tmp_path):
     assert results["best"]["selected_by"] == "valid/mrr@20"
     assert set(results["per_epoch"][0]) >= {"valid", "test"}
     assert 0.0 < results["best"]["test"]["hr@20"] <= 1.0
+
+
+@pytest.mark.parametrize("module", ["HSTU", "SASRec"])
+def test_generative_ranking_trains_and_reports_auc_beside_its_baselines(tmp_path, module):
+    results = train_tiny(tmp_path, ["train_fn.task = 'ranking'", "train_fn.dataset_name = 'synthetic-ratings'",
+                                    "synthetic_ratings.num_users = 300", f"train_fn.main_module = '{module}'",
+                                    "train_fn.num_epochs = 2", "ranking_objective.next_item_weight = 1.0"])
+    assert results["task"] == "ranking" and results["best"]["selected_by"] == "valid/auc"
+    best = results["best"]["test"]
+    assert 0.0 <= best["auc"] <= 1.0 and best["ne"] > 0 and best["candidates"] > 0
+    assert set(results["baselines"]["test"]) == {"item-mean", "user+item-bias"}
+    assert np.isfinite(results["per_epoch"][-1]["train_loss"])
+
+
+def test_report_tables_of_every_kind_of_run(tmp_path):
+    from generative_recommenders.report import groups, seed_spread, table
+
+    runs = [train_tiny(tmp_path / "a", ["train_fn.num_epochs = 1"]),
+            train_tiny(tmp_path / "b", ["train_fn.num_epochs = 1", "train_fn.random_seed = 7"], run_name="seed7"),
+            train_tiny(tmp_path / "c", ["train_fn.num_epochs = 1", "train_fn.task = 'ranking'",
+                                        "train_fn.dataset_name = 'synthetic-ratings'",
+                                        "synthetic_ratings.num_users = 200"])]
+    grouped = groups(runs)
+    assert [len(g) for g in grouped] == [2, 1]  # synthetic retrieval, then synthetic-ratings ranking
+    retrieval, ranking = (table(g) for g in grouped)
+    assert "AUC" in ranking and "item-mean baseline" in ranking
+    assert "HR@10" in retrieval and "(seed7)" in retrieval and "best 1" in retrieval
+    assert "2 runs" in seed_spread(grouped[0])

@@ -18,8 +18,10 @@ from __future__ import annotations
 from typing import Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from generative_recommenders.config import ConfigError
 from generative_recommenders.data.ranking import NUM_ACTIONS, RankingBatch
 from generative_recommenders.modeling.embeddings import (
     InputPreprocessor, ItemEmbedding, normalize_output, truncated_normal_,
@@ -29,6 +31,9 @@ from generative_recommenders.modeling.hstu import HSTUEncoder, PrefixCache
 from generative_recommenders.modeling.recommender import ENCODERS
 from ops.jagged import complete_cumsum
 from ops.targets import effective_positions, prefix_lengths
+
+
+RANKING_ENCODERS = ("HSTU", "SASRec")  # the encoders that take the M-FALCON candidate mask
 
 
 def _full_width(timestamps: torch.Tensor, width: int) -> torch.Tensor:
@@ -51,8 +56,9 @@ class RankingModel(nn.Module):
         rating_head: str = "classification",
     ) -> None:
         super().__init__()
-        if encoder_type not in ENCODERS:
-            raise ValueError(f"encoder must be one of {sorted(ENCODERS)}, got {encoder_type!r}")
+        if encoder_type not in RANKING_ENCODERS:
+            raise ConfigError(f"train_fn.main_module must be one of {', '.join(RANKING_ENCODERS)} for ranking; "
+                              f"got {encoder_type!r}")
         self.max_seq_len = max_seq_len
         self.item_embedding = ItemEmbedding(max_item_id, item_embedding_dim)
         self.action_embedding = nn.Embedding(NUM_ACTIONS + 1, item_embedding_dim, padding_idx=0)
@@ -80,6 +86,10 @@ class RankingModel(nn.Module):
         out = self.encoder(x, valid.long(), offsets, batch.total, _full_width(batch.timestamps, self.max_seq_len),
                            batch.num_targets)
         return out, offsets
+
+    def item_vectors(self, ids: torch.Tensor) -> torch.Tensor:
+        """L2-normalised item embeddings: what the next-item loss scores the queries against."""
+        return F.normalize(self.item_embedding(ids), dim=-1, eps=1e-6)
 
     @staticmethod
     def retrieval_queries(out: torch.Tensor) -> torch.Tensor:

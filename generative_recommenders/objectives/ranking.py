@@ -4,9 +4,10 @@ At every supervised position of a RankingBatch (candidates, or the history
 items of a training sample): binary cross-entropy of "liked" (rating >= 4), and
 the rating's cross-entropy over the classes 1..5 or its squared error,
 depending on the model's rating head. Optionally, as in the paper, the
-next-item sampled softmax of loss.py at history item positions (action tokens
-and the last history item carry no next-item label). Each term has a weight;
-weight 0 switches it off (it is then not computed).
+next-item retrieval loss (objectives/losses.py, train_fn.loss_module) at
+history item positions (action tokens and the last history item carry no
+next-item label). Each term has a weight; weight 0 switches it off (it is then
+not computed).
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import gin
 import torch
 import torch.nn.functional as F
 
+from generative_recommenders.config import ConfigError
 from generative_recommenders.data.ranking import LIKED_RATING, RankingBatch
-from generative_recommenders.loss import NegativesSampler, autoregressive_loss
 from generative_recommenders.modeling.ranking_model import RankingModel
+from generative_recommenders.objectives.losses import RetrievalLoss
 from ops.jagged import dense_to_jagged
 
 TERMS = ("liked", "rating", "next_item")
@@ -31,15 +33,12 @@ TERMS = ("liked", "rating", "next_item")
 class RankingObjective:
     liked_weight: float = 1.0
     rating_weight: float = 1.0
-    next_item_weight: float = 0.0
-    loss_module: str = "SampledSoftmaxLoss"  # of the next-item term, as in loss.py
-    num_negatives: int = 128
-    temperature: float = 0.05
+    next_item_weight: float = 0.0  # the retrieval term: train_fn.loss_module, num_negatives, temperature
 
     def __post_init__(self) -> None:
         weights = [getattr(self, f"{term}_weight") for term in TERMS]
         if min(weights) < 0 or max(weights) == 0:
-            raise ValueError(f"ranking_objective weights must be >= 0 with at least one > 0, got {weights}")
+            raise ConfigError(f"ranking_objective weights must be >= 0 with at least one > 0, got {weights}")
 
     def weight(self, term: str) -> float:
         return getattr(self, f"{term}_weight")
@@ -65,12 +64,12 @@ def ranking_losses(
     model: torch.nn.Module,
     batch: RankingBatch,
     objective: RankingObjective,
-    sampler: Optional[NegativesSampler] = None,
+    retrieval_loss: Optional[RetrievalLoss] = None,
     generator: Optional[torch.Generator] = None,
 ) -> Dict[str, torch.Tensor]:
     """Each switched-on term and their weighted sum "loss" for one batch.
 
-    `model` may be a DDP wrapper of a RankingModel; the next-item term needs `sampler`.
+    `model` may be a DDP wrapper of a RankingModel; the next-item term needs `retrieval_loss`.
     """
     core: RankingModel = getattr(model, "module", model)
     out, offsets = model(batch)
@@ -86,10 +85,9 @@ def ranking_losses(
     if objective.rating_weight > 0:
         terms["rating"] = _weighted_mean(rating_loss(core, outputs["rating"], ratings), weights)
     if objective.next_item_weight > 0:
-        if sampler is None:
-            raise ValueError("the next-item term needs a NegativesSampler")
-        terms["next_item"] = autoregressive_loss(
-            objective.loss_module, core.retrieval_queries(out), _jagged(batch.next_item, offsets, total),
-            core.item_embedding, sampler, objective.num_negatives, objective.temperature, generator)
+        if retrieval_loss is None:
+            raise ValueError("the next-item term needs a RetrievalLoss")
+        terms["next_item"] = retrieval_loss(core.retrieval_queries(out), _jagged(batch.next_item, offsets, total),
+                                            core.item_vectors, generator)
     terms["loss"] = sum(objective.weight(term) * value for term, value in terms.items())
     return terms

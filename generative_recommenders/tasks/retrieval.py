@@ -12,11 +12,11 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from generative_recommenders.config import TrainConfig
+from generative_recommenders.config import ConfigError, TrainConfig
 from generative_recommenders.data.candidates import CandidateIndex
 from generative_recommenders.data.samples import SESSIONS, DeviceSequences, history_total, make_splits, selection_split
 from generative_recommenders.data.sequence_store import SequenceData
-from generative_recommenders.evaluation import RANK_CAP, Evaluator
+from generative_recommenders.evaluation import RANK_CAP, Evaluator, metric_names
 from generative_recommenders.modeling.recommender import SequentialRecommender
 from generative_recommenders.objectives import make_objective
 from generative_recommenders.objectives.losses import RetrievalLoss
@@ -35,12 +35,18 @@ def training_popularity(data: SequenceData, train_samples: np.ndarray, index: Ca
 class RetrievalTask:
     """Next-item retrieval on user histories ("paper", "leave_one_out") or sessions ("sessions")."""
 
+    shards_evaluation = True  # every metric is a mean over samples: ranks evaluate shares, sums are reduced
+
     def __init__(self, config: TrainConfig, data: SequenceData, device: torch.device) -> None:
         self.config = config
         self.data = data
         self.splits = make_splits(data, config.protocol)
         self.eval_splits: List[str] = [name for name in self.splits if name != "train"]
         self.selection_split = selection_split(config.protocol, self.splits)
+        self.selection_metric = config.selection_metric or "ndcg@10"
+        if self.selection_metric not in metric_names():
+            raise ConfigError(f"train_fn.selection_metric must be one of {', '.join(metric_names())}; "
+                              f"got {self.selection_metric!r}")
         self.sequences = DeviceSequences(data, device)
         self.index = CandidateIndex(torch.as_tensor(data.candidate_ids, device=device), data.max_item_id)
         self.model = SequentialRecommender(
@@ -80,6 +86,6 @@ class RetrievalTask:
     def evaluate(self, samples: np.ndarray, max_batches: Optional[int] = None) -> Dict[str, float]:
         return self.evaluator(samples, max_batches)
 
-    def baseline(self, samples: np.ndarray) -> Dict[str, float]:
+    def baselines(self, samples: np.ndarray) -> Dict[str, Dict[str, float]]:
         """The most-popular baseline's metrics on the same samples."""
-        return self.popular(samples)
+        return {"most-popular": self.popular(samples)}

@@ -1,0 +1,93 @@
+"""Generative ranking (REFERENCE.md section 14): interleaved item/action histories, candidates' actions as labels.
+
+A user's history (items and their ratings as actions, interleaved) is followed
+by candidate items under the M-FALCON mask; task heads predict "liked" (rating
+>= 4) and the rating at candidate positions. Training supervises every history
+item of the sequence before the validation candidates (target-aware, causal);
+validation and test score the held-out candidates (data/ranking.py). The
+best epoch maximises validation AUC of "liked" by default.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from generative_recommenders.config import ConfigError, TrainConfig
+from generative_recommenders.data.candidates import CandidateIndex
+from generative_recommenders.data.ranking import (
+    RankingSequences, padded_length, ranking_splits, sample_lengths, users_in_id_range,
+)
+from generative_recommenders.data.sequence_store import SequenceData
+from generative_recommenders.modeling.ranking_model import RankingModel
+from generative_recommenders.objectives.losses import RetrievalLoss
+from generative_recommenders.objectives.ranking import RankingObjective, ranking_losses
+from generative_recommenders.ranking_baseline import bias_baseline_predictions
+from generative_recommenders.ranking_evaluation import RankingEvaluator
+from generative_recommenders.ranking_metrics import ranking_metrics
+
+
+SELECTABLE = ("auc", "accuracy", "ndcg@10")
+
+
+class RankingTask:
+    shards_evaluation = False  # AUC is no sum over samples: every rank evaluates the whole split
+    selection_split = "valid"
+    shown_metrics = ("auc", "ne", "rmse", "ndcg@10")
+
+    def __init__(self, config: TrainConfig, data: SequenceData, device: torch.device) -> None:
+        self.config, self.data = config, data
+        users = None if config.ranking_user_range is None else users_in_id_range(data, *config.ranking_user_range)
+        self.splits = ranking_splits(data.lengths, config.ranking_holdout, users)
+        self.eval_splits: List[str] = ["valid", "test"]
+        self.selection_metric = config.selection_metric or "auc"
+        if self.selection_metric not in SELECTABLE:
+            raise ConfigError(f"train_fn.selection_metric for ranking must be one of {', '.join(SELECTABLE)} "
+                              f"(higher is better); got {self.selection_metric!r}")
+        self.sequences = RankingSequences(data, device)  # checks every rating is an action 1..5
+        self.padded_len = padded_length(config.max_sequence_length, config.ranking_holdout)
+        self.model = RankingModel(config.main_module, data.max_item_id, self.padded_len, config.item_embedding_dim,
+                                  config.dropout_rate, config.head_hidden_dim, config.rating_head).to(device)
+        self.objective = RankingObjective()  # its weights come from the ranking_objective.* bindings
+        self.retrieval_loss: Optional[RetrievalLoss] = None
+        if self.objective.next_item_weight > 0:
+            index = CandidateIndex(torch.as_tensor(data.candidate_ids, device=device), data.max_item_id)
+            self.retrieval_loss = RetrievalLoss(config.loss_module, index, config.sampling_strategy,
+                                                config.num_negatives, config.temperature,
+                                                config.bpr_max_regularization)
+        self.evaluator = RankingEvaluator(self.model, self.sequences, config.max_sequence_length,
+                                          config.eval_batch_size)
+
+    def describe(self) -> str:
+        users = self.splits["test"].shape[0]
+        terms = ", ".join(f"{t} x{self.objective.weight(t)}" for t in ("liked", "rating", "next_item")
+                          if self.objective.weight(t) > 0)
+        return (f"ranking with {self.config.main_module} on {self.data.name} ({users} users, "
+                f"{self.config.ranking_holdout} held-out candidate(s) per split; losses {terms})")
+
+    def use_cuda_graphs(self, device: torch.device) -> bool:
+        return False  # candidates end each sequence: no padded layout yet
+
+    def batch_total(self, samples: np.ndarray) -> int:
+        return int(sample_lengths(samples, self.config.max_sequence_length).sum())
+
+    def loss(self, train_model: torch.nn.Module, samples: torch.Tensor, total: int) -> torch.Tensor:
+        batch = self.sequences.gather(samples, self.config.max_sequence_length, self.padded_len, total, False)
+        return ranking_losses(train_model, batch, self.objective, self.retrieval_loss)["loss"]
+
+    def evaluate(self, samples: np.ndarray, max_batches: Optional[int] = None) -> Dict[str, float]:
+        if max_batches is not None:
+            samples = samples[: max_batches * self.config.eval_batch_size]
+        predictions = self.evaluator.predictions(samples)
+        scores = torch.cat([predictions.liked_prob[predictions.valid], predictions.expected_rating[predictions.valid]])
+        if not bool(torch.isfinite(scores).all()):
+            raise FloatingPointError("non-finite predictions at evaluation")
+        return ranking_metrics(predictions)
+
+    def baselines(self, samples: np.ndarray) -> Dict[str, Dict[str, float]]:
+        """The non-sequential baselines, fit on the training interactions: item mean, and user + item bias."""
+        train = self.splits["train"]
+        return {name: ranking_metrics(bias_baseline_predictions(self.data, train, samples, use_users))
+                for name, use_users in (("item-mean", False), ("user+item-bias", True))}
