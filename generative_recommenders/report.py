@@ -147,16 +147,22 @@ def _shares_a_row(results: Dict, runs: Sequence[Dict]) -> bool:
     return sum(_row_key(r) == _row_key(results) for r in runs) > 1
 
 
+def _config_but_seed(results: Dict) -> str:
+    return "\n".join(l for l in results.get("config", "").splitlines()
+                     if not l.startswith(("train_fn.random_seed", "train_fn.run_name", "train_fn.exp_root",
+                                          "train_fn.ckpt_root", "train_fn.resume")))
+
+
 def seed_spread(group: Sequence[Dict]) -> str:
-    """Mean and standard deviation over the runs sharing a model and loss (e.g. seeds), best epochs."""
+    """Mean and standard deviation over runs whose configurations differ only in the seed, best epochs."""
     import numpy as np
 
-    rows: Dict[Tuple[str, str], List[Dict]] = {}
+    rows: Dict[Tuple[str, str, str], List[Dict]] = {}
     for r in group:
-        rows.setdefault(_row_key(r), []).append(r)
+        rows.setdefault((*_row_key(r), _config_but_seed(r)), []).append(r)
     columns = columns_of(group[0])
     lines = []
-    for (model, loss), runs in rows.items():
+    for (model, loss, _), runs in rows.items():
         if len(runs) < 2:
             continue
         split = reported_split(runs[0])
@@ -169,7 +175,7 @@ def seed_spread(group: Sequence[Dict]) -> str:
     if not lines:
         return ""
     header = ["model", "loss", "runs", *(c.upper() for c in columns), "mean s"]
-    return "\n".join(["mean ± std over runs of the same model and loss (best epochs):", "",
+    return "\n".join(["mean ± std over runs that differ only in the seed (best epochs):", "",
                       "| " + " | ".join(header) + " |", "|" + "---|" * len(header), *lines])
 
 
