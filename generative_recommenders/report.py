@@ -14,6 +14,7 @@ rows, and the full-softmax paper its BERT4Rec / GRU4Rec rows come from
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -72,8 +73,13 @@ def loss_label(results: Dict) -> str:
     return label
 
 
+def config_lines(results: Dict) -> List[str]:
+    """The run's gin bindings, one per line (gin wraps long values onto continuation lines)."""
+    return re.sub(r"\\\n\s*", "", results.get("config", "")).splitlines()
+
+
 def _config_value(results: Dict, key: str) -> Optional[str]:
-    for line in results.get("config", "").splitlines():
+    for line in config_lines(results):
         if line.startswith(key + " ="):
             return line.split("=", 1)[1].strip()
     return None
@@ -148,7 +154,7 @@ def _shares_a_row(results: Dict, runs: Sequence[Dict]) -> bool:
 
 
 def _config_but_seed(results: Dict) -> str:
-    return "\n".join(l for l in results.get("config", "").splitlines()
+    return "\n".join(l for l in config_lines(results)
                      if not l.startswith(("train_fn.random_seed", "train_fn.run_name", "train_fn.exp_root",
                                           "train_fn.ckpt_root", "train_fn.resume")))
 
