@@ -107,10 +107,10 @@ def published(results: Dict) -> List[Tuple[str, Tuple[float, ...]]]:
     rows = []
     if task_of(results) != "retrieval":
         return rows
-    if loss == "SampledSoftmaxLoss" and key in RELEASE:
+    if loss == "SampledSoftmaxLoss" and key in RELEASE and results["protocol"] == "paper":
         rows.append(("release", RELEASE[key]))
     if key in FULL_SOFTMAX_PAPER and (loss == "FullSoftmaxLoss" or key[1] != "SASRec"):
-        rows.append(("K&V'23 full CE", FULL_SOFTMAX_PAPER[key]))
+        rows.append(("K&V'23 (full CE, LOO)", FULL_SOFTMAX_PAPER[key]))
     return rows
 
 
