@@ -214,3 +214,16 @@ def test_report_tables_of_every_kind_of_run(tmp_path):
     assert "AUC" in ranking and "item-mean baseline" in ranking
     assert "HR@10" in retrieval and "(seed7)" in retrieval and "best 1" in retrieval
     assert "2 runs" in seed_spread(grouped[0])
+
+
+def test_early_stopping_ends_the_run_after_patience_epochs_without_a_better_validation_metric(tmp_path):
+    from generative_recommenders.config import ConfigError, TrainConfig
+
+    # A learning rate too small to move the model: validation stalls, the run stops after the patience.
+    results = train_tiny(tmp_path, ["train_fn.protocol = 'leave_one_out'", "train_fn.num_epochs = 20",
+                                    "train_fn.early_stopping_patience = 2", "train_fn.learning_rate = 1e-9"])
+    epochs = [e["epoch"] for e in results["per_epoch"]]
+    best = results["best"]["epoch"]
+    assert len(epochs) < 20 and epochs[-1] - best == 2
+    with pytest.raises(ConfigError, match="validation split"):
+        TrainConfig(early_stopping_patience=3).validate()  # the paper protocol has none
