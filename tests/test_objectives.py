@@ -3,7 +3,6 @@ evaluation query (next-item for causal encoders, cloze for BERT4Rec)."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings

@@ -174,6 +174,28 @@ def count_separators_and_lines(path: Path, sep: bytes, chunk_bytes: int = 1 << 2
     return separators, newlines + (0 if last in (b"\n", b"") else 1)
 
 
+def comma_file_checker(path: Path, fields: Sequence[Field]) -> Tuple[Callable[[str], PreprocessingError], int]:
+    """Checks a large headerless comma-separated file before pandas reads it in chunks.
+
+    The file must exist, be non-empty and hold len(fields) - 1 commas per line (pandas would silently
+    drop extra fields). Returns `fail(reason)`, which re-reads it line by line to name the first bad
+    line, and the number of lines (the rows pandas must return).
+    """
+    source = str(path)
+    if not path.is_file():
+        raise PreprocessingError(f"{source}: no such file")
+    if path.stat().st_size == 0:
+        raise PreprocessingError(f"{source}: the file is empty")
+
+    def fail(reason: str) -> PreprocessingError:
+        return diagnose(source, lambda: open(path, "rb"), ",", fields, 0, "utf-8", reason)
+
+    commas, lines = count_separators_and_lines(path, b",")
+    if commas != (len(fields) - 1) * lines:
+        raise fail("wrong separator or number of fields")
+    return fail, lines
+
+
 def parse_small(data: bytes, source: str, sep: str, fields: Sequence[Field], encoding: str) -> List[List[str]]:
     """Line-by-line parsing for the small metadata files (a few thousand lines)."""
     if not data.strip():

@@ -24,11 +24,11 @@ from torch import nn
 from generative_recommenders.config import ConfigError
 from generative_recommenders.data.ranking import NUM_ACTIONS, RankingBatch
 from generative_recommenders.modeling.embeddings import (
-    InputPreprocessor, ItemEmbedding, normalize_output, truncated_normal_,
+    normalize_output, truncated_normal_,
 )
 from generative_recommenders.modeling.heads import TaskHeads
 from generative_recommenders.modeling.hstu import HSTUEncoder, PrefixCache
-from generative_recommenders.modeling.recommender import ENCODERS
+from generative_recommenders.modeling.recommender import build_backbone
 from ops.jagged import complete_cumsum
 from ops.targets import effective_positions, prefix_lengths
 
@@ -60,13 +60,10 @@ class RankingModel(nn.Module):
             raise ConfigError(f"train_fn.main_module must be one of {', '.join(RANKING_ENCODERS)} for ranking; "
                               f"got {encoder_type!r}")
         self.max_seq_len = max_seq_len
-        self.item_embedding = ItemEmbedding(max_item_id, item_embedding_dim)
+        self.item_embedding, self.input_preproc, self.encoder = build_backbone(
+            encoder_type, max_item_id, max_seq_len, item_embedding_dim, dropout_rate)
         self.action_embedding = nn.Embedding(NUM_ACTIONS + 1, item_embedding_dim, padding_idx=0)
         truncated_normal_(self.action_embedding.weight.data, std=0.02)
-        self.input_preproc = InputPreprocessor(max_seq_len, item_embedding_dim, dropout_rate)
-        self.encoder = ENCODERS[encoder_type](dim=item_embedding_dim, max_seq_len=max_seq_len)
-        if encoder_type == "HSTU":  # as SequentialRecommender: Xavier normal outside the stack and item table
-            nn.init.xavier_normal_(self.input_preproc.position.weight)
         self.heads = TaskHeads(item_embedding_dim, head_hidden_dim, rating_head)
 
     def embed(self, item_ids: torch.Tensor, action_ids: torch.Tensor, valid: torch.Tensor,

@@ -38,6 +38,23 @@ def _build_encoder(encoder_type: str, encoder_class, dim: int, max_seq_len: int)
                           f"copy them from {example}") from None
 
 
+def build_backbone(encoder_type: str, max_item_id: int, max_seq_len: int, dim: int, dropout_rate: float,
+                   mask_token: bool = False) -> Tuple[ItemEmbedding, InputPreprocessor, nn.Module]:
+    """The item table (plus a [MASK] row if asked), the input module and the encoder, initialised as the release."""
+    if encoder_type not in ENCODERS:
+        raise ConfigError(f"train_fn.main_module must be one of {', '.join(ENCODERS)}; got {encoder_type!r}")
+    encoder_class = ENCODERS[encoder_type]
+    item_embedding = ItemEmbedding(max_item_id + mask_token, dim)
+    input_preproc = InputPreprocessor(max_seq_len, dim, dropout_rate,
+                                      positions=getattr(encoder_class, "USES_POSITIONS", True))
+    encoder = _build_encoder(encoder_type, encoder_class, dim, max_seq_len)
+    if encoder_type == "HSTU":
+        # The release re-initialises everything outside the HSTU stack and the
+        # item table (i.e. the position table) with Xavier normal.
+        nn.init.xavier_normal_(input_preproc.position.weight)
+    return item_embedding, input_preproc, encoder
+
+
 class SequentialRecommender(nn.Module):
     """Encodes padded histories into one normalised query per valid position."""
 
@@ -53,24 +70,16 @@ class SequentialRecommender(nn.Module):
         l2_norm_eps: float = 1e-6,
     ) -> None:
         super().__init__()
-        if encoder_type not in ENCODERS:
-            raise ConfigError(f"train_fn.main_module must be one of {', '.join(ENCODERS)}; got {encoder_type!r}")
-        encoder_class = ENCODERS[encoder_type]
         self.max_seq_len = max_seq_len
         self.user_embedding_norm = user_embedding_norm
         self.item_l2_norm, self.l2_norm_eps = item_l2_norm, l2_norm_eps
         self.padded_layout = False  # see use_padded_layout
         normalize_output(torch.zeros(1, 2), user_embedding_norm)  # fail early on a bad name
         # Bidirectional encoders read a [MASK] token: one more row, never a candidate.
-        self.mask_id: Optional[int] = None if getattr(encoder_class, "CAUSAL", True) else max_item_id + 1
-        self.item_embedding = ItemEmbedding(max_item_id + (self.mask_id is not None), item_embedding_dim)
-        self.input_preproc = InputPreprocessor(max_seq_len, item_embedding_dim, dropout_rate,
-                                               positions=getattr(encoder_class, "USES_POSITIONS", True))
-        self.encoder = _build_encoder(encoder_type, encoder_class, item_embedding_dim, max_seq_len)
-        if encoder_type == "HSTU":
-            # The release re-initialises everything outside the HSTU stack and the
-            # item table (i.e. the position table) with Xavier normal.
-            nn.init.xavier_normal_(self.input_preproc.position.weight)
+        causal = getattr(ENCODERS.get(encoder_type), "CAUSAL", True)
+        self.mask_id: Optional[int] = None if causal else max_item_id + 1
+        self.item_embedding, self.input_preproc, self.encoder = build_backbone(
+            encoder_type, max_item_id, max_seq_len, item_embedding_dim, dropout_rate, mask_token=not causal)
 
     def item_vectors(self, ids: torch.Tensor) -> torch.Tensor:
         """The item embeddings queries are scored against, in training and evaluation alike."""

@@ -23,8 +23,7 @@ from generative_recommenders.data.parsing import (
     Log,
     PreprocessingError,
     Ratings,
-    count_separators_and_lines,
-    diagnose,
+    comma_file_checker,
     print_log,
     to_sequences,
 )
@@ -84,16 +83,7 @@ def parse_amazon_ratings(path: Path, chunk_rows: int = 2_000_000) -> Tuple[Ratin
     """
     import pandas as pd
 
-    source = str(path)
-    if path.stat().st_size == 0:
-        raise PreprocessingError(f"{source}: the file is empty")
-
-    def fail(reason: str) -> PreprocessingError:
-        return diagnose(source, lambda: open(path, "rb"), ",", _FIELDS, 0, "utf-8", reason)
-
-    commas, lines = count_separators_and_lines(path, b",")
-    if commas != 3 * lines:  # pandas would silently drop extra fields of a line
-        raise fail("wrong separator or number of fields")
+    fail, lines = comma_file_checker(path, _FIELDS)
     users, items = SortedIdCoder(), SortedIdCoder()
     ratings, timestamps = [], []
     try:

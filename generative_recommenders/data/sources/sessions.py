@@ -29,8 +29,7 @@ from generative_recommenders.data.parsing import (
     Field,
     Log,
     PreprocessingError,
-    count_separators_and_lines,
-    diagnose,
+    comma_file_checker,
     group_by_user,
     print_log,
     read_headed_table,
@@ -119,17 +118,7 @@ def parse_clicks(path: Path, chunk_rows: int = 2_000_000) -> Events:
     import pandas as pd
 
     source = str(path)
-    if not path.is_file():
-        raise PreprocessingError(f"{source}: no such file")
-    if path.stat().st_size == 0:
-        raise PreprocessingError(f"{source}: the file is empty")
-
-    def fail(reason: str) -> PreprocessingError:
-        return diagnose(source, lambda: open(path, "rb"), ",", _CLICK_FIELDS, 0, "utf-8", reason)
-
-    commas, lines = count_separators_and_lines(path, b",")
-    if commas != 3 * lines:  # pandas would silently drop extra fields of a line
-        raise fail("wrong separator or number of fields")
+    fail, lines = comma_file_checker(path, _CLICK_FIELDS)
     columns: Dict[str, List[np.ndarray]] = {"sessions": [], "items": [], "times": []}
     try:
         with pd.read_csv(path, header=None, names=[f.name for f in _CLICK_FIELDS], usecols=[0, 1, 2],
