@@ -8,7 +8,8 @@ validation in leave-one-out and session mode, where test metrics are
 reported) and its last epoch, beside the published numbers where there are
 some: the release's table (REFERENCE.md section 9) for its sampled-softmax
 rows, and the full-softmax paper its BERT4Rec / GRU4Rec rows come from
-(section 12).
+(section 12). Runs of one table that share model and loss (other settings:
+their run names carry a hash of them) are told apart by their run name.
 """
 
 from __future__ import annotations
@@ -74,6 +75,13 @@ def _config_value(results: Dict, key: str) -> Optional[str]:
     return None
 
 
+def row_labels(runs: Sequence[Dict]) -> List[str]:
+    """Model labels, with the run name where runs of one table share model and loss (e.g. other settings)."""
+    keys = [(model_label(r), loss_label(r)) for r in runs]
+    return [f"{model} ({r['run_name']})" if keys.count((model, loss)) > 1 else model
+            for r, (model, loss) in zip(runs, keys)]
+
+
 def reported_split(results: Dict) -> str:
     """The split whose metrics are reported: eval in paper mode, test otherwise."""
     return "eval" if results["protocol"] == "paper" else "test"
@@ -105,14 +113,15 @@ def table(runs: Sequence[Dict]) -> str:
     header = ["model", "loss", "epoch", *(SESSION_LABELS.get(c, c).upper() for c in columns), "s", "device"]
     lines = [f"{runs[0]['dataset']}, protocol {runs[0]['protocol']} ({reported_split(runs[0])} split)", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in runs:
-        split, common = reported_split(r), [model_label(r), loss_label(r)]
-        best, last = r["best"], r["last"]
+    for label, r in zip(row_labels(runs), runs):
+        split, common = reported_split(r), [label, loss_label(r)]
         seconds = f"{r.get('process_seconds', r['wall_seconds']):.0f}"
-        lines.append("| " + " | ".join(common + [f"best {best['epoch'] + 1}", *_cells(best[split], columns),
-                                                 seconds, r["device"]]) + " |")
-        lines.append("| " + " | ".join(common + [f"last {last['epoch'] + 1}", *_cells(last[split], columns), "", ""])
-                     + " |")
+        for which, extra in (("best", [seconds, r["device"]]), ("last", ["", ""])):
+            record = r[which]
+            if "epoch" not in record:  # no (full) evaluation finished yet
+                continue
+            lines.append("| " + " | ".join(common + [f"{which} {record['epoch'] + 1}", *_cells(record[split], columns),
+                                                     *extra]) + " |")
         for source, values in published(r):
             cells = [f"{v:.4f}" for v in values] + [""] * (len(columns) - len(values))
             lines.append("| " + " | ".join(common + [source, *cells, "", ""]) + " |")
@@ -124,7 +133,7 @@ def groups(runs: Sequence[Dict]) -> List[List[Dict]]:
     keyed: Dict[Tuple[str, str], List[Dict]] = {}
     for r in runs:
         keyed.setdefault((r["dataset"], r["protocol"]), []).append(r)
-    return [sorted(group, key=lambda r: (MODEL_ORDER.get(model_label(r), 9), loss_label(r)))
+    return [sorted(group, key=lambda r: (MODEL_ORDER.get(model_label(r), 9), loss_label(r), r["run_name"]))
             for _, group in sorted(keyed.items())]
 
 
@@ -138,11 +147,11 @@ def plot_curves(runs: Sequence[Dict], path: Path) -> None:
     fig, axes = plt.subplots(len(grouped), 2, figsize=(11, 4 * len(grouped)), squeeze=False)
     for row, group in zip(axes, grouped):
         for ax, metric in zip(row, columns_of(group[0])[:2]):
-            for r in group:
+            for label, r in zip(row_labels(group), group):
                 split = reported_split(r)
                 epochs = [e for e in r["per_epoch"] if e["full_eval"]]
                 ax.plot([e["epoch"] + 1 for e in epochs], [e[split][metric] for e in epochs],
-                        label=f"{model_label(r)}, {loss_label(r)}")
+                        label=f"{label}, {loss_label(r)}")
                 for _, values in published(r)[:1]:
                     if r["protocol"] != "sessions":
                         ax.axhline(values[COLUMNS.index(metric)], ls="--", lw=0.8, color=ax.lines[-1].get_color())

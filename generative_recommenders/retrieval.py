@@ -12,11 +12,11 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from generative_recommenders.config import TrainConfig
+from generative_recommenders.config import TrainConfig, check_one_of
 from generative_recommenders.data.candidates import CandidateIndex
 from generative_recommenders.data.samples import SESSIONS, DeviceSequences, history_total, make_splits, selection_split
 from generative_recommenders.data.sequence_store import SequenceData
-from generative_recommenders.evaluation import RANK_CAP, Evaluator
+from generative_recommenders.evaluation import RANK_CAP, Evaluator, metric_names
 from generative_recommenders.modeling.recommender import SequentialRecommender
 from generative_recommenders.objectives import make_objective
 from generative_recommenders.objectives.losses import RetrievalLoss
@@ -36,6 +36,7 @@ class RetrievalTask:
     """Next-item retrieval on user histories ("paper", "leave_one_out") or sessions ("sessions")."""
 
     def __init__(self, config: TrainConfig, data: SequenceData, device: torch.device) -> None:
+        check_one_of("train_fn.selection_metric", config.selection_metric, metric_names())
         self.config = config
         self.data = data
         self.splits = make_splits(data, config.protocol)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from generative_recommenders.config import check_one_of, check_positive, check_rate
 from ops.hstu_attention import NUM_TIME_BUCKETS, hstu_attention, triton_available
 from ops.jagged import dense_to_jagged
 from ops.layer_norm import layer_norm
@@ -84,10 +85,10 @@ class HSTUEncoder(nn.Module):
         attention_kernel: str = "auto",
     ) -> None:
         super().__init__()
-        if normalization not in ("silu", "softmax"):
-            raise ValueError(f"hstu_encoder.normalization must be silu or softmax, got {normalization!r}")
-        if attention_kernel not in ("auto", "triton", "torch"):
-            raise ValueError(f"hstu_encoder.attention_kernel must be auto, triton or torch, got {attention_kernel!r}")
+        check_positive("hstu_encoder", num_blocks=num_blocks, num_heads=num_heads, dqk=dqk, dv=dv)
+        check_rate("hstu_encoder", linear_dropout_rate=linear_dropout_rate)
+        check_one_of("hstu_encoder.normalization", normalization, ("silu", "softmax"))
+        check_one_of("hstu_encoder.attention_kernel", attention_kernel, ("auto", "triton", "torch"))
         self.layers = nn.ModuleList(
             HSTULayer(dim, num_heads, dqk, dv, max_seq_len, linear_dropout_rate, normalization,
                       relative_bias, attention_kernel)
