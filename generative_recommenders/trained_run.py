@@ -80,11 +80,13 @@ def load_run(run_dir: str, which: str = "best", device: Optional[torch.device] =
         raise ConfigError(f"{checkpoint} not found: checkpoints are read from train_fn.ckpt_root "
                           f"({config.ckpt_root}) relative to the directory the run was trained in")
     weights, epoch, fingerprint = checkpoint_weights(load_checkpoint_file(checkpoint, device))
-    expected = results[which].get("epoch")
-    if epoch != expected or fingerprint not in (None, config_fingerprint(task.data)):
-        raise ConfigError(f"{checkpoint} (epoch {epoch + 1}) is not the {which} epoch results.json records "
-                          f"({'none' if expected is None else expected + 1}) or belongs to another configuration: "
-                          f"the run is still being written, or its files were mixed up")
+    if fingerprint not in (None, config_fingerprint(task.data)):
+        raise ConfigError(f"{checkpoint} belongs to another configuration or data set than {results_path}")
+    recorded = results[which].get("epoch")
+    if epoch != recorded:
+        raise ConfigError(f"{checkpoint} holds epoch {epoch + 1}, but {results_path} records "
+                          f"{'no' if recorded is None else recorded + 1} as the {which} epoch: the run is still "
+                          f"being written, or its files were mixed up")
     task.model.load_state_dict(weights)
     task.model.eval()
     return TrainedRun(config, task, results["run_name"], checkpoint, epoch)

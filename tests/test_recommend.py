@@ -142,17 +142,16 @@ def test_best_and_last_epochs_read_their_own_checkpoints(workdir, tmp_path):
     assert not np.allclose(recommend(best, 5, [1]).score, recommend(last, 5, [1]).score)
 
 
-def test_a_checkpoint_that_is_not_the_recorded_epoch_is_refused(workdir, tmp_path):
+def test_a_checkpoint_of_another_epoch_or_configuration_is_refused(workdir, tmp_path):
     import shutil
 
-    shutil.copytree(workdir / "exps", tmp_path / "exps")
-    shutil.copytree(workdir / "ckpts", tmp_path / "ckpts")
-    run_dir = tmp_path / DEFAULT_RUN
-    config_path = run_dir / "results.json"
-    config_path.write_text(config_path.read_text().replace(str(workdir), str(tmp_path)))
-    ckpt = tmp_path / "ckpts/synthetic-l50/hstu-default"
+    train_tiny(tmp_path, ["train_fn.num_epochs = 2", "train_fn.selection_metric = 'hr@1000'"])  # best 1, last 2
+    run_dir, ckpt = tmp_path / "exps/synthetic-l20/run", tmp_path / "ckpts/synthetic-l20/run"
+    shutil.copy(workdir / "ckpts/synthetic-l50/hstu-default/best.pt", ckpt / "best.pt")  # epoch 1 too
+    with pytest.raises(ConfigError, match="best.pt belongs to another configuration or data set than"):
+        _load(run_dir, "best")
     shutil.copy(ckpt / "last.pt", ckpt / "best.pt")
-    with pytest.raises(ConfigError, match="epoch 3\\) is not the best epoch results.json records \\(1\\)"):
+    with pytest.raises(ConfigError, match="best.pt holds epoch 2, but .* records 1 as the best epoch"):
         _load(run_dir, "best")
 
 
