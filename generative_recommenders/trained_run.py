@@ -15,7 +15,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import gin
 import numpy as np
@@ -29,7 +29,7 @@ from generative_recommenders.data.samples import SESSIONS, Batch, DeviceSequence
 from generative_recommenders.data.sequence_store import SequenceData
 from generative_recommenders.retrieval import RetrievalTask
 from generative_recommenders.trainer import (Progress, checkpoint_weights, config_fingerprint, device_for,
-                                             load_checkpoint_file, run_paths)
+                                             load_checkpoint_file, run_paths, set_precision)
 
 # Shared by recommend.py and export.py (absl flags are global: each is defined once).
 flags.DEFINE_string("run_dir", None, "The run's log directory, exps/<dataset>-l<max_len>/<run name> (holds results.json).")
@@ -72,24 +72,31 @@ def load_run(run_dir: str, which: str = "best", device: Optional[torch.device] =
     if config.task != "retrieval":
         raise ConfigError(f"{run_dir} is a {config.task} run; recommendations and embeddings come from retrieval runs")
     device = device or device_for(0)
-    # The training's matmul precision, so scores (and their order) are the evaluation's.
-    torch.backends.cuda.matmul.allow_tf32 = config.enable_tf32
+    set_precision(config)  # the training's, so scores (and their order) are the evaluation's
     task = RetrievalTask(config, load_dataset(config.dataset_name, config.data_dir), device)
     checkpoint = run_paths(config, results["run_name"])[1] / f"{which}.pt"
-    if not checkpoint.is_file():
-        raise ConfigError(f"{checkpoint} not found: checkpoints are read from train_fn.ckpt_root "
-                          f"({config.ckpt_root}) relative to the directory the run was trained in")
-    weights, epoch, fingerprint = checkpoint_weights(load_checkpoint_file(checkpoint, device))
-    if fingerprint not in (None, config_fingerprint(task.data)):
-        raise ConfigError(f"{checkpoint} belongs to another configuration or data set than {results_path}")
-    recorded = results[which].get("epoch")
-    if epoch != recorded:
-        raise ConfigError(f"{checkpoint} holds epoch {epoch + 1}, but {results_path} records "
-                          f"{'no' if recorded is None else recorded + 1} as the {which} epoch: the run is still "
-                          f"being written, or its files were mixed up")
+    weights, epoch = _checked_weights(checkpoint, results_path, results[which].get("epoch"), task.data, device)
     task.model.load_state_dict(weights)
     task.model.eval()
     return TrainedRun(config, task, results["run_name"], checkpoint, epoch)
+
+
+def _checked_weights(checkpoint: Path, results_path: Path, recorded: Optional[int], data: SequenceData,
+                     device: torch.device) -> Tuple[Dict[str, torch.Tensor], int]:
+    """The checkpoint's weights and epoch, refused unless they are the run's (gin holds its configuration) and
+    the epoch results.json records."""
+    if not checkpoint.is_file():
+        raise ConfigError(f"{checkpoint} not found: checkpoints are read from the run's train_fn.ckpt_root, "
+                          f"relative to the directory the run was trained in")
+    weights, epoch, fingerprint = checkpoint_weights(load_checkpoint_file(checkpoint, device))
+    if fingerprint not in (None, config_fingerprint(data)):
+        raise ConfigError(f"{checkpoint} belongs to another configuration or data set than {results_path}")
+    if epoch != recorded:
+        which = checkpoint.stem
+        raise ConfigError(f"{checkpoint} holds epoch {epoch + 1}, but {results_path} records "
+                          f"{'no' if recorded is None else recorded + 1} as the {which} epoch: the run is still "
+                          f"being written, or its files were mixed up")
+    return weights, epoch
 
 
 def user_rows(data: SequenceData, user_ids: Sequence[int]) -> np.ndarray:

@@ -57,6 +57,12 @@ def device_for(rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def set_precision(config: TrainConfig) -> None:
+    """The run's matmul precision (TF32 or full fp32 on GPUs), process-wide."""
+    torch.backends.cuda.matmul.allow_tf32 = config.enable_tf32
+    torch.backends.cudnn.allow_tf32 = config.enable_tf32
+
+
 def _shard(num: int, epoch: int, seed: int, rank: int, world_size: int) -> np.ndarray:
     """This rank's indices of a seeded per-epoch permutation, padded so every rank gets as many."""
     order = np.random.default_rng([seed, epoch]).permutation(num)
@@ -202,8 +208,7 @@ class Trainer:
         self.config, self.rank, self.world_size = config, rank, world_size
         self.start_time = time.time()
         self.device = device_for(rank)
-        torch.backends.cuda.matmul.allow_tf32 = config.enable_tf32
-        torch.backends.cudnn.allow_tf32 = config.enable_tf32
+        set_precision(config)
         self.run_name = config.run_name or default_run_name
         self.run_dir, self.ckpt_dir = run_paths(config, self.run_name)
 

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import types
 from pathlib import Path
-from typing import Callable, Dict
+from typing import Dict
 
 import gin
 import numpy as np
