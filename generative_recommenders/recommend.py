@@ -3,7 +3,7 @@
     python3 -m generative_recommenders.recommend --run_dir=exps/synthetic-l50/hstu-default --users=1,2,3
     python3 -m generative_recommenders.recommend --run_dir=exps/synthetic-l50/hstu-default --all --out=recs.csv
     python3 -m generative_recommenders.recommend --run_dir=exps/rsc15-100k-l50/gru4rec-full-softmax-sessions \
-        --session=214536502,214536500
+        --session=214716935,214832672
 
 Items are ranked exactly as the evaluation ranks a target (the evaluator's
 `score`): the objective's query against the model's vectors of every
@@ -34,7 +34,7 @@ from generative_recommenders.trained_run import (TrainedRun, load_run, query_bat
 flags.DEFINE_list("users", None, "The data set's own user ids (session ids for session data), e.g. --users=1,2,3.")
 flags.DEFINE_bool("all", False, "Recommend for every user.")
 flags.DEFINE_list("session", None, "Session runs: the next items after this session prefix, given as item keys "
-                  "(the source's item ids), e.g. --session=214536502,214536500.")
+                  "(the source's item ids), e.g. --session=214716935,214832672.")
 flags.DEFINE_integer("k", 10, "Items per user.", lower_bound=1)
 FLAGS = flags.FLAGS
 
