@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional, Tuple
+import typing
+from typing import Iterable, Optional, Tuple
 
 import gin
 
@@ -19,6 +20,13 @@ TASKS = ("retrieval", "ranking")
 
 class ConfigError(ValueError):
     """A setting the user can fix; main.py prints the message alone and exits with status 1."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An error's message alone, as the command-line tools print it (gin appends on further lines the
+    configurable an error was raised in)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 @gin.configurable("train_fn")
@@ -78,35 +86,85 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raises ConfigError for the first invalid value."""
-        for name in ("max_sequence_length", "item_embedding_dim", "num_negatives", "local_batch_size",
-                     "eval_batch_size", "full_eval_every_n", "partial_eval_num_batches", "ranking_holdout",
-                     "head_hidden_dim"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"train_fn.{name} must be > 0, got {getattr(self, name)}")
+        for name, hint in typing.get_type_hints(TrainConfig).items():
+            _check_type(f"train_fn.{name}", getattr(self, name), hint)
+        check_positive("train_fn", **{name: getattr(self, name) for name in (
+            "max_sequence_length", "item_embedding_dim", "num_negatives", "local_batch_size", "eval_batch_size",
+            "full_eval_every_n", "partial_eval_num_batches", "ranking_holdout", "head_hidden_dim")})
         for name in ("num_epochs", "num_warmup_steps", "gr_output_length", "early_stopping_patience",
-                     "weight_decay", "bpr_max_regularization"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"train_fn.{name} must be >= 0, got {getattr(self, name)}")
+                     "weight_decay", "bpr_max_regularization", "random_seed"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"train_fn.{name} must be a finite number >= 0, got {value}")
         for name in ("learning_rate", "temperature", "l2_norm_eps"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ConfigError(f"train_fn.{name} must be a positive number, got {value}")
-        if not 0.0 <= self.dropout_rate < 1.0:
-            raise ConfigError(f"train_fn.dropout_rate must be in [0, 1), got {self.dropout_rate}")
+        check_rate("train_fn", dropout_rate=self.dropout_rate)
         if not 0.0 < self.mask_prob < 1.0:
             raise ConfigError(f"train_fn.mask_prob must be in (0, 1), got {self.mask_prob}")
-        _one_of("protocol", self.protocol, PROTOCOLS)
-        _one_of("task", self.task, TASKS)
-        _one_of("rating_head", self.rating_head, ("classification", "regression"))
+        check_one_of("train_fn.protocol", self.protocol, PROTOCOLS)
+        check_one_of("train_fn.task", self.task, TASKS)
+        check_one_of("train_fn.rating_head", self.rating_head, ("classification", "regression"))
         if self.ranking_user_range is not None and (len(self.ranking_user_range) != 2
                                                     or self.ranking_user_range[0] > self.ranking_user_range[1]):
             raise ConfigError(f"train_fn.ranking_user_range must be (first, last) user ids with first <= last; "
                               f"got {self.ranking_user_range}")
+        if self.run_name is not None and (not self.run_name or "/" in self.run_name or self.run_name in (".", "..")):
+            # The name becomes a directory under exp_root and ckpt_root, which --fresh deletes.
+            raise ConfigError(f"train_fn.run_name must be a plain directory name, got {self.run_name!r}")
         if self.early_stopping_patience and self.protocol == "paper":
             raise ConfigError("train_fn.early_stopping_patience needs a validation split: the paper protocol has "
                               "none (stopping on test metrics would select on test); use protocol leave_one_out")
 
+    def check_batch_fits(self, num_train_samples: int, world_size: int) -> None:
+        """Raises ConfigError when one step would take more than the whole training split (known once data is loaded)."""
+        if num_train_samples == 0:
+            raise ConfigError(f"{self.dataset_name} has no training samples under protocol {self.protocol}: "
+                              f"its sequences are too short")
+        if self.local_batch_size * world_size > num_train_samples:
+            raise ConfigError(
+                f"train_fn.local_batch_size = {self.local_batch_size} x {world_size} process(es) exceeds the "
+                f"{num_train_samples} training samples of {self.dataset_name}: every epoch would be one step "
+                f"(of repeated samples under DDP); set it to at most {max(num_train_samples // world_size, 1)}")
 
-def _one_of(name: str, value: str, allowed) -> None:
+
+_EXPECTED = {bool: "True or False", int: "an integer", float: "a number", str: "a string",
+             Optional[str]: "a string or None"}
+
+
+def _check_type(name: str, value, hint) -> None:
+    if hint not in _EXPECTED:  # containers, if a setting ever is one, are checked where they are used
+        return
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif isinstance(value, bool):  # True is an int to Python, never a size or a rate here
+        ok = False
+    elif hint is float:
+        ok = isinstance(value, (int, float))
+    elif hint == Optional[str]:
+        ok = value is None or isinstance(value, str)
+    else:
+        ok = isinstance(value, hint)
+    if not ok:
+        raise ConfigError(f"{name} must be {_EXPECTED[hint]}, got {value!r}")
+
+
+def check_positive(scope: str, **values: int) -> None:
+    """Raises ConfigError naming the first `<scope>.<name>` that is not a positive integer (a size)."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"{scope}.{name} must be a positive integer, got {value!r}")
+
+
+def check_rate(scope: str, **values: float) -> None:
+    """Raises ConfigError naming the first `<scope>.<name>` outside [0, 1) (a dropout rate)."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+            raise ConfigError(f"{scope}.{name} must be a number in [0, 1), got {value!r}")
+
+
+def check_one_of(name: str, value: str, allowed: Iterable[str]) -> None:
+    allowed = list(allowed)
     if value not in allowed:
-        raise ConfigError(f"train_fn.{name} must be one of {', '.join(allowed)}; got {value!r}")
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {value!r}")

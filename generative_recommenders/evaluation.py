@@ -20,7 +20,7 @@ NaN scores would otherwise compare as "not higher" and rank every target first.
 from __future__ import annotations
 
 import math
-from typing import Callable, Dict, Iterable, Optional
+from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import numpy as np
 import torch
@@ -43,6 +43,20 @@ def metric_names() -> list:
     return names + [f"hr@{k}" for k in HR_ONLY_KS] + ["mrr"] + [f"mrr@{k}" for k in MRR_KS]
 
 
+def remove_columns(scores: torch.Tensor, exclude: torch.Tensor) -> torch.Tensor:
+    """(B, C) scores with the (B, n) columns `exclude` (-1: none) set to -inf."""
+    num_candidates = scores.shape[1]
+    # One extra "sink" column takes the scatter of padding and non-candidate ids.
+    sink = torch.where(exclude >= 0, exclude, num_candidates)
+    return torch.nn.functional.pad(scores, (0, 1)).scatter(1, sink, float("-inf"))[:, :num_candidates]
+
+
+def history_columns(batch: Batch, index: CandidateIndex) -> torch.Tensor:
+    """(B, N) candidate columns of each row's history items (-1 for padding, the target and non-candidates)."""
+    pos = torch.arange(batch.ids.shape[1], device=batch.ids.device)
+    return index.columns(torch.where(pos[None, :] < batch.lengths[:, None], batch.ids, 0))
+
+
 def rank_counts(scores: torch.Tensor, target_columns: torch.Tensor, exclude: Optional[torch.Tensor] = None):
     """(B, C) scores, (B,) target columns (-1: not a candidate), optional (B, n) columns to remove (-1: none).
 
@@ -50,11 +64,8 @@ def rank_counts(scores: torch.Tensor, target_columns: torch.Tensor, exclude: Opt
     target, others scored equal to it, and whether the target cannot be ranked
     (not a candidate, or removed).
     """
-    num_candidates = scores.shape[1]
     if exclude is not None:
-        # One extra "sink" column takes the scatter of padding and non-candidate ids.
-        sink = torch.where(exclude >= 0, exclude, num_candidates)
-        scores = torch.nn.functional.pad(scores, (0, 1)).scatter(1, sink, float("-inf"))[:, :num_candidates]
+        scores = remove_columns(scores, exclude)
     target = scores.gather(1, target_columns.clamp(min=0).unsqueeze(1))
     higher = (scores > target).sum(dim=1)
     ties = (scores == target).sum(dim=1) - 1
@@ -132,19 +143,36 @@ class Evaluator:
             return self.popularity.to(torch.float32).unsqueeze(1)
         return self.model.item_vectors(self.index.candidate_ids)
 
-    def _batch_sums(self, samples: torch.Tensor, total: int) -> torch.Tensor:
-        """Sums of every metric over one batch, then the non-finite query count, then the batch size."""
-        batch = self.sequences.gather(samples, self.max_history, self.model.max_seq_len, total)
+    def refresh_candidates(self) -> None:
+        """Reads the candidates' current vectors into the buffer every batch scores against."""
+        matrix = self._candidate_matrix()
+        if not bool(torch.isfinite(matrix).all()):
+            raise FloatingPointError("non-finite item embeddings at evaluation")
+        if self.candidates is None:
+            self.candidates = matrix
+        else:  # in place: a captured graph reads this buffer
+            self.candidates.copy_(matrix)
+
+    def score(self, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(B, D) queries and their (B, C) scores of every candidate, removed history items at -inf.
+
+        The ranking evaluated here is the one recommendations are read from
+        (recommend.py), after `refresh_candidates`.
+        """
         if self.popularity is None:
             query = self.query(self.model, batch)
         else:
             query = self.candidates.new_ones(batch.targets.numel(), 1)
-        exclude = None
-        if self.filter_history:
-            pos = torch.arange(batch.ids.shape[1], device=batch.ids.device)
-            exclude = self.index.columns(torch.where(pos[None, :] < batch.lengths[:, None], batch.ids, 0))
         scores = query @ self.candidates.T
-        per_sample = self.metrics(*rank_counts(scores, self.index.columns(batch.targets), exclude))
+        if self.filter_history:
+            scores = remove_columns(scores, history_columns(batch, self.index))
+        return query, scores
+
+    def _batch_sums(self, samples: torch.Tensor, total: int) -> torch.Tensor:
+        """Sums of every metric over one batch, then the non-finite query count, then the batch size."""
+        batch = self.sequences.gather(samples, self.max_history, self.model.max_seq_len, total)
+        query, scores = self.score(batch)
+        per_sample = self.metrics(*rank_counts(scores, self.index.columns(batch.targets)))
         non_finite = (~torch.isfinite(query).all(dim=1)).sum().to(torch.float64).unsqueeze(0)
         count = non_finite.new_full((1,), batch.targets.numel())
         return torch.cat([torch.stack([per_sample[n].sum() for n in metric_names()]), non_finite, count])
@@ -154,13 +182,7 @@ class Evaluator:
         """Metric averages over `samples` (this rank's share, summed over ranks)."""
         was_training = self.model.training
         self.model.eval()
-        matrix = self._candidate_matrix()
-        if not bool(torch.isfinite(matrix).all()):
-            raise FloatingPointError("non-finite item embeddings at evaluation")
-        if self.candidates is None:
-            self.candidates = matrix
-        else:  # in place: a captured graph reads this buffer
-            self.candidates.copy_(matrix)
+        self.refresh_candidates()
         device = self.sequences.offsets.device
         on_device = torch.as_tensor(samples, device=device)  # one upload, no per-batch host sync
         sums = torch.zeros(len(metric_names()) + 2, dtype=torch.float64, device=device)

@@ -3,8 +3,10 @@
 Set GR_FAULT="<point>@<epoch>" (optionally "@<rank>") to make a run fail at
 that point of that epoch: "train" (halfway through the epoch's steps), "eval"
 (before evaluating), "checkpoint" (after the checkpoint's temporary file is
-written, before it is renamed) kill the process with SIGKILL; "nan" makes
-that epoch's training loss non-finite. Unset, every check is a no-op.
+written, before it is renamed), "best" (after last.pt is written, before
+best.pt is, in an epoch that is the best so far) kill the process with
+SIGKILL; "nan" makes that epoch's training loss non-finite. Unset, every
+check is a no-op.
 """
 
 from __future__ import annotations

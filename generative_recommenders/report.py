@@ -8,7 +8,8 @@ validation in leave-one-out and session mode, where test metrics are
 reported) and its last epoch, beside the published numbers where there are
 some: the release's table (REFERENCE.md section 9) for its sampled-softmax
 rows, and the full-softmax paper its BERT4Rec / GRU4Rec rows come from
-(section 12).
+(section 12). Runs of one table that share model and loss (other settings:
+their run names carry a hash of them) are told apart by their run name.
 """
 
 from __future__ import annotations
@@ -85,6 +86,13 @@ def _config_value(results: Dict, key: str) -> Optional[str]:
     return None
 
 
+def row_labels(runs: Sequence[Dict]) -> List[str]:
+    """Model labels, with the run name where runs of one table share model and loss (e.g. other settings)."""
+    keys = [_row_key(r) for r in runs]
+    return [f"{model} ({r['run_name']})" if keys.count((model, loss)) > 1 else model
+            for r, (model, loss) in zip(runs, keys)]
+
+
 def reported_split(results: Dict) -> str:
     """The split whose metrics are reported: eval in retrieval's paper mode, test otherwise."""
     return "eval" if results["protocol"] == "paper" and task_of(results) == "retrieval" else "test"
@@ -125,16 +133,15 @@ def table(runs: Sequence[Dict]) -> str:
     title = "ranking" if task_of(runs[0]) == "ranking" else f"protocol {runs[0]['protocol']}"
     lines = [f"{runs[0]['dataset']}, {title} ({reported_split(runs[0])} split)", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in runs:
-        split, common = reported_split(r), [model_label(r), loss_label(r)]
-        if _shares_a_row(r, runs):
-            common[0] += f" ({r['run_name']})"
-        best, last = r["best"], r["last"]
+    for label, r in zip(row_labels(runs), runs):
+        split, common = reported_split(r), [label, loss_label(r)]
         seconds = f"{r.get('process_seconds', r['wall_seconds']):.0f}"
-        lines.append("| " + " | ".join(common + [f"best {best['epoch'] + 1}", *_cells(best[split], columns),
-                                                 seconds, r["device"]]) + " |")
-        lines.append("| " + " | ".join(common + [f"last {last['epoch'] + 1}", *_cells(last[split], columns), "", ""])
-                     + " |")
+        for which, extra in (("best", [seconds, r["device"]]), ("last", ["", ""])):
+            record = r[which]
+            if "epoch" not in record:  # no (full) evaluation finished yet
+                continue
+            lines.append("| " + " | ".join(common + [f"{which} {record['epoch'] + 1}", *_cells(record[split], columns),
+                                                     *extra]) + " |")
         for source, values in published(r):
             cells = [f"{v:.4f}" for v in values] + [""] * (len(columns) - len(values))
             lines.append("| " + " | ".join(common + [source, *cells, "", ""]) + " |")
@@ -146,11 +153,6 @@ def table(runs: Sequence[Dict]) -> str:
 
 def _row_key(results: Dict) -> Tuple[str, str]:
     return model_label(results), loss_label(results)
-
-
-def _shares_a_row(results: Dict, runs: Sequence[Dict]) -> bool:
-    """Whether another run of the table has the same model and loss (then run names tell them apart)."""
-    return sum(_row_key(r) == _row_key(results) for r in runs) > 1
 
 
 def _config_but_seed(results: Dict) -> str:
@@ -165,7 +167,8 @@ def seed_spread(group: Sequence[Dict]) -> str:
 
     rows: Dict[Tuple[str, str, str], List[Dict]] = {}
     for r in group:
-        rows.setdefault((*_row_key(r), _config_but_seed(r)), []).append(r)
+        if reported_split(r) in r["best"]:  # runs with a finished (full) evaluation only
+            rows.setdefault((*_row_key(r), _config_but_seed(r)), []).append(r)
     columns = columns_of(group[0])
     lines = []
     for (model, loss, _), runs in rows.items():
@@ -204,11 +207,11 @@ def plot_curves(runs: Sequence[Dict], path: Path) -> None:
     fig, axes = plt.subplots(len(grouped), 2, figsize=(11, 4 * len(grouped)), squeeze=False)
     for row, group in zip(axes, grouped):
         for ax, metric in zip(row, columns_of(group[0])[:2]):
-            for r in group:
+            for label, r in zip(row_labels(group), group):
                 split = reported_split(r)
                 epochs = [e for e in r["per_epoch"] if e["full_eval"]]
                 ax.plot([e["epoch"] + 1 for e in epochs], [e[split][metric] for e in epochs],
-                        label=f"{model_label(r)}, {loss_label(r)}")
+                        label=f"{label}, {loss_label(r)}")
                 for _, values in published(r)[:1]:
                     if r["protocol"] != "sessions":
                         ax.axhline(values[COLUMNS.index(metric)], ls="--", lw=0.8, color=ax.lines[-1].get_color())

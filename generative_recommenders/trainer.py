@@ -32,6 +32,8 @@ from generative_recommenders.data.sequence_store import SequenceData, atomic_wri
 from generative_recommenders.evaluation import format_metrics
 from generative_recommenders.tasks import TASKS
 PROGRESS_EVERY_S = 10.0
+# Settings a run may change and still resume its checkpoint (left out of its fingerprint and its name).
+RESUMABLE_SETTINGS = ("train_fn.num_epochs", "train_fn.resume", "train_fn.early_stopping_patience")
 
 
 @dataclasses.dataclass
@@ -46,11 +48,17 @@ class RunState:
     history: List[Dict] = dataclasses.field(default_factory=list)
 
 
-def _device_for(rank: int) -> torch.device:
+def device_for(rank: int) -> torch.device:
     if torch.cuda.is_available():
         torch.cuda.set_device(rank % torch.cuda.device_count())
         return torch.device("cuda", rank % torch.cuda.device_count())
     return torch.device("cpu")
+
+
+def set_precision(config: TrainConfig) -> None:
+    """The run's matmul precision (TF32 or full fp32 on GPUs), process-wide."""
+    torch.backends.cuda.matmul.allow_tf32 = config.enable_tf32
+    torch.backends.cudnn.allow_tf32 = config.enable_tf32
 
 
 def _shard(num: int, epoch: int, seed: int, rank: int, world_size: int) -> np.ndarray:
@@ -105,10 +113,32 @@ def _device_name(device: torch.device) -> str:
 
 
 def config_fingerprint(data: SequenceData) -> str:
-    """The configuration and data a checkpoint belongs to; num_epochs and resume may change between runs."""
-    lines = [l for l in gin.config_str().splitlines()
-             if not l.startswith(("train_fn.num_epochs", "train_fn.resume", "train_fn.early_stopping_patience"))]
+    """The configuration and data a checkpoint belongs to; RESUMABLE_SETTINGS may change between runs."""
+    lines = [l for l in gin.config_str().splitlines() if not l.startswith(RESUMABLE_SETTINGS)]
     return "\n".join(lines + [json.dumps(data.summary(), sort_keys=True)])
+
+
+def run_paths(config: TrainConfig, run_name: str) -> Tuple[Path, Path]:
+    """The run's log directory (TensorBoard, results.json) and its checkpoint directory."""
+    group = f"{config.dataset_name}-l{config.max_sequence_length}"
+    return Path(config.exp_root) / group / run_name, Path(config.ckpt_root) / group / run_name
+
+
+def hparams_of(config: TrainConfig) -> Dict[str, object]:
+    """The settings TensorBoard's HParams tab filters and compares runs by."""
+    return {"dataset": config.dataset_name, "protocol": config.protocol, "model": config.main_module,
+            "loss": config.loss_module, "dim": config.item_embedding_dim, "max_len": config.max_sequence_length,
+            "lr": config.learning_rate, "dropout": config.dropout_rate, "negatives": config.num_negatives,
+            "sampling": config.sampling_strategy, "batch": config.local_batch_size,
+            "weight_decay": config.weight_decay, "temperature": config.temperature}
+
+
+def hparams_summaries(config: TrainConfig, metric_tags: List[str]) -> Tuple:
+    """TensorBoard's HParams records of a run: (experiment, session start, session end). The tab reads each
+    metric's value from the scalars of its tag."""
+    from torch.utils.tensorboard.summary import hparams
+
+    return hparams(hparams_of(config), dict.fromkeys(metric_tags, 0.0))
 
 
 class TrainStep:
@@ -145,6 +175,18 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     atomic_write(path, write)
 
 
+def save_best(path: Path, weights: Dict[str, torch.Tensor], epoch: int, fingerprint: str) -> None:
+    atomic_write(path, lambda tmp: torch.save({"model": weights, "epoch": epoch, "fingerprint": fingerprint}, tmp))
+
+
+def checkpoint_weights(payload: Dict) -> Tuple[Dict[str, torch.Tensor], int, Optional[str]]:
+    """(weights, 0-based epoch, fingerprint) of a loaded last.pt or best.pt (None: a best.pt from before
+    best checkpoints carried one)."""
+    if "state" in payload:
+        return payload["model"], payload["state"]["epochs_done"] - 1, payload["state"]["fingerprint"]
+    return payload["model"], payload["epoch"], payload.get("fingerprint")
+
+
 def load_checkpoint_file(path: Path, device: torch.device) -> Dict:
     """Reads a checkpoint without running code from it (no pickle beyond tensors and plain containers)."""
     try:
@@ -166,17 +208,15 @@ class Trainer:
         config.validate()
         self.config, self.rank, self.world_size = config, rank, world_size
         self.start_time = time.time()
-        self.device = _device_for(rank)
-        torch.backends.cuda.matmul.allow_tf32 = config.enable_tf32
-        torch.backends.cudnn.allow_tf32 = config.enable_tf32
+        self.device = device_for(rank)
+        set_precision(config)
         self.run_name = config.run_name or default_run_name
-        group = f"{config.dataset_name}-l{config.max_sequence_length}"
-        self.run_dir = Path(config.exp_root) / group / self.run_name
-        self.ckpt_dir = Path(config.ckpt_root) / group / self.run_name
+        self.run_dir, self.ckpt_dir = run_paths(config, self.run_name)
 
         data = load_dataset(config.dataset_name, config.data_dir)
         torch.manual_seed(config.random_seed)
         self.task = TASKS[config.task](config, data, self.device)
+        config.check_batch_fits(self.task.splits["train"].shape[0], world_size)
         self.model = self.task.model
         use_graph = (config.cuda_graphs and world_size == 1 and config.num_warmup_steps == 0
                      and self.task.use_cuda_graphs(self.device))
@@ -185,6 +225,8 @@ class Trainer:
             fused=self.device.type == "cuda", capturable=use_graph,
         )
         self.state = self._resume(RunState(fingerprint=config_fingerprint(data), world_size=world_size))
+        if rank == 0:
+            self._complete_best_checkpoint()
         train_model = DistributedDataParallel(self.model) if dist.is_initialized() else self.model
         self.step = TrainStep(self.task, train_model, self.optimizer)
         self.summary = {
@@ -196,6 +238,7 @@ class Trainer:
             "process_start": process_start or self.start_time,
         }
         self.writer = None
+        self.session_end = None
 
     # ---------------------------------------------------------------------------------------------
     # Set-up
@@ -226,6 +269,22 @@ class Trainer:
         """(rank, world size) as evaluation sees them: one share per rank, or everything everywhere."""
         return (self.rank, self.world_size) if self.task.shards_evaluation else (0, 1)
 
+    def _complete_best_checkpoint(self) -> None:
+        """A run killed between writing last.pt and best.pt left best.pt an epoch behind; the resumed
+        weights (last.pt's) are then the best epoch's, so best.pt is rewritten from them."""
+        best = self.best_epoch()
+        if best is None or best["epoch"] != self.state.epochs_done - 1:
+            return
+        path = self.ckpt_dir / "best.pt"
+        if not path.exists() or checkpoint_weights(load_checkpoint_file(path, self.device))[1] != best["epoch"]:
+            save_best(path, self.model.state_dict(), best["epoch"], self.state.fingerprint)
+            self._log(f"best.pt lacked epoch {best['epoch'] + 1} (killed before it was written): restored")
+
+    def _best_metrics(self) -> Dict[str, Tuple[str, str]]:
+        """TensorBoard tag -> (split, metric) of the best epoch's metrics the HParams tab shows."""
+        return {f"best/{split}/{metric}": (split, metric)
+                for split in self.task.eval_splits for metric in self.task.shown_metrics}
+
     def _announce(self) -> None:
         rank, world_size = self._eval_share()
         self.summary["baselines"] = {name: self.task.baselines(self.task.splits[name][rank::world_size])
@@ -236,6 +295,10 @@ class Trainer:
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.writer = SummaryWriter(str(self.run_dir))
+        # Written into the run's own directory (SummaryWriter.add_hparams would open a sub-run).
+        experiment, session_start, self.session_end = hparams_summaries(self.config, list(self._best_metrics()))
+        self.writer.file_writer.add_summary(experiment)
+        self.writer.file_writer.add_summary(session_start)
         self._log(f"{self.run_name}: {self.task.describe()}, {self.world_size} process(es) on "
                   f"{self.summary['device']}; logs in {self.run_dir}")
         for split, baselines in self.summary["baselines"].items():
@@ -253,7 +316,7 @@ class Trainer:
         shard_on_device = torch.as_tensor(shard, device=self.device)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         starts = range(0, shard.shape[0], config.local_batch_size)
-        progress = _Progress(epoch, config.num_epochs, len(starts), self._log)
+        progress = Progress(f"epoch {epoch + 1}/{config.num_epochs}", len(starts), self._log)
         for i, start in enumerate(starts):
             if start >= shard.shape[0] // 2:
                 faults.kill_if("train", epoch, self.rank)
@@ -355,12 +418,15 @@ class Trainer:
         for name in self.task.eval_splits:
             for metric, value in record[name].items():
                 self.writer.add_scalar(f"{name}/{metric}", value, epoch)
-        self.writer.flush()
         save_checkpoint(self.ckpt_dir / "last.pt", self.model, self.optimizer, self.state)
         best = self.best_epoch()
         if best is not None and best["epoch"] == epoch:
-            atomic_write(self.ckpt_dir / "best.pt",
-                         lambda tmp: torch.save({"model": self.model.state_dict(), "epoch": epoch}, tmp))
+            faults.kill_if("best", epoch)
+            save_best(self.ckpt_dir / "best.pt", self.model.state_dict(), epoch, self.state.fingerprint)
+        if best is not None:
+            for tag, (split, metric) in self._best_metrics().items():  # the HParams tab shows the latest value
+                self.writer.add_scalar(tag, best[split][metric], epoch)
+        self.writer.flush()
         self._write_results()
         partial = "" if record["full_eval"] else " (partial)"
         evals = " | ".join(f"{name}{partial} {format_metrics(record[name], self.task.shown_metrics)}"
@@ -371,6 +437,7 @@ class Trainer:
     def _finish(self) -> Dict:
         if self.rank == 0:
             self._write_results()
+            self.writer.file_writer.add_summary(self.session_end)
             self.writer.close()
             best = self.best_epoch()
             if best is not None:
@@ -400,11 +467,11 @@ class Trainer:
         return self._finish()
 
 
-class _Progress:
-    """A progress line (steps/s, ETA) at most every PROGRESS_EVERY_S seconds within a long epoch."""
+class Progress:
+    """A progress line (rate, ETA) at most every PROGRESS_EVERY_S seconds within a long loop; none in a short one."""
 
-    def __init__(self, epoch: int, num_epochs: int, num_steps: int, log) -> None:
-        self.epoch, self.num_epochs, self.num_steps, self.log = epoch, num_epochs, num_steps, log
+    def __init__(self, label: str, num_steps: int, log, units: str = "steps") -> None:
+        self.label, self.num_steps, self.log, self.units = label, num_steps, log, units
         self.start = self.last = time.time()
 
     def update(self, steps_done: int, device: torch.device) -> None:
@@ -416,8 +483,8 @@ class _Progress:
             now = time.time()
         self.last = now
         rate = steps_done / (now - self.start)
-        self.log(f"  epoch {self.epoch + 1}/{self.num_epochs}: step {steps_done}/{self.num_steps}, "
-                 f"{rate:.1f} steps/s, epoch ETA {(self.num_steps - steps_done) / rate:.0f}s")
+        self.log(f"  {self.label}: {steps_done}/{self.num_steps} {self.units}, {rate:.1f} {self.units}/s, "
+                 f"ETA {(self.num_steps - steps_done) / rate:.0f}s")
 
 
 def train_fn(rank: int = 0, world_size: int = 1, default_run_name: str = "run",

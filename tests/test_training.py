@@ -10,9 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tiny_config import TINY, cpu_env, free_port, train_tiny
-
-REPO = Path(__file__).resolve().parents[1]
+from tiny_config import DEFAULT_CONFIG, REPO, TINY, cpu_env, free_port, run_name_of, train_tiny
 
 
 @pytest.mark.parametrize("module", ["HSTU", "SASRec"])
@@ -53,10 +51,10 @@ def test_two_process_gloo_ddp(tmp_path):
     bindings = TINY + ["train_fn.num_epochs = 2", f"train_fn.exp_root = '{tmp_path}/exps'",
                        f"train_fn.ckpt_root = '{tmp_path}/ckpts'"]
     cmd = [sys.executable, "main.py", "--num_processes=2", f"--master_port={free_port()}",
-           "--gin_config_file=configs/synthetic/hstu-default.gin"] + [f"--gin_bindings={b}" for b in bindings]
+           f"--gin_config_file={DEFAULT_CONFIG}"] + [f"--gin_bindings={b}" for b in bindings]
     proc = subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    results = json.loads((tmp_path / "exps/synthetic-l20/hstu-default/results.json").read_text())
+    results = json.loads((tmp_path / f"exps/synthetic-l20/{run_name_of(bindings)}/results.json").read_text())
     assert results["world_size"] == 2
     assert len(results["per_epoch"]) == 2
     assert 0.0 < results["best"]["eval"]["hr@10"] <= 1.0
@@ -227,3 +225,52 @@ def test_early_stopping_ends_the_run_after_patience_epochs_without_a_better_vali
     assert len(epochs) < 20 and epochs[-1] - best == 2
     with pytest.raises(ConfigError, match="validation split"):
         TrainConfig(early_stopping_patience=3).validate()  # the paper protocol has none
+
+
+def test_hyperparameters_and_best_metrics_reach_the_hparams_tab_of_the_run_itself(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    results = train_tiny(tmp_path, ["train_fn.num_epochs = 2", "train_fn.main_module = 'SASRec'"])
+    run_dir = tmp_path / "exps/synthetic-l20/run"
+    assert not [p for p in run_dir.iterdir() if p.is_dir()]  # no sub-run splitting the run in TensorBoard
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    content = {tag: HParamsPluginData.FromString(data) for tag, data in events.PluginTagToContent("hparams").items()}
+    assert set(content) == {"_hparams_/experiment", "_hparams_/session_start_info", "_hparams_/session_end_info"}
+    hparams = content["_hparams_/session_start_info"].session_start_info.hparams
+    assert hparams["model"].string_value == "SASRec" and hparams["loss"].string_value == "SampledSoftmaxLoss"
+    assert hparams["dataset"].string_value == "synthetic" and hparams["protocol"].string_value == "paper"
+    assert (hparams["dim"].number_value, hparams["negatives"].number_value) == (16, 32)
+    assert hparams["lr"].number_value == pytest.approx(1e-3) and hparams["dropout"].number_value == pytest.approx(0.2)
+    tags = [m.name.tag for m in content["_hparams_/experiment"].experiment.metric_infos]
+    assert "best/eval/ndcg@10" in tags and "best/eval/hr@10" in tags
+    for tag in tags:  # the tab shows each metric's latest value: the best epoch's
+        assert events.Scalars(tag)[-1].value == pytest.approx(results["best"]["eval"][tag.split("/")[-1]])
+
+
+def test_progress_lines_come_at_most_every_interval(monkeypatch):
+    import re
+
+    import torch
+
+    from generative_recommenders import trainer
+
+    clock = iter([0.0, 1.0, 5.0, 10.5, 12.0, 19.0, 21.0, 30.0, 45.0])  # the start, then one reading per step
+    monkeypatch.setattr(trainer.time, "time", lambda: next(clock))
+    lines = []
+    progress = trainer.Progress("epoch 1/3", 8, lines.append)
+    for step in range(1, 9):
+        progress.update(step, torch.device("cpu"))
+    assert [re.match(r"  epoch 1/3: (\d+)/8 steps, [\d.]+ steps/s, ETA \d+s$", l).group(1) for l in lines] == ["3", "6"]
+
+
+def test_long_epochs_print_progress_and_short_ones_only_their_line(tmp_path, monkeypatch, capsys):
+    from generative_recommenders import trainer
+
+    train_tiny(tmp_path / "short", ["train_fn.num_epochs = 1"])
+    assert "steps/s" not in capsys.readouterr().out  # 10 steps in well under PROGRESS_EVERY_S
+    monkeypatch.setattr(trainer, "PROGRESS_EVERY_S", 0.0)  # every step is "long enough"
+    train_tiny(tmp_path / "long", ["train_fn.num_epochs = 1"])
+    progress = [l for l in capsys.readouterr().out.splitlines() if "steps/s" in l]
+    assert [l.split(",")[0] for l in progress] == [f"  epoch 1/1: {i}/10 steps" for i in range(1, 10)]

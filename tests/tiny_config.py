@@ -28,6 +28,22 @@ TINY = [
 ]
 
 
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = "configs/synthetic/hstu-default.gin"
+
+
+def run_name_of(bindings: Sequence[str], config_file: str = DEFAULT_CONFIG) -> str:
+    """The run name main.py gives `config_file` with `bindings` (computed by main.py itself); gin left cleared."""
+    import gin
+
+    from main import default_run_name
+
+    try:
+        return default_run_name(str(REPO / config_file), bindings)
+    finally:
+        gin.clear_config()
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

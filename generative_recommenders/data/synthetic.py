@@ -13,6 +13,7 @@ import dataclasses
 import gin
 import numpy as np
 
+from generative_recommenders.config import ConfigError, check_positive
 from generative_recommenders.data.sequence_store import SequenceData
 
 
@@ -25,6 +26,20 @@ def _pick_unseen(rng: np.random.Generator, pool: np.ndarray, weights: np.ndarray
     return int(rng.choice(unseen)) if unseen else int(rng.choice(pool))
 
 
+def _check_settings(num_users: int, num_items: int, num_topics: int, min_length: int, max_length: int,
+                    follow_prob: float, seed: int) -> None:
+    check_positive("synthetic_data", num_users=num_users, num_items=num_items, num_topics=num_topics,
+                   min_length=min_length, max_length=max_length)
+    if num_topics < 2:  # every user likes two distinct topics
+        raise ConfigError(f"synthetic_data.num_topics must be >= 2, got {num_topics}")
+    if min_length > max_length:
+        raise ConfigError(f"synthetic_data.min_length ({min_length}) must be <= max_length ({max_length})")
+    if not 0.0 <= follow_prob <= 1.0:
+        raise ConfigError(f"synthetic_data.follow_prob must be in [0, 1], got {follow_prob}")
+    if seed < 0:
+        raise ConfigError(f"synthetic_data.seed must be >= 0, got {seed}")
+
+
 @gin.configurable("synthetic_data")
 def generate_synthetic(
     num_users: int = 2000,
@@ -35,6 +50,7 @@ def generate_synthetic(
     follow_prob: float = 0.7,
     seed: int = 0,
 ) -> SequenceData:
+    _check_settings(num_users, num_items, num_topics, min_length, max_length, follow_prob, seed)
     rng = np.random.default_rng(seed)
     items = np.arange(1, num_items + 1)
     topic = rng.integers(0, num_topics, num_items + 1)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from generative_recommenders.config import ConfigError, check_positive, check_rate
 from generative_recommenders.modeling.embeddings import truncated_normal_
 from ops.jagged import dense_to_jagged
 
@@ -88,8 +89,10 @@ class BERT4RecEncoder(nn.Module):
         dropout_rate: float = 0.1,
     ) -> None:
         super().__init__()
+        check_positive("bert4rec_encoder", num_blocks=num_blocks, num_heads=num_heads, ffn_hidden_dim=ffn_hidden_dim)
+        check_rate("bert4rec_encoder", dropout_rate=dropout_rate)
         if dim % num_heads:
-            raise ValueError(f"item_embedding_dim {dim} must be divisible by bert4rec_encoder.num_heads {num_heads}")
+            raise ConfigError(f"item_embedding_dim {dim} must be divisible by bert4rec_encoder.num_heads {num_heads}")
         self.input_norm = nn.LayerNorm(dim, eps=_LN_EPS)
         self.input_dropout = nn.Dropout(dropout_rate)
         self.layers = nn.ModuleList(

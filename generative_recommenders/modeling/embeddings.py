@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from generative_recommenders.config import ConfigError
 from ops.layer_norm import layer_norm
 
 
@@ -64,4 +65,4 @@ def normalize_output(x: torch.Tensor, kind: str, eps: float = 1e-6) -> torch.Ten
         return F.normalize(x, p=2.0, dim=-1, eps=eps)
     if kind == "layer_norm":
         return layer_norm(x, eps)
-    raise ValueError(f"unknown user_embedding_norm {kind!r}: use l2_norm or layer_norm")
+    raise ConfigError(f"train_fn.user_embedding_norm must be one of l2_norm, layer_norm; got {kind!r}")

@@ -14,6 +14,7 @@ import gin
 import torch
 from torch import nn
 
+from generative_recommenders.config import check_positive, check_rate
 from ops.jagged import dense_to_jagged
 
 
@@ -34,6 +35,8 @@ class GRU4RecEncoder(nn.Module):
     ) -> None:
         super().__init__()
         hidden = dim if hidden_dim is None else hidden_dim
+        check_positive("gru4rec_encoder", num_layers=num_layers, hidden_dim=hidden)
+        check_rate("gru4rec_encoder", dropout_rate=dropout_rate)
         # nn.GRU applies its dropout between layers only (and warns when there is one layer).
         self.gru = nn.GRU(dim, hidden, num_layers, batch_first=True,
                           dropout=dropout_rate if num_layers > 1 else 0.0)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from generative_recommenders.config import check_one_of, check_positive, check_rate
 from ops.hstu_attention import (
     NUM_TIME_BUCKETS, TargetBias, hstu_attention, hstu_target_attention, target_bias, triton_available,
 )
@@ -127,10 +128,10 @@ class HSTUEncoder(nn.Module):
         attention_kernel: str = "auto",
     ) -> None:
         super().__init__()
-        if normalization not in ("silu", "softmax"):
-            raise ValueError(f"hstu_encoder.normalization must be silu or softmax, got {normalization!r}")
-        if attention_kernel not in ("auto", "triton", "torch"):
-            raise ValueError(f"hstu_encoder.attention_kernel must be auto, triton or torch, got {attention_kernel!r}")
+        check_positive("hstu_encoder", num_blocks=num_blocks, num_heads=num_heads, dqk=dqk, dv=dv)
+        check_rate("hstu_encoder", linear_dropout_rate=linear_dropout_rate)
+        check_one_of("hstu_encoder.normalization", normalization, ("silu", "softmax"))
+        check_one_of("hstu_encoder.attention_kernel", attention_kernel, ("auto", "triton", "torch"))
         self.max_seq_len = max_seq_len
         self.relative_bias = relative_bias
         self.layers = nn.ModuleList(

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from generative_recommenders.config import ConfigError, check_one_of, check_positive, check_rate
 from ops.jagged import dense_to_jagged
 from ops.layer_norm import layer_norm
 from ops.targets import prefix_lengths, visible_keys
@@ -21,8 +22,6 @@ class PointwiseFeedForward(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int, activation: str, dropout_rate: float) -> None:
         super().__init__()
-        if activation not in _ACTIVATIONS:
-            raise ValueError(f"sasrec_encoder.ffn_activation_fn must be one of {sorted(_ACTIVATIONS)}")
         self.inner = nn.Linear(dim, hidden_dim)
         self.outer = nn.Linear(hidden_dim, dim)
         self.activation = _ACTIVATIONS[activation]
@@ -60,8 +59,11 @@ class SASRecEncoder(nn.Module):
         ffn_dropout_rate: float = 0.2,
     ) -> None:
         super().__init__()
+        check_positive("sasrec_encoder", num_blocks=num_blocks, num_heads=num_heads, ffn_hidden_dim=ffn_hidden_dim)
+        check_rate("sasrec_encoder", ffn_dropout_rate=ffn_dropout_rate)
+        check_one_of("sasrec_encoder.ffn_activation_fn", ffn_activation_fn, _ACTIVATIONS)
         if dim % num_heads:
-            raise ValueError(f"item_embedding_dim {dim} must be divisible by sasrec_encoder.num_heads {num_heads}")
+            raise ConfigError(f"item_embedding_dim {dim} must be divisible by sasrec_encoder.num_heads {num_heads}")
         self.num_heads = num_heads
         self.blocks = nn.ModuleList(
             SASRecBlock(dim, num_heads, ffn_hidden_dim, ffn_activation_fn, ffn_dropout_rate)

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from generative_recommenders.config import ConfigError, TrainConfig
+from generative_recommenders.config import TrainConfig, check_one_of
 from generative_recommenders.data.candidates import CandidateIndex
 from generative_recommenders.data.ranking import (
     RankingSequences, padded_length, ranking_splits, sample_lengths, users_in_id_range,
@@ -43,9 +43,7 @@ class RankingTask:
         self.splits = ranking_splits(data.lengths, config.ranking_holdout, users)
         self.eval_splits: List[str] = ["valid", "test"]
         self.selection_metric = config.selection_metric or "auc"
-        if self.selection_metric not in SELECTABLE:
-            raise ConfigError(f"train_fn.selection_metric for ranking must be one of {', '.join(SELECTABLE)} "
-                              f"(higher is better); got {self.selection_metric!r}")
+        check_one_of("train_fn.selection_metric (ranking: higher is better)", self.selection_metric, SELECTABLE)
         self.sequences = RankingSequences(data, device)  # checks every rating is an action 1..5
         self.padded_len = padded_length(config.max_sequence_length, config.ranking_holdout)
         self.model = RankingModel(config.main_module, data.max_item_id, self.padded_len, config.item_embedding_dim,

@@ -12,7 +12,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from generative_recommenders.config import ConfigError, TrainConfig
+from generative_recommenders.config import TrainConfig, check_one_of
 from generative_recommenders.data.candidates import CandidateIndex
 from generative_recommenders.data.samples import SESSIONS, DeviceSequences, history_total, make_splits, selection_split
 from generative_recommenders.data.sequence_store import SequenceData
@@ -44,9 +44,7 @@ class RetrievalTask:
         self.eval_splits: List[str] = [name for name in self.splits if name != "train"]
         self.selection_split = selection_split(config.protocol, self.splits)
         self.selection_metric = config.selection_metric or "ndcg@10"
-        if self.selection_metric not in metric_names():
-            raise ConfigError(f"train_fn.selection_metric must be one of {', '.join(metric_names())}; "
-                              f"got {self.selection_metric!r}")
+        check_one_of("train_fn.selection_metric", self.selection_metric, metric_names())
         self.sequences = DeviceSequences(data, device)
         self.index = CandidateIndex(torch.as_tensor(data.candidate_ids, device=device), data.max_item_id)
         self.model = SequentialRecommender(

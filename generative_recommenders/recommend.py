@@ -1,0 +1,145 @@
+"""Top-k recommendations of a trained run, after each user's whole history.
+
+    python3 -m generative_recommenders.recommend --run_dir=exps/synthetic-l50/hstu-default --users=1,2,3
+    python3 -m generative_recommenders.recommend --run_dir=exps/synthetic-l50/hstu-default --all --out=recs.csv
+    python3 -m generative_recommenders.recommend --run_dir=exps/rsc15-100k-l50/gru4rec-full-softmax-sessions \
+        --session=214716935,214832672
+
+Items are ranked exactly as the evaluation ranks a target (the evaluator's
+`score`): the objective's query against the model's vectors of every
+candidate, the items of the history fed to the model (its last
+max_sequence_length) removed; session runs remove nothing. Items are shown by
+the source's own id (e.g. the MovieLens movie id), with titles where the data
+set has them. `--session` queries a session prefix given as item keys (clicks
+taken as simultaneous: no times are given).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import pandas as pd
+import torch
+from absl import app, flags
+
+from generative_recommenders.config import ConfigError
+from generative_recommenders.data.sequence_store import SequenceData
+from generative_recommenders.trained_run import (TrainedRun, load_run, query_batches, query_sequences, run_cli,
+                                                 user_rows)
+
+flags.DEFINE_list("users", None, "The data set's own user ids (session ids for session data), e.g. --users=1,2,3.")
+flags.DEFINE_bool("all", False, "Recommend for every user.")
+flags.DEFINE_list("session", None, "Session runs: the next items after this session prefix, given as item keys "
+                  "(the source's item ids), e.g. --session=214716935,214832672.")
+flags.DEFINE_integer("k", 10, "Items per user.", lower_bound=1)
+FLAGS = flags.FLAGS
+
+FORMATS = (".csv", ".parquet")
+
+
+@torch.no_grad()
+def top_items(run: TrainedRun, data: SequenceData, rows: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(S, k) item ids and scores of the rows' queries, best first (-inf: fewer than k items were left)."""
+    evaluator, index = run.task.evaluator, run.task.index
+    evaluator.refresh_candidates()
+    sequences, samples = query_sequences(data, rows, run.device)
+    ids, scores = [], []
+    for batch in query_batches(run, sequences, samples):
+        values, columns = evaluator.score(batch)[1].topk(min(k, index.num_candidates), dim=1)
+        ids.append(index.candidate_ids[columns].cpu())
+        scores.append(values.cpu())
+    return torch.cat(ids).numpy(), torch.cat(scores).numpy()
+
+
+def as_table(run: TrainedRun, ids: np.ndarray, scores: np.ndarray, user_ids: Optional[np.ndarray]) -> pd.DataFrame:
+    """One row per (user, rank): the source's item id, the score and the title where known."""
+    rows, ranks = np.nonzero(np.isfinite(scores))  # removed items (-inf) sort last: ranks stay 1..n
+    items = ids[rows, ranks]
+    columns = {} if user_ids is None else {"user_id": user_ids[rows]}
+    columns["rank"] = ranks + 1
+    columns["item_id"] = items if run.data.item_keys is None else run.data.item_keys[items]
+    columns["score"] = scores[rows, ranks]
+    if run.data.item_titles is not None:
+        columns["title"] = run.data.item_titles[items]
+    return pd.DataFrame(columns)
+
+
+def session_prefix(data: SequenceData, keys: Sequence[str]) -> SequenceData:
+    """A one-session data set of the items with these source keys (model ids where the data set keeps none)."""
+    known = data.item_keys if data.item_keys is not None else np.arange(data.max_item_id + 1).astype(str)
+    id_of = {key: item for item, key in enumerate(known.tolist()) if item > 0}
+    unknown = [key for key in keys if key not in id_of]
+    if unknown:
+        raise ConfigError(f"--session: item key(s) {', '.join(unknown[:5])} are not items of {data.name}")
+    ids = np.array([id_of[key] for key in keys], dtype=np.int32)
+    return dataclasses.replace(
+        data, item_ids=ids, ratings=np.zeros(ids.size, np.float32), timestamps=np.zeros(ids.size, np.int64),
+        offsets=np.array([0, ids.size], np.int64), user_ids=np.zeros(1, np.int64), user_split=None,
+        user_features={})
+
+
+def recommend(run: TrainedRun, k: int, user_ids: Optional[Sequence[int]] = None,
+              session: Optional[Sequence[str]] = None) -> pd.DataFrame:
+    """The top-k table of `user_ids` (every user when None), or of a session prefix of item keys."""
+    if session is not None:
+        if not run.sessions:
+            raise ConfigError(f"--session needs a run on session data; {run.run_name} uses protocol "
+                              f"{run.config.protocol}: give --users")
+        ids, scores = top_items(run, session_prefix(run.data, session), np.zeros(1, np.int64), k)
+        return as_table(run, ids, scores, None)
+    rows = np.arange(run.data.num_users) if user_ids is None else user_rows(run.data, user_ids)
+    ids, scores = top_items(run, run.data, rows, k)
+    return as_table(run, ids, scores, run.data.user_ids[rows])
+
+
+def check_output(path: str) -> None:
+    """Fails before any work on an output the tool cannot write."""
+    suffix = Path(path).suffix
+    if suffix not in FORMATS:
+        raise ConfigError(f"--out must end in {' or '.join(FORMATS)}, got {path}")
+    if suffix == ".parquet" and importlib.util.find_spec("pyarrow") is None:
+        raise ConfigError("writing .parquet needs pyarrow (pip install pyarrow); or write a .csv")
+
+
+def write_table(table: pd.DataFrame, path: str) -> None:
+    if Path(path).suffix == ".parquet":
+        table.to_parquet(path, index=False)
+    else:
+        table.to_csv(path, index=False)
+
+
+def _user_ids(values: List[str]) -> List[int]:
+    try:
+        return [int(value) for value in values]
+    except ValueError:
+        raise ConfigError(f"--users takes the data set's integer user ids, got {','.join(values)}") from None
+
+
+def _main() -> None:
+    if [FLAGS.users is not None, FLAGS.all, FLAGS.session is not None].count(True) != 1:
+        raise ConfigError("give exactly one of --users=ID,ID,..., --all, or --session=KEY,KEY,... (session runs)")
+    if FLAGS.out:
+        check_output(FLAGS.out)
+    users = _user_ids(FLAGS.users) if FLAGS.users is not None else None
+    run = load_run(FLAGS.run_dir, FLAGS.epoch)
+    print(f"{run.run_name}: {FLAGS.epoch} epoch {run.epoch + 1} ({run.checkpoint}) on {run.device}", flush=True)
+    table = recommend(run, FLAGS.k, users, FLAGS.session)
+    if FLAGS.out:
+        write_table(table, FLAGS.out)
+        print(f"wrote {len(table)} recommendations to {FLAGS.out}")
+    else:
+        print(table.to_string(index=False))
+
+
+def main(argv: List[str]) -> None:
+    del argv
+    run_cli(_main)
+
+
+if __name__ == "__main__":
+    flags.mark_flag_as_required("run_dir")
+    app.run(main)
