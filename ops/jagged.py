@@ -105,3 +105,8 @@ def dense_to_jagged(
         return torch.ops.fbgemm.dense_to_jagged(dense, [offsets], total_L=total)[0]
     flat = dense.reshape((batch * max_len,) + dense.shape[2:])
     return flat.index_select(0, _jagged_index(offsets, max_len, total))
+
+
+def jagged_values(dense: torch.Tensor, offsets: torch.Tensor, total: int) -> torch.Tensor:
+    """(B, N) per-position values (labels, weights) -> (L,) in the jagged order of the model's outputs."""
+    return dense_to_jagged(dense.unsqueeze(-1), offsets, total).squeeze(-1)

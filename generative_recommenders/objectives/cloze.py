@@ -14,7 +14,7 @@ import torch
 
 from generative_recommenders.data.samples import Batch
 from generative_recommenders.objectives.losses import RetrievalLoss
-from ops.jagged import dense_to_jagged
+from ops.jagged import jagged_values
 
 
 class ClozeObjective:
@@ -35,7 +35,7 @@ class ClozeObjective:
         total = batch.total + batch.ids.shape[0]  # every row encodes its target's position too
         out, offsets = train_model(inputs, batch.timestamps, batch.lengths + 1, total)
         labels = torch.where(masked, batch.ids, 0)
-        positive_ids = dense_to_jagged(labels.unsqueeze(-1), offsets, out.shape[0]).squeeze(-1)
+        positive_ids = jagged_values(labels, offsets, out.shape[0])
         return self.retrieval_loss(out, positive_ids, self.model.item_vectors)
 
     def query(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:

@@ -86,7 +86,8 @@ def negative_logits(
     return ids, torch.einsum("ld,lrd->lr", query, item_vectors(ids))
 
 
-def _weighted_mean(losses: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def weighted_mean(losses: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Mean of per-position losses over the supervised positions (weight 0: unsupervised); 0 when none is."""
     return (losses * weights).sum() / weights.sum().clamp(min=1.0)
 
 
@@ -96,7 +97,7 @@ def sampled_softmax_loss(positive_logits: torch.Tensor, negative_logits: torch.T
     negative_logits = negative_logits.masked_fill(negative_ids == positive_ids.unsqueeze(1),
                                                   NEGATIVE_EQUALS_POSITIVE_LOGIT)
     logits = torch.cat([positive_logits.unsqueeze(1), negative_logits], dim=1)
-    return _weighted_mean(-F.log_softmax(logits, dim=1)[:, 0], weights)
+    return weighted_mean(-F.log_softmax(logits, dim=1)[:, 0], weights)
 
 
 def bce_loss(positive_logits: torch.Tensor, negative_logits: torch.Tensor, positive_ids: torch.Tensor,
@@ -115,7 +116,7 @@ def bpr_loss(positive_logits: torch.Tensor, negative_logits: torch.Tensor, posit
     """Mean over the negatives (those unequal to the positive) of -log sigmoid(s+ - s-)."""
     real = (negative_ids != positive_ids.unsqueeze(1)).to(positive_logits.dtype)
     pair_losses = -F.logsigmoid(positive_logits.unsqueeze(1) - negative_logits) * real
-    return _weighted_mean(pair_losses.sum(1) / real.sum(1).clamp(min=1.0), weights)
+    return weighted_mean(pair_losses.sum(1) / real.sum(1).clamp(min=1.0), weights)
 
 
 def bpr_max_loss(positive_logits: torch.Tensor, negative_logits: torch.Tensor, positive_ids: torch.Tensor,
@@ -129,7 +130,7 @@ def bpr_max_loss(positive_logits: torch.Tensor, negative_logits: torch.Tensor, p
     penalty = (log_p.exp() * negative_logits.square()).sum(1)
     has_pairs = real.any(1)
     losses = torch.where(has_pairs, ranking + regularization * penalty, 0.0)
-    return _weighted_mean(losses, weights)
+    return weighted_mean(losses, weights)
 
 
 class _FullSoftmaxCrossEntropy(torch.autograd.Function):

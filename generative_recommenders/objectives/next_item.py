@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from generative_recommenders.data.samples import Batch
 from generative_recommenders.objectives.losses import RetrievalLoss
-from ops.jagged import dense_to_jagged
+from ops.jagged import jagged_values
 
 
 class NextItemObjective:
@@ -19,7 +19,7 @@ class NextItemObjective:
     def loss(self, train_model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         out, offsets = train_model(batch.ids, batch.timestamps, batch.lengths, batch.total)
         labels = F.pad(batch.ids[:, 1:], (0, 1))
-        positive_ids = dense_to_jagged(labels.unsqueeze(-1), offsets, out.shape[0]).squeeze(-1)
+        positive_ids = jagged_values(labels, offsets, out.shape[0])
         return self.retrieval_loss(out, positive_ids, self.model.item_vectors)
 
     def query(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from generative_recommenders.config import ConfigError
 from generative_recommenders.data.ranking import LIKED_RATING, RankingBatch
 from generative_recommenders.modeling.ranking_model import RankingModel
-from generative_recommenders.objectives.losses import RetrievalLoss
-from ops.jagged import dense_to_jagged
+from generative_recommenders.objectives.losses import RetrievalLoss, weighted_mean
+from ops.jagged import jagged_values
 
 TERMS = ("liked", "rating", "next_item")
 
@@ -42,14 +42,6 @@ class RankingObjective:
 
     def weight(self, term: str) -> float:
         return getattr(self, f"{term}_weight")
-
-
-def _jagged(dense: torch.Tensor, offsets: torch.Tensor, total: int) -> torch.Tensor:
-    return dense_to_jagged(dense.unsqueeze(-1), offsets, total).squeeze(-1)
-
-
-def _weighted_mean(losses: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    return (losses * weights).sum() / weights.sum().clamp(min=1.0)
 
 
 def rating_loss(model: RankingModel, rating_output: torch.Tensor, ratings: torch.Tensor) -> torch.Tensor:
@@ -74,20 +66,20 @@ def ranking_losses(
     core: RankingModel = getattr(model, "module", model)
     out, offsets = model(batch)
     total = out.shape[0]
-    ratings = _jagged(batch.ratings, offsets, total)
+    ratings = jagged_values(batch.ratings, offsets, total)
     weights = (ratings > 0).to(out.dtype)
     outputs = core.heads(out)
     terms = {}
     if objective.liked_weight > 0:
         liked = (ratings >= LIKED_RATING).to(out.dtype)
-        terms["liked"] = _weighted_mean(
+        terms["liked"] = weighted_mean(
             F.binary_cross_entropy_with_logits(outputs["liked"], liked, reduction="none"), weights)
     if objective.rating_weight > 0:
-        terms["rating"] = _weighted_mean(rating_loss(core, outputs["rating"], ratings), weights)
+        terms["rating"] = weighted_mean(rating_loss(core, outputs["rating"], ratings), weights)
     if objective.next_item_weight > 0:
         if retrieval_loss is None:
             raise ValueError("the next-item term needs a RetrievalLoss")
-        terms["next_item"] = retrieval_loss(core.retrieval_queries(out), _jagged(batch.next_item, offsets, total),
+        terms["next_item"] = retrieval_loss(core.retrieval_queries(out), jagged_values(batch.next_item, offsets, total),
                                             core.item_vectors, generator)
     terms["loss"] = sum(objective.weight(term) * value for term, value in terms.items())
     return terms
