@@ -12,10 +12,13 @@ import gin
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
 
+from generative_recommenders.cuda_graph import TOKEN_BUCKETS, token_bucket
 from generative_recommenders.modeling.embeddings import InputPreprocessor, ItemEmbedding, normalize_output
 from generative_recommenders.modeling.hstu import HSTUEncoder, HSTULayer
-from generative_recommenders.modeling.recommender import SequentialRecommender
+from generative_recommenders.modeling.recommender import SequentialRecommender, pad_lengths
 from generative_recommenders.modeling.sasrec import SASRecEncoder
 
 D = 16
@@ -457,3 +460,32 @@ def test_sasrec_forward_recomputed_from_reference():
             y = x[:n]
             expected.append(y / y.norm(dim=-1, keepdim=True).clamp(min=1e-6))
     torch.testing.assert_close(out, torch.cat(expected), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("encoder_type", ENCODERS)
+def test_padded_layout_to_a_token_bucket_gives_same_valid_outputs(encoder_type):
+    ids, ts, lengths = _batch()
+    base, _ = _model(encoder_type)(ids, ts, lengths)
+    total = int(lengths.sum()) + N + 3  # the first sequence filled up (+5), the second lengthened (+8)
+    padded, offsets = _model(encoder_type, padded_layout=True)(ids, ts, lengths, total)
+    grown = (offsets[1:] - offsets[:-1]).tolist()
+    assert padded.shape[0] == total == offsets[-1] and all(n <= N for n in grown)
+    assert all(g >= n for g, n in zip(grown, lengths.tolist())) and grown[0] == N
+    valid = torch.cat([padded[o : o + n] for o, n in zip(offsets.tolist(), lengths.tolist())])
+    torch.testing.assert_close(valid, base, rtol=0, atol=1e-5)
+
+
+@given(lengths=st.lists(st.integers(0, 9), min_size=1, max_size=6), slack=st.integers(0, 60))
+def test_pad_lengths_reaches_the_total_within_capacity(lengths, slack):
+    lengths = torch.tensor(lengths)
+    total = min(int(lengths.sum()) + slack, 9 * lengths.numel())
+    grown = pad_lengths(lengths, 9, total)
+    assert int(grown.sum()) == total and bool((grown >= lengths).all()) and bool((grown <= 9).all())
+
+
+@given(capacity=st.integers(1, 30_000), data=st.data())
+def test_token_bucket_holds_the_batch_in_few_static_sizes(capacity, data):
+    total = data.draw(st.integers(0, capacity))
+    bucket = token_bucket(total, capacity)
+    assert max(total, 1) <= bucket <= capacity
+    assert len({token_bucket(t, capacity) for t in range(0, capacity + 1, max(1, capacity // 500))}) <= TOKEN_BUCKETS

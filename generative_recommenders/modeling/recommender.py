@@ -55,6 +55,14 @@ def build_backbone(encoder_type: str, max_item_id: int, max_seq_len: int, dim: i
     return item_embedding, input_preproc, encoder
 
 
+def pad_lengths(lengths: torch.Tensor, capacity: int, total: int) -> torch.Tensor:
+    """Lengths grown to sum to `total` (<= B * capacity), filling sequences in order; no host sync."""
+    room = capacity - lengths
+    room_before = torch.cumsum(room, 0) - room
+    extra = (total - lengths.sum() - room_before).clamp(min=0).minimum(room)
+    return lengths + extra
+
+
 class SequentialRecommender(nn.Module):
     """Encodes padded histories into one normalised query per valid position."""
 
@@ -89,8 +97,9 @@ class SequentialRecommender(nn.Module):
     def use_padded_layout(self, device: torch.device) -> bool:
         """Switches to the padded layout when the model can run as a CUDA graph on `device`; returns whether.
 
-        A captured step reuses the shapes of its capture, so graphs need every
-        batch to have the same token count: only the padded layout gives that.
+        A captured step reuses the shapes of its capture, so graphs need a
+        batch's token count to be one of a few static values: under the padded
+        layout the sequences are padded up to the `total` the caller gives.
         """
         graph_safe = getattr(self.encoder, "graph_safe", lambda _: True)(device)
         self.padded_layout = device.type == "cuda" and graph_safe
@@ -105,15 +114,18 @@ class SequentialRecommender(nn.Module):
         sequence and their offsets (B + 1). `total` = sum(lengths) saves a
         device-to-host sync when the caller knows it.
 
-        With `padded_layout` every sequence is encoded at its full padded
-        length N (L = B * N, static shapes for CUDA graphs). Causal attention
-        keeps the padding invisible to valid positions, and bidirectional
-        encoders mask padded keys by id, so valid outputs are the same; the
-        extra positions carry label 0 and get no loss weight.
+        With `padded_layout`, `total` (at least sum(lengths); capped at, and by
+        default, B * N) is a static token count: sequences are lengthened
+        with padding positions until they hold `total` together (see
+        pad_lengths). Causal attention keeps the padding invisible to valid
+        positions, and bidirectional encoders mask padded keys by id, so
+        valid outputs are the same; the extra positions carry label 0 and get
+        no loss weight.
         """
         if self.padded_layout:
-            lengths = torch.full_like(lengths, ids.shape[1])
-            total = lengths.numel() * ids.shape[1]
+            full = lengths.numel() * ids.shape[1]
+            total = full if total is None else min(total, full)
+            lengths = pad_lengths(lengths, ids.shape[1], total)
         offsets = complete_cumsum(lengths)
         if total is None:
             total = int(offsets[-1].item())
