@@ -1,1 +1,1 @@
-"""Jagged tensor ops and HSTU attention (PyTorch reference; Triton kernels in ops/triton)."""
+"""Jagged tensor ops, HSTU attention and gathered dot products (PyTorch references; Triton kernels in ops/triton)."""

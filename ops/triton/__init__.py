@@ -1,1 +1,1 @@
-"""Triton kernels (fused jagged HSTU attention, forward and backward)."""
+"""Triton kernels (fused jagged HSTU attention and gathered dot products, forward and backward)."""
