@@ -16,6 +16,7 @@ import gin
 
 PROTOCOLS = ("paper", "leave_one_out", "sessions")
 TASKS = ("retrieval", "ranking")
+MIXED_PRECISION = ("none", "bf16")  # generative_recommenders/precision.py
 
 
 class ConfigError(ValueError):
@@ -67,6 +68,8 @@ class TrainConfig:
     num_epochs: int = 101
     early_stopping_patience: int = 0  # epochs without a better selection metric; 0 = off
     enable_tf32: bool = True
+    # "bf16": forward passes under bf16 autocast, logits, losses and scores in fp32 (precision.py).
+    mixed_precision: str = "none"
     random_seed: int = 42
     # Evaluation (section 7). The best epoch maximises selection_metric (default: the task's, ndcg@10 / auc).
     selection_metric: Optional[str] = None
@@ -106,6 +109,7 @@ class TrainConfig:
         check_one_of("train_fn.protocol", self.protocol, PROTOCOLS)
         check_one_of("train_fn.task", self.task, TASKS)
         check_one_of("train_fn.rating_head", self.rating_head, ("classification", "regression"))
+        check_one_of("train_fn.mixed_precision", self.mixed_precision, MIXED_PRECISION)
         if self.ranking_user_range is not None and (len(self.ranking_user_range) != 2
                                                     or self.ranking_user_range[0] > self.ranking_user_range[1]):
             raise ConfigError(f"train_fn.ranking_user_range must be (first, last) user ids with first <= last; "

@@ -29,6 +29,7 @@ import torch.distributed as dist
 from generative_recommenders.cuda_graph import CudaGraphStep
 from generative_recommenders.data.candidates import CandidateIndex
 from generative_recommenders.data.samples import Batch, DeviceSequences, history_total
+from generative_recommenders.precision import autocast
 
 RANK_CAP = 2500
 HR_NDCG_KS = (1, 10, 20, 50, 100, 200)
@@ -122,16 +123,18 @@ class Evaluator:
     `popularity` (C,) the model is ignored and candidates are ranked by it (the
     most-popular baseline). Under the model's padded layout each full batch is
     one CUDA-graph replay (see cuda_graph.py); per-sample metrics do not depend
-    on how samples are batched.
+    on how samples are batched. `mixed_precision` (train_fn.mixed_precision,
+    precision.py) applies to the query's forward pass; scores are fp32.
     """
 
     def __init__(self, model: torch.nn.Module, query: Query, sequences: DeviceSequences, index: CandidateIndex,
                  max_history: int, batch_size: int, filter_history: bool = True, rank_cap: Optional[int] = RANK_CAP,
-                 popularity: Optional[torch.Tensor] = None) -> None:
+                 popularity: Optional[torch.Tensor] = None, mixed_precision: str = "none") -> None:
         self.model, self.query, self.sequences, self.index = model, query, sequences, index
         self.max_history, self.batch_size = max_history, batch_size
         self.filter_history = filter_history
         self.popularity = popularity
+        self.mixed_precision = mixed_precision
         cap = index.num_candidates if rank_cap is None else min(rank_cap, index.num_candidates)
         self.metrics = RankMetrics(cap, sequences.offsets.device)
         self.candidates: Optional[torch.Tensor] = None  # (C, D) or (C, 1): refreshed per evaluation, read by every batch
@@ -153,6 +156,15 @@ class Evaluator:
         else:  # in place: a captured graph reads this buffer
             self.candidates.copy_(matrix)
 
+    def queries(self, batch: Batch) -> torch.Tensor:
+        """(B, D) fp32 queries: the objective's, its forward pass under `mixed_precision` (precision.py).
+
+        fp32 because the scores are products of them: bf16 scores would tie candidates the model tells apart.
+        """
+        with autocast(self.mixed_precision, batch.ids.device):
+            query = self.query(self.model, batch)
+        return query.float()
+
     def score(self, batch: Batch) -> Tuple[torch.Tensor, torch.Tensor]:
         """(B, D) queries and their (B, C) scores of every candidate, removed history items at -inf.
 
@@ -160,7 +172,7 @@ class Evaluator:
         (recommend.py), after `refresh_candidates`.
         """
         if self.popularity is None:
-            query = self.query(self.model, batch)
+            query = self.queries(batch)
         else:
             query = self.candidates.new_ones(batch.targets.numel(), 1)
         scores = query @ self.candidates.T

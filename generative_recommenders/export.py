@@ -40,7 +40,7 @@ def embeddings(run: TrainedRun) -> Dict[str, np.ndarray]:
     """The arrays of the module docstring."""
     model, index, data = run.task.model, run.task.index, run.data
     sequences, samples = query_sequences(data, np.arange(data.num_users), run.device)
-    users = torch.cat([run.task.objective.query(model, batch).cpu()
+    users = torch.cat([run.task.evaluator.queries(batch).cpu()  # recommend.py's (the evaluation's) queries
                        for batch in query_batches(run, sequences, samples)])
     arrays = {"item_embeddings": _float32(model.item_vectors(index.candidate_ids)),
               "item_ids": index.candidate_ids.cpu().numpy().astype(np.int64),

@@ -15,12 +15,18 @@ import torch
 
 from generative_recommenders.data.ranking import RankingBatch, RankingSequences, sample_lengths
 from generative_recommenders.modeling.ranking_model import RankingModel
+from generative_recommenders.precision import autocast
 from generative_recommenders.ranking_metrics import RankingPredictions, ranking_metrics
 
 
-def candidate_predictions(model: RankingModel, batch: RankingBatch, num_slots: int) -> RankingPredictions:
-    """(B, num_slots) predictions and labels of a batch's candidates (slots past num_targets invalid)."""
-    out, offsets = model(batch)
+def candidate_predictions(model: RankingModel, batch: RankingBatch, num_slots: int,
+                          mixed_precision: str = "none") -> RankingPredictions:
+    """(B, num_slots) predictions and labels of a batch's candidates (slots past num_targets invalid).
+
+    The encoder runs under `mixed_precision` (precision.py); the heads and predictions are fp32.
+    """
+    with autocast(mixed_precision, batch.lengths.device):
+        out, offsets = model(batch)
     slots = torch.arange(num_slots, device=out.device)[None, :]
     first = (batch.lengths - batch.num_targets)[:, None]
     valid = slots < batch.num_targets[:, None]
@@ -38,9 +44,11 @@ def candidate_predictions(model: RankingModel, batch: RankingBatch, num_slots: i
 class RankingEvaluator:
     """Metrics of `model` over samples with candidates, `batch_size` samples per forward pass."""
 
-    def __init__(self, model: RankingModel, sequences: RankingSequences, max_history: int, batch_size: int) -> None:
+    def __init__(self, model: RankingModel, sequences: RankingSequences, max_history: int, batch_size: int,
+                 mixed_precision: str = "none") -> None:
         self.model, self.sequences = model, sequences
         self.max_history, self.batch_size = max_history, batch_size
+        self.mixed_precision = mixed_precision
 
     @torch.no_grad()
     def predictions(self, samples: np.ndarray) -> RankingPredictions:
@@ -56,7 +64,7 @@ class RankingEvaluator:
             end = start + self.batch_size
             batch = self.sequences.gather(on_device[start:end], self.max_history, self.model.max_seq_len,
                                           int(totals[start:end].sum()), True)
-            parts.append(candidate_predictions(self.model, batch, num_slots))
+            parts.append(candidate_predictions(self.model, batch, num_slots, self.mixed_precision))
         self.model.train(was_training)
         return RankingPredictions.concat(parts)
 

@@ -30,6 +30,7 @@ from generative_recommenders.cuda_graph import CudaGraphStep
 from generative_recommenders.data.datasets import load_dataset
 from generative_recommenders.data.sequence_store import SequenceData, atomic_write
 from generative_recommenders.evaluation import format_metrics
+from generative_recommenders.precision import autocast
 from generative_recommenders.tasks import TASKS
 PROGRESS_EVERY_S = 10.0
 # Settings a run may change and still resume its checkpoint (left out of its fingerprint and its name).
@@ -130,7 +131,8 @@ def hparams_of(config: TrainConfig) -> Dict[str, object]:
             "loss": config.loss_module, "dim": config.item_embedding_dim, "max_len": config.max_sequence_length,
             "lr": config.learning_rate, "dropout": config.dropout_rate, "negatives": config.num_negatives,
             "sampling": config.sampling_strategy, "batch": config.local_batch_size,
-            "weight_decay": config.weight_decay, "temperature": config.temperature}
+            "weight_decay": config.weight_decay, "temperature": config.temperature,
+            "precision": config.mixed_precision}
 
 
 def hparams_summaries(config: TrainConfig, metric_tags: List[str]) -> Tuple:
@@ -146,17 +148,21 @@ class TrainStep:
 
     Under the model's padded layout (one GPU) the whole step (gather,
     forward, loss, backward, AdamW) is a CUDA-graph replay (see
-    cuda_graph.py). Returns the batch's loss, valid until the next call.
+    cuda_graph.py). The forward pass and loss run under the task's
+    train_fn.mixed_precision (precision.py); backward and AdamW outside it.
+    Returns the batch's loss, valid until the next call.
     """
 
     def __init__(self, task, train_model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.task, self.train_model, self.optimizer = task, train_model, optimizer
+        self.mixed_precision = task.config.mixed_precision
         self.graphed = CudaGraphStep(self._run, task.model)
 
     def _run(self, samples: torch.Tensor, total: int) -> torch.Tensor:
         # Gradients set to None (not zeroed): under a graph, backward then writes them afresh each replay.
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.task.loss(self.train_model, samples, total)
+        with autocast(self.mixed_precision, samples.device):
+            loss = self.task.loss(self.train_model, samples, total)
         loss.backward()
         self.optimizer.step()
         return loss.detach()

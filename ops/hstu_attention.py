@@ -22,6 +22,12 @@ and itself, biased as if it alone followed the prefix).
 `hstu_target_attention` computes the same target rows from the prefix's
 cached keys and values, without the prefix rows (`target_bias` holds what its
 layers share).
+
+Mixed precision (train_fn.mixed_precision = "bf16"): the PyTorch paths run
+with autocast off, so they compute in fp32 as written (autocast would turn
+their einsums back to bf16) and return q/v's dtype, bf16 under autocast; the
+fused kernel takes bf16 q, k, v as they come, with fp32 accumulation. The
+relative-bias weights stay fp32 in both.
 """
 
 from __future__ import annotations
@@ -147,6 +153,18 @@ def _normalize_scores(scores: torch.Tensor, visible: torch.Tensor, normalization
     raise ValueError(f"unknown attention normalization {normalization!r}: use silu or softmax")
 
 
+def _without_autocast(fn):
+    """fn with autocast off (for PyTorch paths that pick their compute dtype themselves)."""
+
+    @functools.wraps(fn)
+    def wrapped(q: torch.Tensor, *args, **kwargs):
+        with torch.autocast(q.device.type, enabled=False):
+            return fn(q, *args, **kwargs)
+
+    return wrapped
+
+
+@_without_autocast
 def hstu_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -292,6 +310,7 @@ def target_bias(prefix_len: torch.Tensor, n: int, max_seq_len: int, prefix_times
     return TargetBias(visible[:, None, None, :], pos_index[:, None, None, :], buckets)
 
 
+@_without_autocast
 def hstu_target_attention(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -9,6 +9,11 @@ backward kernel has no such problem, while autograd through the composite
 forward would launch a dozen kernels. So: the composite forward, saving mean
 and 1/std, and PyTorch's own backward kernel. CPU tensors and sizes the fast
 kernel handles keep `F.layer_norm`.
+
+Under CUDA autocast (train_fn.mixed_precision = "bf16") the composite does
+what autocast does for `F.layer_norm`: it upcasts its input and computes and
+returns fp32. (Given bf16 as it is, it would save bf16 statistics, which the
+CUDA backward kernel cannot read: it takes them in fp32 for 16-bit inputs.)
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ class CompositeLayerNorm(torch.autograd.Function):
     """(x - mean) / sqrt(biased variance + eps) over the last dim."""
 
     @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda", cast_inputs=torch.float32)
     def forward(ctx, x: torch.Tensor, eps: float) -> torch.Tensor:
         mean = x.mean(dim=-1, keepdim=True)
         centered = x - mean
@@ -29,6 +35,7 @@ class CompositeLayerNorm(torch.autograd.Function):
         return centered * rstd
 
     @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad: torch.Tensor):
         x, mean, rstd = ctx.saved_tensors
         dx, _, _ = torch.ops.aten.native_layer_norm_backward(

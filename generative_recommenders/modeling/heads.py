@@ -34,10 +34,14 @@ class TaskHeads(nn.Module):
         self.rating = tower(dim, hidden_dim, NUM_RATINGS if rating_head == "classification" else 1)
 
     def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        rating = self.rating(x)
-        if self.rating_head == "regression":
-            rating = rating.squeeze(-1) + _MIDDLE_RATING
-        return {"liked": self.liked(x).squeeze(-1), "rating": rating}
+        # fp32 whatever precision the encoder ran in (train_fn.mixed_precision): the outputs are the
+        # ranking losses' logits and the evaluation's scores.
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.to(torch.promote_types(x.dtype, torch.float32))
+            rating = self.rating(x)
+            if self.rating_head == "regression":
+                rating = rating.squeeze(-1) + _MIDDLE_RATING
+            return {"liked": self.liked(x).squeeze(-1), "rating": rating}
 
     def expected_rating(self, outputs: Dict[str, torch.Tensor]) -> torch.Tensor:
         """Point prediction of the rating (the mean of the predicted distribution, or the regressed value)."""

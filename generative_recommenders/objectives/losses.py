@@ -201,6 +201,22 @@ def full_softmax_loss(query: torch.Tensor, items: torch.Tensor, columns: torch.T
     return _FullSoftmaxCrossEntropy.apply(query, items, columns.clamp(min=0), weights, 1.0 / temperature)
 
 
+def _fp32(call: Callable) -> Callable:
+    """RetrievalLoss.__call__ in (at least) fp32 whatever precision the encoder ran in
+    (train_fn.mixed_precision, precision.py): autocast is off inside, and bf16 queries and item vectors are
+    upcast (fp32 and fp64 pass unchanged)."""
+
+    def upcast(x: torch.Tensor) -> torch.Tensor:
+        return x.to(torch.promote_types(x.dtype, torch.float32))
+
+    def fp32_call(self, query, positive_ids, item_vectors, generator=None):
+        with torch.autocast(query.device.type, enabled=False):
+            return call(self, upcast(query), positive_ids, lambda ids: upcast(item_vectors(ids)), generator)
+
+    fp32_call.__doc__ = call.__doc__
+    return fp32_call
+
+
 class RetrievalLoss:
     """The configured loss over (query, positive id) pairs; see the module docstring."""
 
@@ -223,6 +239,7 @@ class RetrievalLoss:
         """Whether the loss runs without host syncs (CUDA-graph capture)."""
         return self.name == "FullSoftmaxLoss" or self.sampler.graph_safe
 
+    @_fp32
     def __call__(self, query: torch.Tensor, positive_ids: torch.Tensor, item_vectors: ItemVectors,
                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Loss of (L, D) queries and their (L,) positive ids (0 = unsupervised)."""

@@ -67,11 +67,11 @@ def ranking_losses(
     out, offsets = model(batch)
     total = out.shape[0]
     ratings = jagged_values(batch.ratings, offsets, total)
-    weights = (ratings > 0).to(out.dtype)
-    outputs = core.heads(out)
+    outputs = core.heads(out)  # fp32 logits, also under mixed precision
+    weights = (ratings > 0).to(outputs["liked"].dtype)
     terms = {}
     if objective.liked_weight > 0:
-        liked = (ratings >= LIKED_RATING).to(out.dtype)
+        liked = (ratings >= LIKED_RATING).to(outputs["liked"].dtype)
         terms["liked"] = weighted_mean(
             F.binary_cross_entropy_with_logits(outputs["liked"], liked, reduction="none"), weights)
     if objective.rating_weight > 0:

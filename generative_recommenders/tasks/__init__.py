@@ -1,10 +1,10 @@
 """Kinds of experiment the trainer runs (train_fn.task): each builds its samples, model, loss and evaluation.
 
-A task gives the trainer: `model`, `splits` (sample rows, "train" and the evaluation splits),
-`eval_splits`, `selection_split`, `selection_metric`, `shown_metrics`, `shards_evaluation` (whether each
-rank evaluates its own share and the metrics are summed), and the methods `describe()`,
-`use_cuda_graphs(device)`, `batch_total(samples)`, `loss(train_model, samples, total)`,
-`evaluate(samples, max_batches)` and `baselines(samples)`.
+A task gives the trainer: `config` (its TrainConfig), `model`, `splits` (sample rows, "train" and the
+evaluation splits), `eval_splits`, `selection_split`, `selection_metric`, `shown_metrics`,
+`shards_evaluation` (whether each rank evaluates its own share and the metrics are summed), and the
+methods `describe()`, `use_cuda_graphs(device)`, `batch_total(samples)`, `loss(train_model, samples,
+total)`, `evaluate(samples, max_batches)` and `baselines(samples)`.
 """
 
 from generative_recommenders.tasks.ranking import RankingTask

@@ -56,7 +56,7 @@ class RankingTask:
                                                 config.num_negatives, config.temperature,
                                                 config.bpr_max_regularization)
         self.evaluator = RankingEvaluator(self.model, self.sequences, config.max_sequence_length,
-                                          config.eval_batch_size)
+                                          config.eval_batch_size, config.mixed_precision)
 
     def describe(self) -> str:
         users = self.splits["test"].shape[0]

@@ -57,7 +57,8 @@ class RetrievalTask:
         sessions = config.protocol == SESSIONS
         # GRU4Rec's session metrics are recall@20 (= HR@20, one target per event) and MRR@20.
         self.shown_metrics = ("hr@20", "mrr@20", "hr@10", "ndcg@10") if sessions else ("hr@10", "ndcg@10", "hr@50", "mrr")
-        options = dict(filter_history=not sessions, rank_cap=None if sessions else RANK_CAP)
+        options = dict(filter_history=not sessions, rank_cap=None if sessions else RANK_CAP,
+                       mixed_precision=config.mixed_precision)
         self.evaluator = Evaluator(self.model, self.objective.query, self.sequences, self.index,
                                    config.max_sequence_length, config.eval_batch_size, **options)
         self.popular = Evaluator(self.model, self.objective.query, self.sequences, self.index,
