@@ -42,13 +42,13 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-from ops.hstu_attention import DenseRelativeBias, bias_buckets, hstu_attention_reference
+from ops.hstu_attention import hstu_attention_reference
 from ops.triton import hstu_attention as kernel_mod
 
 DTYPE = torch.bfloat16
 
 
-def make_batch(batch, max_len, heads, dqk, dv, ragged, seed=0, max_ragged=None, device="cuda", dtype=None):
+def make_batch(batch, max_len, heads, dqk, dv, ragged, seed=0, max_ragged=None, device="cuda"):
     gen = torch.Generator().manual_seed(seed)
     if ragged:
         lengths = torch.randint(1, (max_ragged or max_len) + 1, (batch,), generator=gen)
@@ -59,14 +59,14 @@ def make_batch(batch, max_len, heads, dqk, dv, ragged, seed=0, max_ragged=None, 
     scale = dqk ** -0.25
 
     def t(*shape, s=1.0):
-        return (torch.randn(*shape, generator=gen) * s).to(device, dtype or DTYPE).requires_grad_()
+        return (torch.randn(*shape, generator=gen) * s).to(device, DTYPE).requires_grad_()
 
     q, k, v = t(total, heads, dqk, s=scale), t(total, heads, dqk, s=scale), t(total, heads, dv)
     gaps = torch.exp(torch.randn(batch, max_len, generator=gen) * 2 + 6)
     ts = (torch.cumsum(gaps.long(), 1) + 1_000_000_000).to(device)
     ts_w = (torch.randn(129, generator=gen) * 0.02).to(device).requires_grad_()
     pos_w = (torch.randn(2 * max_len - 1, generator=gen) * 0.02).to(device).requires_grad_()
-    grad = torch.randn(total, heads, dv, generator=gen).to(device, dtype or DTYPE)
+    grad = torch.randn(total, heads, dv, generator=gen).to(device, DTYPE)
     return dict(q=q, k=k, v=v, offsets=offsets.to(device), lengths=lengths, n=max_len, ts=ts,
                 ts_w=ts_w, pos_w=pos_w, grad=grad)
 
@@ -82,11 +82,6 @@ def time_impl(impl, b, fwd_config=None, bwd_config=None):
     if impl == "triton":
         fn = lambda: kernel_mod._hstu_attention(q, k, v, offsets, n, *bias, fwd_config=fwd_config,
                                                 bwd_config=bwd_config)
-        params = [q, k, v, b["ts_w"], b["pos_w"]]
-    elif impl == "triton_dense":  # the bias built once per layer (buckets once per batch, not timed)
-        buckets = bias_buckets(b["ts"], n)
-        fn = lambda: kernel_mod._hstu_attention(q, k, v, offsets, n, rab=DenseRelativeBias.apply(
-            b["ts_w"], b["pos_w"], buckets), fwd_config=fwd_config, bwd_config=bwd_config)
         params = [q, k, v, b["ts_w"], b["pos_w"]]
     elif impl == "triton_nobias":
         fn = lambda: kernel_mod._hstu_attention(q, k, v, offsets, n, fwd_config=fwd_config,
@@ -271,29 +266,6 @@ def tune(workers, compile_only=False, out=None):
             json.dump({str(k): v for k, v in best.items()}, f)
 
 
-def bias_layouts(out_path):
-    """Fused (bias computed per head in the kernel) vs dense (built once per layer) at the trainer's shapes."""
-    torch.backends.cuda.matmul.allow_tf32 = True
-    props = torch.cuda.get_device_properties(0)
-    rows = []
-    scale = [s for s in SHAPES if s["name"] == "scale" and s["N"] == 4096 and not s["ragged"]]
-    for shape in SHAPES[-4:] + scale:
-        for dtype in (torch.float32, torch.bfloat16) if shape["name"] != "scale" else (torch.bfloat16,):
-            b = make_batch(shape["B"], shape["N"], shape["h"], shape["dqk"], shape["dv"], shape["ragged"],
-                           max_ragged=shape.get("max_ragged"), dtype=dtype)
-            for impl in ("triton", "triton_dense", "triton_nobias"):
-                fwd, fwd_bwd, peak = time_impl(impl, b)
-                row = dict(impl=impl, config=shape["name"], B=shape["B"], N=shape["N"], heads=shape["h"],
-                           dqk=shape["dqk"], dtype=str(dtype).replace("torch.", ""), fwd_ms=round(fwd, 4),
-                           fwd_bwd_ms=round(fwd_bwd, 4), peak_mem_gb=round(peak, 3), device=props.name,
-                           torch=torch.__version__, triton=triton.__version__)
-                print(json.dumps(row), flush=True)
-                rows.append(row)
-    if out_path:
-        with open(out_path, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
-
-
 def markdown(path):
     """Markdown table of a results file: one row per shape, fwd / fwd+bwd ms per implementation."""
     rows = [json.loads(line) for line in open(path)]
@@ -331,16 +303,12 @@ def main():
                         help="JSON of block configs per padded head dim (from --tune-out); default: the "
                              "kernel's own table")
     parser.add_argument("--markdown", default=None, help="print a results file as a markdown table and exit")
-    parser.add_argument("--bias_layouts", action="store_true",
-                        help="time the fused vs dense relative-bias layouts at the trainer's shapes (fp32, bf16)")
     args = parser.parse_args()
     if args.markdown:
         return markdown(args.markdown)
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
-    if args.bias_layouts:
-        bias_layouts(args.out)
-    elif args.tune or args.tune_compile_only:
+    if args.tune or args.tune_compile_only:
         tune(args.workers, args.tune_compile_only, args.tune_out)
     else:
         run(args.out, args.configs)

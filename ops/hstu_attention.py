@@ -76,47 +76,6 @@ class _LookupWithHistogramGrad(torch.autograd.Function):
         return hist.to(grad.dtype), None
 
 
-def bias_buckets(timestamps: torch.Tensor, max_seq_len: int, num_buckets: int = NUM_TIME_BUCKETS) -> torch.Tensor:
-    """(B, N, N) time buckets bucket(t[min(i + 1, N - 1)] - t[j]) of every (query i, key j): the part of
-    the bias every layer shares (DenseRelativeBias)."""
-    pos = torch.arange(max_seq_len, device=timestamps.device)
-    return _time_bucket_matrix(timestamps, (pos + 1).clamp(max=max_seq_len - 1)[None, :], max_seq_len, num_buckets)
-
-
-def _time_bucket_matrix(timestamps: torch.Tensor, query_index: torch.Tensor, n: int, num_buckets: int) -> torch.Tensor:
-    query_ts = timestamps.gather(1, query_index.expand(timestamps.shape[0], -1))
-    return time_buckets(query_ts[:, :, None] - timestamps[:, None, :n], num_buckets)
-
-
-class DenseRelativeBias(torch.autograd.Function):
-    """rab = pos_w[N - 1 + j - i] + ts_w[buckets] as one (B, N, N) fp32 tensor, for the kernel to read.
-
-    With many heads and short sequences (training shapes), building the bias
-    once per layer and reading it in every head's tiles costs less than
-    recomputing it in the kernel per head and pass. The backward takes the
-    kernel's dS summed over heads (the gradient of rab) and reduces it to the
-    two weight gradients with weighted histograms (see _LookupWithHistogramGrad).
-    """
-
-    @staticmethod
-    def forward(ctx, ts_w: torch.Tensor, pos_w: torch.Tensor, buckets: torch.Tensor) -> torch.Tensor:
-        n = buckets.shape[-1]
-        pos = torch.arange(n, device=buckets.device)
-        pos_index = n - 1 + pos[None, :] - pos[:, None]
-        ctx.save_for_backward(buckets, pos_index)
-        ctx.weights = (ts_w.numel(), ts_w.dtype, pos_w.numel(), pos_w.dtype)
-        return pos_w.float()[pos_index] + ts_w.float()[buckets]
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        buckets, pos_index = ctx.saved_tensors
-        num_ts, ts_dtype, num_pos, pos_dtype = ctx.weights
-        grad = grad.float()
-        d_ts = torch.bincount(buckets.reshape(-1), weights=grad.reshape(-1), minlength=num_ts)
-        d_pos = torch.bincount(pos_index.reshape(-1), weights=grad.sum(0).reshape(-1), minlength=num_pos)
-        return d_ts.to(ts_dtype), d_pos.to(pos_dtype), None
-
-
 def relative_bias(
     timestamps: torch.Tensor,
     ts_w: torch.Tensor,
@@ -139,7 +98,9 @@ def relative_bias(
         pos = effective_positions(n, prefix)
         query_index = query_timestamp_index(n, max_seq_len, prefix, num_targets)
     pos_bias = pos_w[max_seq_len - 1 + pos[:, None, :] - pos[:, :, None]]
-    buckets = _time_bucket_matrix(timestamps, query_index, n, ts_w.numel() - 1)
+    query_ts = timestamps.gather(1, query_index.expand(timestamps.shape[0], -1))
+    key_ts = timestamps[:, :n]
+    buckets = time_buckets(query_ts[:, :, None] - key_ts[:, None, :], ts_w.numel() - 1)
     return pos_bias + _LookupWithHistogramGrad.apply(ts_w, buckets)
 
 
@@ -259,14 +220,8 @@ def hstu_attention(
     normalization: str = "silu",
     kernel: str = "auto",
     num_targets: Optional[torch.Tensor] = None,
-    buckets: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Same contract as `hstu_attention_reference`; kernel is auto, triton or torch.
-
-    buckets: `bias_buckets(timestamps, max_seq_len)`, shared by the layers: the Triton kernel
-    then reads the bias from one (B, N, N) tensor (DenseRelativeBias) instead of computing it
-    per head. Same result; ignored by the PyTorch path and with num_targets.
-    """
+    """Same contract as `hstu_attention_reference`; kernel is auto, triton or torch."""
     if kernel not in ("auto", "triton", "torch"):
         raise ValueError(f"unknown attention kernel {kernel!r}: use auto, triton or torch")
     use_triton = kernel == "triton" or (
@@ -279,9 +234,6 @@ def hstu_attention(
             raise RuntimeError(f"attention kernel 'triton' requested, but {triton_problem()}")
         from ops.triton.hstu_attention import triton_hstu_attention
 
-        if buckets is not None and num_targets is None and ts_w is not None and pos_w is not None:
-            rab = DenseRelativeBias.apply(ts_w, pos_w, buckets)
-            return triton_hstu_attention(q, k, v, seq_offsets, max_seq_len, rab=rab)
         return triton_hstu_attention(q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w, num_targets)
     return hstu_attention_reference(
         q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w, normalization, num_targets

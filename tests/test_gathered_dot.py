@@ -167,7 +167,8 @@ def test_cpu_dispatch_follows_the_interpreter_switch(monkeypatch):
 
 def _vectors(table: torch.nn.Module):
     """The model's item_vectors: normalised (eps 1e-6) embeddings, as SequentialRecommender gives them."""
-    return lambda ids: F.normalize(table(ids), dim=-1, eps=1e-6)
+    # ids, or a slice of consecutive ids (a whole catalog), as ItemEmbedding takes them
+    return lambda ids: F.normalize(table.weight[ids] if isinstance(ids, slice) else table(ids), dim=-1, eps=1e-6)
 
 
 def _negatives(kernel: bool, monkeypatch, rows: int, num: int, num_candidates: int):

@@ -14,7 +14,9 @@ from hypothesis import strategies as st
 
 from generative_recommenders.config import ConfigError
 from generative_recommenders.data.candidates import CandidateIndex
+from generative_recommenders.modeling.embeddings import ItemEmbedding
 from generative_recommenders.objectives.losses import (
+    consecutive_range,
     NEGATIVE_EQUALS_POSITIVE_LOGIT,
     NegativesSampler,
     RetrievalLoss,
@@ -80,7 +82,11 @@ def test_negative_equal_to_positive_is_masked_out():
 
 def _vectors(table: torch.nn.Module, l2_norm: bool = True):
     """The model's item_vectors: normalised (eps 1e-6) embeddings, as SequentialRecommender gives them."""
-    return lambda ids: F.normalize(table(ids), dim=-1, eps=1e-6) if l2_norm else table(ids)
+    def vectors(ids):  # ids, or a slice of consecutive ids (a whole catalog), as ItemEmbedding takes them
+        rows = table.weight[ids] if isinstance(ids, slice) else table(ids)
+        return F.normalize(rows, dim=-1, eps=1e-6) if l2_norm else rows
+
+    return vectors
 
 
 def _loss(name, candidates, num_negatives=5, temperature=0.05, **kwargs):
@@ -262,3 +268,17 @@ def test_bpr_and_bpr_max_equal_their_direct_formulas(rows, negatives, seed):
     assert bpr_loss(pos, negs, pos_ids, neg_ids, weights).item() == pytest.approx(expect(bpr_rows), rel=1e-9, abs=1e-12)
     got = bpr_max_loss(pos, negs, pos_ids, neg_ids, weights, regularization=0.5).item()
     assert got == pytest.approx(expect(bpr_max_rows), rel=1e-9, abs=1e-12)
+
+
+def test_consecutive_candidates_are_read_as_a_slice_with_the_same_vectors_and_gradients():
+    assert consecutive_range(torch.arange(3, 9)) == slice(3, 9)
+    assert consecutive_range(torch.tensor([1, 2, 4])) is None and consecutive_range(torch.tensor([], dtype=torch.long)) is None
+    table = ItemEmbedding(10, 4)
+    for rows in (slice(2, 9), torch.arange(2, 9)):
+        table.zero_grad()
+        out = F.normalize(table(rows), dim=-1)
+        (out * torch.arange(28.0).view(7, 4)).sum().backward()
+        if isinstance(rows, slice):
+            sliced, sliced_grad = out.detach(), table.table.weight.grad.clone()
+    torch.testing.assert_close(out.detach(), sliced, rtol=0, atol=0)
+    torch.testing.assert_close(table.table.weight.grad, sliced_grad, rtol=0, atol=1e-7)

@@ -27,6 +27,7 @@ class _Recorder(torch.nn.Module):
         return torch.cat(rows), offsets
 
     def item_vectors(self, ids):
+        ids = torch.arange(ids.start, ids.stop) if isinstance(ids, slice) else ids
         return torch.stack([ids.float(), torch.zeros_like(ids, dtype=torch.float32)], 1)
 
 

@@ -250,8 +250,7 @@ def test_sequences_of_8192_in_one_batch():
     _check(q, k, v, offsets, n, extra, torch.bfloat16)
 
 
-@pytest.mark.parametrize("bias_layout", ["fused", "dense"])
-def test_training_is_the_same_with_and_without_the_kernel(tmp_path, bias_layout):
+def test_training_is_the_same_with_and_without_the_kernel(tmp_path):
     """A short training with the kernel gives the PyTorch path's losses and metrics.
 
     fp32 without TF32 and without CUDA graphs (the graph path encodes the padded
@@ -266,7 +265,6 @@ def test_training_is_the_same_with_and_without_the_kernel(tmp_path, bias_layout)
         return train_tiny(tmp_path, [
             "train_fn.num_epochs = 2", f"synthetic_data.num_users = {300 if CUDA else 130}", "train_fn.enable_tf32 = False",
             "train_fn.cuda_graphs = False", f"hstu_encoder.attention_kernel = '{kernel}'",
-            f"hstu_encoder.bias_layout = '{bias_layout}'",
         ], run_name=kernel)
 
     fused, plain = train("triton"), train("torch")
@@ -274,39 +272,3 @@ def test_training_is_the_same_with_and_without_the_kernel(tmp_path, bias_layout)
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
         for metric in ("hr@10", "ndcg@10", "mrr"):
             assert abs(a["eval"][metric] - b["eval"][metric]) <= 0.02, (metric, a["eval"], b["eval"])
-
-
-@settings(max_examples=8 if not CUDA else 4, deadline=None)
-@given(
-    lengths=st.lists(st.integers(0, 30 if not CUDA else 300), min_size=1, max_size=4),
-    heads=st.integers(1, 3),
-    ordered=st.booleans(),
-    pad=st.integers(0, 5),
-    seed=st.integers(0, 2**16),
-)
-def test_dense_rab_matches_reference(lengths, heads, ordered, pad, seed):
-    """The bias built once per layer (DenseRelativeBias) and read by every head: output and all five
-    gradients equal the reference's, which computes the same buckets (time_buckets) in PyTorch."""
-    assume(sum(lengths) > 0)
-    n = max(lengths) + pad
-    q, k, v, offsets, n, (ts, ts_w, pos_w) = _make_inputs(lengths, heads, 16, 8, torch.float32, seed, True,
-                                                          ordered, max_seq_len=n)
-    rab = hstu_module.DenseRelativeBias.apply(ts_w, pos_w, hstu_module.bias_buckets(ts, n, NUM_BUCKETS))
-    out = triton_hstu_attention(q, k, v, offsets, n, rab=rab)
-    ref = hstu_attention_reference(q, k, v, offsets, n, ts, ts_w, pos_w)
-    tol = TOL[torch.float32]
-    assert _rel_err(out, ref) <= tol
-    g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    params = [q, k, v, ts_w, pos_w]
-    for name, a, b in zip(["dq", "dk", "dv", "d_ts_w", "d_pos_w"], torch.autograd.grad(out, params, g),
-                          torch.autograd.grad(ref, params, g)):
-        assert a.shape == b.shape and a.dtype == b.dtype, name
-        assert _rel_err(a, b) <= tol, (name, _rel_err(a, b))
-
-
-def test_dense_rab_refuses_mixed_inputs():
-    q, k, v, offsets, n, extra = _make_inputs([3, 2], 1, 16, 8, torch.float32, 0, True)
-    with pytest.raises(ValueError, match="rab must be"):
-        triton_hstu_attention(q, k, v, offsets, n, rab=torch.zeros(2, n, n + 1, device=DEVICE))
-    with pytest.raises(ValueError, match="replaces"):
-        triton_hstu_attention(q, k, v, offsets, n, *extra, rab=torch.zeros(2, n, n, device=DEVICE))

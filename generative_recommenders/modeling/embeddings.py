@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +30,10 @@ class ItemEmbedding(nn.Module):
     def dim(self) -> int:
         return self.table.embedding_dim
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.table(ids)
+    def forward(self, ids: Union[torch.Tensor, slice]) -> torch.Tensor:
+        """Rows of `ids`; a slice of consecutive ids (a whole catalog) is a view of the table, whose
+        backward is a copy into the table's gradient instead of the sort-based scatter of a lookup."""
+        return self.table.weight[ids] if isinstance(ids, slice) else self.table(ids)
 
 
 class InputPreprocessor(nn.Module):

@@ -18,15 +18,10 @@ from torch import nn
 
 from generative_recommenders.config import check_one_of, check_positive, check_rate
 from ops.hstu_attention import (
-    NUM_TIME_BUCKETS, TargetBias, bias_buckets, hstu_attention, hstu_target_attention, target_bias,
-    triton_available,
+    NUM_TIME_BUCKETS, TargetBias, hstu_attention, hstu_target_attention, target_bias, triton_available,
 )
 from ops.jagged import dense_to_jagged, jagged_to_dense
 from ops.layer_norm import layer_norm
-
-
-BIAS_LAYOUTS = ("auto", "fused", "dense")
-DENSE_BIAS_MAX_ELEMENTS = 1 << 25  # B * N^2 of the dense bias: 128 MB in fp32 per layer, kept for backward
 
 
 @dataclasses.dataclass
@@ -87,7 +82,7 @@ class HSTULayer(nn.Module):
 
     def forward_with_kv(
         self, x: torch.Tensor, seq_offsets: torch.Tensor, timestamps: torch.Tensor,
-        num_targets: Optional[torch.Tensor] = None, buckets: Optional[torch.Tensor] = None,
+        num_targets: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The layer's output (L, D) and its keys and values (L, h, .)."""
         u, q, k, v = self.project(x)
@@ -95,17 +90,15 @@ class HSTULayer(nn.Module):
             q, k, v, seq_offsets, self.max_seq_len,
             timestamps if self.ts_w is not None else None, self.ts_w, self.pos_w,
             normalization=self.normalization, kernel=self.attention_kernel, num_targets=num_targets,
-            buckets=buckets,
         )
         return self.combine(x, u, attn), k, v
 
     def forward(
         self, x: torch.Tensor, seq_offsets: torch.Tensor, timestamps: torch.Tensor,
-        num_targets: Optional[torch.Tensor] = None, buckets: Optional[torch.Tensor] = None,
+        num_targets: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """x: (L, D) jagged; timestamps: (B, N); num_targets (B,) optional (ops/targets.py);
-        buckets (B, N, N): the time buckets shared by the layers (dense bias layout). Returns (L, D)."""
-        return self.forward_with_kv(x, seq_offsets, timestamps, num_targets, buckets)[0]
+        """x: (L, D) jagged; timestamps: (B, N); num_targets (B,) optional (ops/targets.py). Returns (L, D)."""
+        return self.forward_with_kv(x, seq_offsets, timestamps, num_targets)[0]
 
     def forward_targets(
         self, x: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor, bias: TargetBias,
@@ -133,18 +126,14 @@ class HSTUEncoder(nn.Module):
         normalization: str = "silu",
         relative_bias: bool = True,
         attention_kernel: str = "auto",
-        bias_layout: str = "auto",
     ) -> None:
         super().__init__()
         check_positive("hstu_encoder", num_blocks=num_blocks, num_heads=num_heads, dqk=dqk, dv=dv)
         check_rate("hstu_encoder", linear_dropout_rate=linear_dropout_rate)
         check_one_of("hstu_encoder.normalization", normalization, ("silu", "softmax"))
         check_one_of("hstu_encoder.attention_kernel", attention_kernel, ("auto", "triton", "torch"))
-        check_one_of("hstu_encoder.bias_layout", bias_layout, BIAS_LAYOUTS)
         self.max_seq_len = max_seq_len
         self.relative_bias = relative_bias
-        self.num_heads = num_heads
-        self.bias_layout = bias_layout
         self.layers = nn.ModuleList(
             HSTULayer(dim, num_heads, dqk, dv, max_seq_len, linear_dropout_rate, normalization,
                       relative_bias, attention_kernel)
@@ -157,19 +146,6 @@ class HSTUEncoder(nn.Module):
         if layer is None or layer.attention_kernel == "torch" or layer.normalization != "silu":
             return False
         return layer.attention_kernel == "triton" or triton_available(device)
-
-    def dense_bias(self, batch: int, device: torch.device) -> bool:
-        """Whether the fused kernel reads the relative bias from a (B, N, N) tensor built once per layer
-        (its time buckets once per batch) instead of computing it per head in every pass.
-
-        "auto": with several heads, while the tensor stays small (DENSE_BIAS_MAX_ELEMENTS); measured
-        in benchmarks/hstu_attention.py --bias_layouts.
-        """
-        if not (self.relative_bias and self.uses_triton(device)) or self.bias_layout == "fused":
-            return False
-        if self.bias_layout == "dense":
-            return True
-        return self.num_heads >= 2 and batch * self.max_seq_len ** 2 <= DENSE_BIAS_MAX_ELEMENTS
 
     def graph_safe(self, device: torch.device) -> bool:
         """The PyTorch attention path syncs with the host (jagged shapes); the fused kernel does not."""
@@ -184,11 +160,8 @@ class HSTUEncoder(nn.Module):
         num_targets (B,): the last num_targets[b] positions are M-FALCON targets (ops/targets.py).
         """
         x = dense_to_jagged(x, seq_offsets, total)
-        buckets = None
-        if num_targets is None and self.dense_bias(timestamps.shape[0], x.device):
-            buckets = bias_buckets(timestamps, self.max_seq_len, NUM_TIME_BUCKETS)
         for layer in self.layers:
-            x = layer(x, seq_offsets, timestamps, num_targets, buckets)
+            x = layer(x, seq_offsets, timestamps, num_targets)
         return x
 
     def encode_prefix(

@@ -15,7 +15,7 @@ microbatches (`encode_candidates`, inference/m_falcon.py).
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -84,7 +84,7 @@ class RankingModel(nn.Module):
                            batch.num_targets)
         return out, offsets
 
-    def item_vectors(self, ids: torch.Tensor) -> torch.Tensor:
+    def item_vectors(self, ids: Union[torch.Tensor, slice]) -> torch.Tensor:
         """L2-normalised item embeddings: what the next-item loss scores the queries against."""
         return F.normalize(self.item_embedding(ids), dim=-1, eps=1e-6)
 

@@ -9,7 +9,7 @@ USES_POSITIONS (whether the input adds learned absolute positions).
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -89,7 +89,7 @@ class SequentialRecommender(nn.Module):
         self.item_embedding, self.input_preproc, self.encoder = build_backbone(
             encoder_type, max_item_id, max_seq_len, item_embedding_dim, dropout_rate, mask_token=not causal)
 
-    def item_vectors(self, ids: torch.Tensor) -> torch.Tensor:
+    def item_vectors(self, ids: Union[torch.Tensor, slice]) -> torch.Tensor:
         """The item embeddings queries are scored against, in training and evaluation alike."""
         embeddings = self.item_embedding(ids)
         return F.normalize(embeddings, dim=-1, eps=self.l2_norm_eps) if self.item_l2_norm else embeddings

@@ -31,7 +31,7 @@ its sampled columns picked, a large one by gathering the sampled embeddings.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +47,7 @@ SAMPLED_LOSSES = ("SampledSoftmaxLoss", "BCELoss", "BPRLoss", "BPRMaxLoss")
 LOSSES = SAMPLED_LOSSES + ("FullSoftmaxLoss",)
 FULL_SOFTMAX_CHUNK_ELEMENTS = 1 << 26  # logits per chunk: 256 MB in fp32
 
-ItemVectors = Callable[[torch.Tensor], torch.Tensor]
+ItemVectors = Callable[[Union[torch.Tensor, slice]], torch.Tensor]  # ids, or a slice of consecutive ids
 
 
 class NegativesSampler:
@@ -63,6 +63,7 @@ class NegativesSampler:
                               f"got {strategy!r}")
         self.strategy = strategy
         self.candidate_ids = candidate_ids
+        self.candidate_range = consecutive_range(candidate_ids)
 
     @property
     def graph_safe(self) -> bool:
@@ -73,6 +74,17 @@ class NegativesSampler:
         if self.strategy == "local":
             return self.candidate_ids
         return torch.unique(positive_ids[positive_ids != 0])
+
+    def pool_rows(self, pool: torch.Tensor) -> Union[torch.Tensor, slice]:
+        """`pool` for item_vectors: a slice when it is the candidates and they are consecutive ids."""
+        return self.candidate_range if self.strategy == "local" and self.candidate_range else pool
+
+
+def consecutive_range(ids: torch.Tensor) -> Optional[slice]:
+    """slice(first, last + 1) when `ids` are consecutive increasing integers (checked once, on the host)."""
+    if ids.numel() == 0 or not bool((ids[1:] - ids[:-1] == 1).all()):
+        return None
+    return slice(int(ids[0]), int(ids[-1]) + 1)
 
 
 def negative_logits(
@@ -103,9 +115,9 @@ def negative_logits(
     columns = torch.randint(0, pool.numel(), (positive_ids.numel(), num), device=pool.device, generator=generator)
     ids = pool[columns]
     if positive_ids.numel() * num >= pool.numel() and gathered_dot_kernel_available(query.device):
-        return ids, gathered_dot(query, item_vectors(pool), columns)
+        return ids, gathered_dot(query, item_vectors(sampler.pool_rows(pool)), columns)
     if pool.numel() <= 2 * num * query.shape[-1]:
-        return ids, (query @ item_vectors(pool).T).gather(1, columns)
+        return ids, (query @ item_vectors(sampler.pool_rows(pool)).T).gather(1, columns)
     return ids, torch.einsum("ld,lrd->lr", query, item_vectors(ids))
 
 
@@ -247,7 +259,7 @@ class RetrievalLoss:
         if self.name == "FullSoftmaxLoss":
             columns = self.candidates.columns(positive_ids)
             weights = weights * (columns >= 0).to(query.dtype)
-            items = item_vectors(self.candidates.candidate_ids)
+            items = item_vectors(self.sampler.candidate_range or self.candidates.candidate_ids)
             return full_softmax_loss(query, items, columns, weights, self.temperature)
         negative_ids, negatives = negative_logits(query, positive_ids, item_vectors, self.sampler,
                                                   self.num_negatives, generator)

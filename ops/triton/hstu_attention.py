@@ -147,17 +147,6 @@ def _rel_bias(qpos, kpos, tq, tk, TsW, PosW, max_seq_len, mask,
 
 
 @triton.jit
-def _dense_bias(Rab, rab_base, qpos, kpos, max_seq_len, mask, MASKED: tl.constexpr):
-    """rab(qpos, kpos) read from a (B, N, N) tensor computed outside (DENSE_RAB), as fp32."""
-    ptrs = Rab + rab_base + qpos * max_seq_len + kpos
-    if MASKED:
-        rab = tl.load(ptrs, mask=mask, other=0.0)
-    else:
-        rab = tl.load(ptrs)
-    return rab.to(tl.float32)
-
-
-@triton.jit
 def _load_tile(ptrs, rows_ok, cols_ok, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
     """Masked 2D load; masks are emitted only where they are needed (padding or ragged rows)."""
     if MASK_ROWS:
@@ -182,9 +171,9 @@ def _load_tile(ptrs, rows_ok, cols_ok, MASK_ROWS: tl.constexpr, MASK_COLS: tl.co
 def _fwd_tile(acc, q, qpos, kmax, tq, K, V, TS, TsW, PosW, k_base, v_base, ts_base,
               start_n, seq_len, max_seq_len, stride_km, stride_vm, offs_qk, offs_v,
               DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-              BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, DENSE_RAB: tl.constexpr,
-              NUM_BUCKETS: tl.constexpr, DOT_PREC: tl.constexpr, MASKED: tl.constexpr,
-              HW_MATH: tl.constexpr, FAST_SILU: tl.constexpr):
+              BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_BUCKETS: tl.constexpr,
+              DOT_PREC: tl.constexpr, MASKED: tl.constexpr, HW_MATH: tl.constexpr,
+              FAST_SILU: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     kv_ok = offs_n < seq_len
     k = _load_tile(K + k_base + offs_n[:, None] * stride_km + offs_qk[None, :], kv_ok,
@@ -193,9 +182,7 @@ def _fwd_tile(acc, q, qpos, kmax, tq, K, V, TS, TsW, PosW, k_base, v_base, ts_ba
                    offs_v < DV, MASKED, DV != BLOCK_DV)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
     causal = offs_n[None, :] <= kmax[:, None]
-    if DENSE_RAB:
-        s += _dense_bias(TS, ts_base, qpos[:, None], offs_n[None, :], max_seq_len, causal, MASKED)
-    elif HAS_BIAS:
+    if HAS_BIAS:
         tk = tl.load(TS + ts_base + tl.minimum(offs_n, max_seq_len - 1))
         rab, _ = _rel_bias(qpos[:, None], offs_n[None, :], tq[:, None], tk[None, :], TsW, PosW,
                            max_seq_len, causal, NUM_BUCKETS, MASKED, HW_MATH)
@@ -230,7 +217,7 @@ def _hstu_fwd_kernel(
     stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, stride_om, stride_oh,
     stride_tb, num_heads, max_seq_len, inv_n,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, DENSE_RAB: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
     NUM_BUCKETS: tl.constexpr, DOT_PREC: tl.constexpr, HW_MATH: tl.constexpr, FAST_SILU: tl.constexpr,
     HAS_TARGETS: tl.constexpr,
 ):
@@ -271,7 +258,7 @@ def _hstu_fwd_kernel(
         tq_index = offs_m + 1
         full_end = start_m
         diag_end = tl.minimum(start_m + BLOCK_M, seq_len)
-    if HAS_BIAS and not DENSE_RAB:
+    if HAS_BIAS:
         tq = tl.load(TS + ts_base + tl.minimum(tq_index, max_seq_len - 1))
     else:
         tq = qpos
@@ -281,14 +268,14 @@ def _hstu_fwd_kernel(
     for start_n in range(0, full_end, BLOCK_N):
         acc = _fwd_tile(acc, q, qpos, kmax, tq, K, V, TS, TsW, PosW, k_base, v_base, ts_base,
                         start_n, seq_len, max_seq_len, stride_km, stride_vm, offs_qk, offs_v,
-                        DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N, HAS_BIAS, DENSE_RAB, NUM_BUCKETS,
-                        DOT_PREC, False, HW_MATH, FAST_SILU)
+                        DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N, HAS_BIAS, NUM_BUCKETS, DOT_PREC,
+                        False, HW_MATH, FAST_SILU)
     # Diagonal key blocks (and the prefix's ragged end): masked.
     for start_n in range(full_end, diag_end, BLOCK_N):
         acc = _fwd_tile(acc, q, qpos, kmax, tq, K, V, TS, TsW, PosW, k_base, v_base, ts_base,
                         start_n, seq_len, max_seq_len, stride_km, stride_vm, offs_qk, offs_v,
-                        DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N, HAS_BIAS, DENSE_RAB, NUM_BUCKETS,
-                        DOT_PREC, True, HW_MATH, FAST_SILU)
+                        DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N, HAS_BIAS, NUM_BUCKETS, DOT_PREC,
+                        True, HW_MATH, FAST_SILU)
     if HAS_TARGETS:
         if start_m + BLOCK_M > n_hist:
             acc = _target_self_term(acc, q, offs_m, rows_ok & (offs_m >= n_hist), K, V, TsW, PosW,
@@ -308,9 +295,9 @@ def _hstu_fwd_kernel(
 def _dkdv_tile(dk, dv, k, v, offs_n, tk, Q, DO, TS, TsW, PosW, q_base, do_base, ts_base,
                start_m, seq_len, max_seq_len, stride_qm, stride_dom, offs_qk, offs_v,
                DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-               BLOCK_M: tl.constexpr, HAS_BIAS: tl.constexpr, DENSE_RAB: tl.constexpr,
-               NUM_BUCKETS: tl.constexpr, DOT_PREC: tl.constexpr, MASKED: tl.constexpr,
-               HW_MATH: tl.constexpr, FAST_SILU: tl.constexpr):
+               BLOCK_M: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_BUCKETS: tl.constexpr,
+               DOT_PREC: tl.constexpr, MASKED: tl.constexpr, HW_MATH: tl.constexpr,
+               FAST_SILU: tl.constexpr):
     """One (keys x queries) tile, transposed so that dK, dV accumulate with plain dots."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     rows_ok = offs_m < seq_len
@@ -322,9 +309,7 @@ def _dkdv_tile(dk, dv, k, v, offs_n, tk, Q, DO, TS, TsW, PosW, q_base, do_base, 
     qpos = tl.minimum(offs_m, max_seq_len - 1)
     s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # (keys, queries)
     causal = offs_n[:, None] <= qpos[None, :]
-    if DENSE_RAB:
-        s_t += _dense_bias(TS, ts_base, qpos[None, :], offs_n[:, None], max_seq_len, causal, MASKED)
-    elif HAS_BIAS:
+    if HAS_BIAS:
         tq = tl.load(TS + ts_base + tl.minimum(offs_m + 1, max_seq_len - 1))
         rab, _ = _rel_bias(qpos[None, :], offs_n[:, None], tq[None, :], tk[:, None], TsW, PosW,
                            max_seq_len, causal, NUM_BUCKETS, MASKED, HW_MATH)
@@ -413,17 +398,14 @@ def _ts_grad_tile(ds, bucket, offs_m, offs_n, qpos, rows_ok, tq, tq_prev, TS, ts
 
 @triton.jit
 def _dq_tile(dq, q, do, offs_m, qpos, rows_ok, tq, tq_prev, K, V, TS, TsW, PosW, TsPart, PosPart,
-             k_base, v_base, ts_base, start_m, start_n, seq_len, max_seq_len, inv_n, stride_km, stride_vm,
+             k_base, v_base, ts_base, start_m, start_n, seq_len, max_seq_len, stride_km, stride_vm,
              offs_qk, offs_v,
              DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
-             DENSE_RAB: tl.constexpr, POS_GRAD: tl.constexpr, TS_GRAD: tl.constexpr,
-             NUM_BUCKETS: tl.constexpr, DOT_PREC: tl.constexpr, MASKED: tl.constexpr,
-             HW_MATH: tl.constexpr, FAST_SILU: tl.constexpr):
-    """One (queries x keys) tile: dQ, and the rab (or rab-weight) gradients from the same dS.
-
-    With DENSE_RAB, PosPart is the (B, N, N) fp32 gradient of rab (all heads add into it).
-    """
+             POS_GRAD: tl.constexpr, TS_GRAD: tl.constexpr, NUM_BUCKETS: tl.constexpr,
+             DOT_PREC: tl.constexpr, MASKED: tl.constexpr, HW_MATH: tl.constexpr,
+             FAST_SILU: tl.constexpr):
+    """One (queries x keys) tile: dQ, and the rab-weight gradients from the same dS."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     kv_ok = offs_n < seq_len
     k = _load_tile(K + k_base + offs_n[:, None] * stride_km + offs_qk[None, :], kv_ok,
@@ -432,9 +414,7 @@ def _dq_tile(dq, q, do, offs_m, qpos, rows_ok, tq, tq_prev, K, V, TS, TsW, PosW,
                    offs_v < DV, MASKED, DV != BLOCK_DV)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
     causal = offs_n[None, :] <= qpos[:, None]
-    if DENSE_RAB:
-        s += _dense_bias(TS, ts_base, qpos[:, None], offs_n[None, :], max_seq_len, causal, MASKED)
-    elif HAS_BIAS:
+    if HAS_BIAS:
         tk = tl.load(TS + ts_base + tl.minimum(offs_n, max_seq_len - 1))
         rab, bucket = _rel_bias(qpos[:, None], offs_n[None, :], tq[:, None], tk[None, :], TsW, PosW,
                                 max_seq_len, causal, NUM_BUCKETS, MASKED, HW_MATH)
@@ -446,12 +426,9 @@ def _dq_tile(dq, q, do, offs_m, qpos, rows_ok, tq, tq_prev, K, V, TS, TsW, PosW,
         ds = tl.where(causal, ds, 0.0)
     dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
     # Rows past the sequence have dO = 0, hence dS = 0 exactly: no extra mask needed.
-    if DENSE_RAB and POS_GRAD:  # the 1/N of the scores applies here too
-        tl.atomic_add(PosPart + ts_base + qpos[:, None] * max_seq_len + offs_n[None, :], ds * inv_n,
-                      mask=causal & rows_ok[:, None], sem="relaxed")
-    elif POS_GRAD:
+    if POS_GRAD:
         _pos_grad_tile(ds, start_m, start_n, PosPart, max_seq_len, BLOCK_M, BLOCK_N)
-    if TS_GRAD and not DENSE_RAB:
+    if TS_GRAD:
         _ts_grad_tile(ds, bucket, offs_m, offs_n, qpos, rows_ok, tq, tq_prev, TS, ts_base, TsPart,
                       start_n, seq_len, max_seq_len, BLOCK_M, BLOCK_N, NUM_BUCKETS, HW_MATH)
     return dq
@@ -465,7 +442,7 @@ def _hstu_bwd_kernel(
     stride_tb, num_heads, max_seq_len, inv_n,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_N2: tl.constexpr,
-    HAS_BIAS: tl.constexpr, DENSE_RAB: tl.constexpr, POS_GRAD: tl.constexpr, TS_GRAD: tl.constexpr,
+    HAS_BIAS: tl.constexpr, POS_GRAD: tl.constexpr, TS_GRAD: tl.constexpr,
     NUM_BUCKETS: tl.constexpr, TS_PART_STRIDE: tl.constexpr, DOT_PREC: tl.constexpr,
     HW_MATH: tl.constexpr, FAST_SILU: tl.constexpr,
 ):
@@ -495,7 +472,7 @@ def _hstu_bwd_kernel(
                    offs_qk < DQK, True, DQK != BLOCK_DQK)
     v = _load_tile(V + v_base + offs[:, None] * stride_vm + offs_v[None, :], blk_ok,
                    offs_v < DV, True, DV != BLOCK_DV)
-    if HAS_BIAS and not DENSE_RAB:
+    if HAS_BIAS:
         tk = tl.load(TS + ts_base + tl.minimum(offs, max_seq_len - 1))
     else:
         tk = offs
@@ -504,13 +481,13 @@ def _hstu_bwd_kernel(
     for start_m in range(start, end_diag, BLOCK_M1):
         dk, dv = _dkdv_tile(dk, dv, k, v, offs, tk, Q, DO, TS, TsW, PosW, q_base, do_base, ts_base,
                             start_m, seq_len, max_seq_len, stride_qm, stride_dom, offs_qk, offs_v,
-                            DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M1, HAS_BIAS, DENSE_RAB, NUM_BUCKETS,
-                            DOT_PREC, True, HW_MATH, FAST_SILU)
+                            DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M1, HAS_BIAS, NUM_BUCKETS, DOT_PREC,
+                            True, HW_MATH, FAST_SILU)
     for start_m in range(start + BLOCK, seq_len, BLOCK_M1):
         dk, dv = _dkdv_tile(dk, dv, k, v, offs, tk, Q, DO, TS, TsW, PosW, q_base, do_base, ts_base,
                             start_m, seq_len, max_seq_len, stride_qm, stride_dom, offs_qk, offs_v,
-                            DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M1, HAS_BIAS, DENSE_RAB, NUM_BUCKETS,
-                            DOT_PREC, False, HW_MATH, FAST_SILU)
+                            DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M1, HAS_BIAS, NUM_BUCKETS, DOT_PREC,
+                            False, HW_MATH, FAST_SILU)
     dk_ptrs = GradK + seq_start * stride_dkm + off_h * stride_dkh + offs[:, None] * stride_dkm + offs_qk[None, :]
     tl.store(dk_ptrs, (dk * inv_n).to(GradK.dtype.element_ty), mask=blk_ok[:, None] & (offs_qk < DQK)[None, :])
     dv_ptrs = GradV + seq_start * stride_dvm + off_h * stride_dvh + offs[:, None] * stride_dvm + offs_v[None, :]
@@ -522,7 +499,7 @@ def _hstu_bwd_kernel(
     do = _load_tile(DO + do_base + offs[:, None] * stride_dom + offs_v[None, :], blk_ok,
                     offs_v < DV, True, DV != BLOCK_DV)
     qpos = tl.minimum(offs, max_seq_len - 1)
-    if HAS_BIAS and not DENSE_RAB:
+    if HAS_BIAS:
         tq = tl.load(TS + ts_base + tl.minimum(offs + 1, max_seq_len - 1))
         tq_prev = tl.load(TS + ts_base + qpos)  # query i - 1 uses t[i]
     else:
@@ -530,22 +507,19 @@ def _hstu_bwd_kernel(
         tq_prev = qpos
     # Private gradient copies (see module docstring): per program for ts_w, per (b, h) for pos_w.
     ts_part = TsGradPart + (pid_bh.to(tl.int64) * tl.num_programs(1) + pid_blk) * TS_PART_STRIDE
-    if DENSE_RAB:  # one (B, N, N) gradient of rab, every head adding into it
-        pos_part = PosGradPart
-    else:
-        pos_part = PosGradPart + pid_bh.to(tl.int64) * max_seq_len
+    pos_part = PosGradPart + pid_bh.to(tl.int64) * max_seq_len
     dq = tl.zeros((BLOCK, BLOCK_DQK), dtype=tl.float32)
     for start_n in range(0, start, BLOCK_N2):
         dq = _dq_tile(dq, q, do, offs, qpos, blk_ok, tq, tq_prev, K, V, TS, TsW, PosW, ts_part,
-                      pos_part, k_base, v_base, ts_base, start, start_n, seq_len, max_seq_len, inv_n,
+                      pos_part, k_base, v_base, ts_base, start, start_n, seq_len, max_seq_len,
                       stride_km, stride_vm, offs_qk, offs_v, DQK, DV, BLOCK_DQK, BLOCK_DV,
-                      BLOCK, BLOCK_N2, HAS_BIAS, DENSE_RAB, POS_GRAD, TS_GRAD, NUM_BUCKETS, DOT_PREC, False,
+                      BLOCK, BLOCK_N2, HAS_BIAS, POS_GRAD, TS_GRAD, NUM_BUCKETS, DOT_PREC, False,
                       HW_MATH, FAST_SILU)
     for start_n in range(start, end_diag, BLOCK_N2):
         dq = _dq_tile(dq, q, do, offs, qpos, blk_ok, tq, tq_prev, K, V, TS, TsW, PosW, ts_part,
-                      pos_part, k_base, v_base, ts_base, start, start_n, seq_len, max_seq_len, inv_n,
+                      pos_part, k_base, v_base, ts_base, start, start_n, seq_len, max_seq_len,
                       stride_km, stride_vm, offs_qk, offs_v, DQK, DV, BLOCK_DQK, BLOCK_DV,
-                      BLOCK, BLOCK_N2, HAS_BIAS, DENSE_RAB, POS_GRAD, TS_GRAD, NUM_BUCKETS, DOT_PREC, True,
+                      BLOCK, BLOCK_N2, HAS_BIAS, POS_GRAD, TS_GRAD, NUM_BUCKETS, DOT_PREC, True,
                       HW_MATH, FAST_SILU)
     dq_ptrs = GradQ + seq_start * stride_dqm + off_h * stride_dqh + offs[:, None] * stride_dqm + offs_qk[None, :]
     tl.store(dq_ptrs, (dq * inv_n).to(GradQ.dtype.element_ty), mask=blk_ok[:, None] & (offs_qk < DQK)[None, :])
@@ -609,20 +583,12 @@ def _prepare(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _bias_source(timestamps, rab):
-    """What the kernels read the bias from (TS) and its batch stride: the (B, N, N) rab, or the timestamps."""
-    if rab is not None:
-        return rab, rab.stride(0)
-    return timestamps, (timestamps.stride(0) if timestamps is not None else 0)
-
-
-def _forward(q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w, config=None, num_targets=None, rab=None):
+def _forward(q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w, config=None, num_targets=None):
     total, heads, dqk = q.shape
     dv = v.shape[-1]
     batch = seq_offsets.numel() - 1
     out = torch.empty((total, heads, dv), dtype=q.dtype, device=q.device)
-    has_bias = ts_w is not None or rab is not None
-    source, source_stride = _bias_source(timestamps, rab)
+    has_bias = ts_w is not None
     block_dqk, block_dv = _pow2_dim(dqk), _pow2_dim(dv)
     block_m, block_n, num_warps, num_stages = config or _fwd_config(q, max(block_dqk, block_dv))
     assert block_m % block_n == 0
@@ -630,13 +596,13 @@ def _forward(q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w, config=
     grid = (batch * heads, triton.cdiv(max_seq_len, block_m))
     _hstu_fwd_kernel[grid](
         q, k, v, out, seq_offsets,
-        source if has_bias else dummy, ts_w if ts_w is not None else dummy, pos_w if pos_w is not None else dummy,
+        timestamps if has_bias else dummy, ts_w if has_bias else dummy, pos_w if has_bias else dummy,
         num_targets if num_targets is not None else dummy,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1), source_stride,
+        out.stride(0), out.stride(1), timestamps.stride(0) if has_bias else 0,
         heads, max_seq_len, 1.0 / max_seq_len,
         DQK=dqk, DV=dv, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, BLOCK_M=block_m, BLOCK_N=block_n,
-        HAS_BIAS=has_bias, DENSE_RAB=rab is not None, NUM_BUCKETS=(ts_w.numel() - 1) if ts_w is not None else 0,
+        HAS_BIAS=has_bias, NUM_BUCKETS=(ts_w.numel() - 1) if has_bias else 0,
         DOT_PREC=_dot_precision(q.dtype), **_math_flags(q), HAS_TARGETS=num_targets is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
@@ -644,13 +610,11 @@ def _forward(q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w, config=
 
 
 def _backward(do, q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w,
-              need_ts_grad, need_pos_grad, config=None, rab=None, need_rab_grad=False):
-    """dq, dk, dv, d ts_w, d pos_w (None unless asked), and with a dense rab its gradient (or None)."""
+              need_ts_grad, need_pos_grad, config=None):
     total, heads, dqk = q.shape
     dv_dim = v.shape[-1]
     batch = seq_offsets.numel() - 1
-    has_bias = ts_w is not None or rab is not None
-    source, source_stride = _bias_source(timestamps, rab)
+    has_bias = ts_w is not None
     dq = torch.empty((total, heads, dqk), dtype=q.dtype, device=q.device)
     dk = torch.empty((total, heads, dqk), dtype=k.dtype, device=q.device)
     dv = torch.empty((total, heads, dv_dim), dtype=v.dtype, device=q.device)
@@ -658,39 +622,34 @@ def _backward(do, q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w,
     block, block_m1, block_n2, num_warps, num_stages = config or _bwd_config(q, max(block_dqk, block_dv))
     assert block % block_m1 == 0 and block % block_n2 == 0
     num_blocks = triton.cdiv(max_seq_len, block)
-    num_buckets = ts_w.numel() - 1 if ts_w is not None else 0
+    num_buckets = ts_w.numel() - 1 if has_bias else 0
     ts_stride = 32 * triton.cdiv(num_buckets + 1, 32)  # whole 128-byte lines per private copy
     f32 = dict(dtype=torch.float32, device=q.device)
     ts_part = torch.zeros((batch * heads * num_blocks, ts_stride) if need_ts_grad else (1,), **f32)
     pos_part = torch.zeros((batch * heads, max_seq_len) if need_pos_grad else (1,), **f32)
-    if rab is not None:  # the kernel adds every head's dS / N into one (B, N, N) buffer
-        pos_part = torch.zeros((batch, max_seq_len, max_seq_len) if need_rab_grad else (1,), **f32)
     dummy = q
     grid = (batch * heads, num_blocks)
     _hstu_bwd_kernel[grid](
         q, k, v, do, dq, dk, dv, seq_offsets,
-        source if has_bias else dummy, ts_w if ts_w is not None else dummy, pos_w if pos_w is not None else dummy,
+        timestamps if has_bias else dummy, ts_w if has_bias else dummy, pos_w if has_bias else dummy,
         ts_part, pos_part,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1),
-        dv.stride(0), dv.stride(1), source_stride,
+        dv.stride(0), dv.stride(1), timestamps.stride(0) if has_bias else 0,
         heads, max_seq_len, 1.0 / max_seq_len,
         DQK=dqk, DV=dv_dim, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
         BLOCK=block, BLOCK_M1=block_m1, BLOCK_N2=block_n2,
-        HAS_BIAS=has_bias, DENSE_RAB=rab is not None, POS_GRAD=need_pos_grad or need_rab_grad,
-        TS_GRAD=need_ts_grad,
+        HAS_BIAS=has_bias, POS_GRAD=need_pos_grad, TS_GRAD=need_ts_grad,
         NUM_BUCKETS=num_buckets, TS_PART_STRIDE=ts_stride, DOT_PREC=_dot_precision(q.dtype),
         **_math_flags(q), num_warps=num_warps, num_stages=num_stages,
     )
-    if rab is not None:
-        return dq, dk, dv, None, None, pos_part if need_rab_grad else None
     d_ts = d_pos = None
     if need_ts_grad:  # sum the private copies; the 1/N of dS is applied here
         d_ts = (ts_part[:, : num_buckets + 1].sum(0) / max_seq_len).to(ts_w.dtype)
     if need_pos_grad:
         d_pos = torch.zeros_like(pos_w)
         d_pos[:max_seq_len] = (pos_part.sum(0) / max_seq_len).to(pos_w.dtype)  # j > i: no gradient
-    return dq, dk, dv, d_ts, d_pos, None
+    return dq, dk, dv, d_ts, d_pos
 
 
 @triton.jit
@@ -721,9 +680,9 @@ def kernel_time_buckets(delta: torch.Tensor, num_buckets: int = 128) -> torch.Te
 class _HSTUAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w, fwd_config, bwd_config,
-                num_targets, rab):
-        out = _forward(q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w, fwd_config, num_targets, rab)
-        ctx.save_for_backward(q, k, v, seq_offsets, timestamps, ts_w, pos_w, rab)
+                num_targets):
+        out = _forward(q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w, fwd_config, num_targets)
+        ctx.save_for_backward(q, k, v, seq_offsets, timestamps, ts_w, pos_w)
         ctx.max_seq_len = max_seq_len
         ctx.bwd_config = bwd_config
         ctx.has_targets = num_targets is not None
@@ -734,30 +693,25 @@ class _HSTUAttentionFunction(torch.autograd.Function):
         if ctx.has_targets:
             raise NotImplementedError("the Triton kernel's backward does not take num_targets (M-FALCON is "
                                       "inference); train through targets with attention kernel 'torch'")
-        q, k, v, seq_offsets, timestamps, ts_w, pos_w, rab = ctx.saved_tensors
-        dq, dk, dv, d_ts, d_pos, d_rab = _backward(
+        q, k, v, seq_offsets, timestamps, ts_w, pos_w = ctx.saved_tensors
+        has_bias = ts_w is not None
+        dq, dk, dv, d_ts, d_pos = _backward(
             _prepare(do), q, k, v, seq_offsets, ctx.max_seq_len, timestamps, ts_w, pos_w,
-            need_ts_grad=ts_w is not None and ctx.needs_input_grad[6],
-            need_pos_grad=pos_w is not None and ctx.needs_input_grad[7],
-            config=ctx.bwd_config, rab=rab, need_rab_grad=rab is not None and ctx.needs_input_grad[11],
+            need_ts_grad=has_bias and ctx.needs_input_grad[6],
+            need_pos_grad=has_bias and ctx.needs_input_grad[7],
+            config=ctx.bwd_config,
         )
-        return dq, dk, dv, None, None, None, d_ts, d_pos, None, None, None, d_rab
+        return dq, dk, dv, None, None, None, d_ts, d_pos, None, None, None
 
 
 def _hstu_attention(q, k, v, seq_offsets, max_seq_len, timestamps=None, ts_w=None, pos_w=None,
-                    fwd_config=None, bwd_config=None, num_targets=None, rab=None):
+                    fwd_config=None, bwd_config=None, num_targets=None):
     """triton_hstu_attention with explicit block configs (tests and tuning)."""
     total, heads, _ = q.shape
     batch = seq_offsets.numel() - 1
     if batch == 0 or total == 0:
         return v.new_zeros(total, heads, v.shape[-1])
     has_bias = timestamps is not None and ts_w is not None and pos_w is not None
-    if rab is not None:
-        if has_bias or num_targets is not None:
-            raise ValueError("a dense rab replaces timestamps/ts_w/pos_w, and takes no num_targets")
-        if rab.shape != (batch, max_seq_len, max_seq_len):
-            raise ValueError(f"rab must be (B, N, N) = ({batch}, {max_seq_len}, {max_seq_len}); got {tuple(rab.shape)}")
-        rab = rab.contiguous()
     if not has_bias:
         timestamps = ts_w = pos_w = None
     else:
@@ -767,7 +721,7 @@ def _hstu_attention(q, k, v, seq_offsets, max_seq_len, timestamps=None, ts_w=Non
     return _HSTUAttentionFunction.apply(
         _prepare(q), _prepare(k), _prepare(v), seq_offsets.contiguous(), int(max_seq_len),
         timestamps, ts_w, pos_w, fwd_config, bwd_config,
-        None if num_targets is None else num_targets.contiguous(), rab,
+        None if num_targets is None else num_targets.contiguous(),
     )
 
 
@@ -781,7 +735,6 @@ def triton_hstu_attention(
     ts_w: Optional[torch.Tensor] = None,
     pos_w: Optional[torch.Tensor] = None,
     num_targets: Optional[torch.Tensor] = None,
-    rab: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Fused jagged HSTU attention; same contract as `hstu_attention_reference(..., "silu")`.
 
@@ -790,10 +743,6 @@ def triton_hstu_attention(
     ts_w: (num_buckets + 1,); pos_w: (2 * max_seq_len - 1,). Without all three, no bias.
     num_targets: (B,) int, num_targets[b] <= length b: M-FALCON targets (ops/targets.py),
     forward only. Without it the targets code is compiled out (HAS_TARGETS is a constexpr).
-    rab: instead of timestamps/ts_w/pos_w, the bias itself as a (B, N, N) tensor (row i, column
-    j; ops.hstu_attention.DenseRelativeBias), read by every head; its gradient is the sum over
-    heads of dS / N, accumulated with fp32 atomics. Differentiable in q, k, v, ts_w, pos_w and
-    rab. Returns (L, h, dv) in q's dtype.
+    Differentiable in q, k, v, ts_w and pos_w. Returns (L, h, dv) in q's dtype.
     """
-    return _hstu_attention(q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w, num_targets=num_targets,
-                           rab=rab)
+    return _hstu_attention(q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w, num_targets=num_targets)
