@@ -29,10 +29,12 @@ from generative_recommenders.modeling.embeddings import (
 from generative_recommenders.modeling.heads import TaskHeads
 from generative_recommenders.modeling.hstu import HSTUEncoder, PrefixCache
 from generative_recommenders.modeling.recommender import build_backbone
+from generative_recommenders.objectives.losses import ItemTable
 from ops.jagged import complete_cumsum
 from ops.targets import effective_positions, prefix_lengths
 
 
+ITEM_L2_NORM_EPS = 1e-6
 RANKING_ENCODERS = ("HSTU", "SASRec")  # the encoders that take the M-FALCON candidate mask
 
 
@@ -86,7 +88,11 @@ class RankingModel(nn.Module):
 
     def item_vectors(self, ids: Union[torch.Tensor, slice]) -> torch.Tensor:
         """L2-normalised item embeddings: what the next-item loss scores the queries against."""
-        return F.normalize(self.item_embedding(ids), dim=-1, eps=1e-6)
+        return F.normalize(self.item_embedding(ids), dim=-1, eps=ITEM_L2_NORM_EPS)
+
+    def item_table(self) -> ItemTable:
+        """The raw table item_vectors reads, and its normalisation eps (for the sampled-negatives kernel)."""
+        return ItemTable(self.item_embedding.table.weight, ITEM_L2_NORM_EPS)
 
     @staticmethod
     def retrieval_queries(out: torch.Tensor) -> torch.Tensor:

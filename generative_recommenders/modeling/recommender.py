@@ -21,6 +21,7 @@ from generative_recommenders.modeling.embeddings import InputPreprocessor, ItemE
 from generative_recommenders.modeling.gru4rec import GRU4RecEncoder
 from generative_recommenders.modeling.hstu import HSTUEncoder
 from generative_recommenders.modeling.sasrec import SASRecEncoder
+from generative_recommenders.objectives.losses import ItemTable
 from ops.jagged import complete_cumsum
 
 ENCODERS = {"HSTU": HSTUEncoder, "SASRec": SASRecEncoder, "GRU4Rec": GRU4RecEncoder, "BERT4Rec": BERT4RecEncoder}
@@ -93,6 +94,10 @@ class SequentialRecommender(nn.Module):
         """The item embeddings queries are scored against, in training and evaluation alike."""
         embeddings = self.item_embedding(ids)
         return F.normalize(embeddings, dim=-1, eps=self.l2_norm_eps) if self.item_l2_norm else embeddings
+
+    def item_table(self) -> ItemTable:
+        """The raw table item_vectors reads, and its normalisation eps (for the sampled-negatives kernel)."""
+        return ItemTable(self.item_embedding.table.weight, self.l2_norm_eps if self.item_l2_norm else None)
 
     def use_padded_layout(self, device: torch.device) -> bool:
         """Switches to the padded layout when the model can run as a CUDA graph on `device`; returns whether.

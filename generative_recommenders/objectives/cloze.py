@@ -36,7 +36,7 @@ class ClozeObjective:
         out, offsets = train_model(inputs, batch.timestamps, batch.lengths + 1, total)
         labels = torch.where(masked, batch.ids, 0)
         positive_ids = jagged_values(labels, offsets, out.shape[0])
-        return self.retrieval_loss(out, positive_ids, self.model.item_vectors)
+        return self.retrieval_loss(out, positive_ids, self.model.item_vectors, item_table=self.model.item_table())
 
     def query(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         positions = torch.arange(batch.ids.shape[1], device=batch.ids.device)

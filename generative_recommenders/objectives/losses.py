@@ -31,6 +31,7 @@ its sampled columns picked, a large one by gathering the sampled embeddings.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable, Optional, Tuple, Union
 
 import torch
@@ -48,6 +49,19 @@ LOSSES = SAMPLED_LOSSES + ("FullSoftmaxLoss",)
 FULL_SOFTMAX_CHUNK_ELEMENTS = 1 << 26  # logits per chunk: 256 MB in fp32
 
 ItemVectors = Callable[[Union[torch.Tensor, slice]], torch.Tensor]  # ids, or a slice of consecutive ids
+
+
+@dataclasses.dataclass
+class ItemTable:
+    """The raw embedding table behind item_vectors, and the eps of its L2 normalisation (None: none).
+
+    With it, the sampled-negatives kernel normalises only the rows it gathers,
+    and the loss's gradient lands in the raw rows: no normalised copy of the
+    whole table (for Books 695,762 x 64) is written, read and differentiated.
+    """
+
+    weight: torch.Tensor
+    eps: Optional[float]
 
 
 class NegativesSampler:
@@ -94,6 +108,7 @@ def negative_logits(
     sampler: NegativesSampler,
     num: int,
     generator: Optional[torch.Generator] = None,
+    item_table: Optional[ItemTable] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(L, num) negative ids and their dot products with the (L, D) queries.
 
@@ -101,9 +116,11 @@ def negative_logits(
     same negatives from the same random numbers, and none syncs with the
     host or depends on the data for a shape (CUDA graphs) when the sampler
     is "local":
-    - fused kernel (CUDA with Triton, L * num >= pool size): item_vectors of
-      the whole pool, which is then no more work than item_vectors of every
-      drawn id, and `gathered_dot` of the sampled columns;
+    - fused kernel (CUDA with Triton, L * num >= pool size): `gathered_dot`
+      of the sampled columns against item_vectors of the whole pool (then no
+      more work than item_vectors of every drawn id), or, when the pool is a
+      range of consecutive ids and `item_table` is given, against the raw
+      table rows, normalised inside the kernel;
     - small pool (<= 2 * num * D ids, e.g. MovieLens on CPU): one matmul of
       the queries with the whole pool, then the sampled columns (on 2 CPU
       cores, 800 items, D = 32, L = 3,000, num = 64, about the embedded
@@ -115,7 +132,10 @@ def negative_logits(
     columns = torch.randint(0, pool.numel(), (positive_ids.numel(), num), device=pool.device, generator=generator)
     ids = pool[columns]
     if positive_ids.numel() * num >= pool.numel() and gathered_dot_kernel_available(query.device):
-        return ids, gathered_dot(query, item_vectors(sampler.pool_rows(pool)), columns)
+        rows = sampler.pool_rows(pool)
+        if isinstance(rows, slice) and item_table is not None:  # normalised in the kernel, row by row
+            return ids, gathered_dot(query, item_table.weight, columns, rows.start, item_table.eps)
+        return ids, gathered_dot(query, item_vectors(rows), columns)
     if pool.numel() <= 2 * num * query.shape[-1]:
         return ids, (query @ item_vectors(sampler.pool_rows(pool)).T).gather(1, columns)
     return ids, torch.einsum("ld,lrd->lr", query, item_vectors(ids))
@@ -221,9 +241,10 @@ def _fp32(call: Callable) -> Callable:
     def upcast(x: torch.Tensor) -> torch.Tensor:
         return x.to(torch.promote_types(x.dtype, torch.float32))
 
-    def fp32_call(self, query, positive_ids, item_vectors, generator=None):
+    def fp32_call(self, query, positive_ids, item_vectors, generator=None, item_table=None):
         with torch.autocast(query.device.type, enabled=False):
-            return call(self, upcast(query), positive_ids, lambda ids: upcast(item_vectors(ids)), generator)
+            return call(self, upcast(query), positive_ids, lambda ids: upcast(item_vectors(ids)), generator,
+                        item_table)
 
     fp32_call.__doc__ = call.__doc__
     return fp32_call
@@ -253,7 +274,7 @@ class RetrievalLoss:
 
     @_fp32
     def __call__(self, query: torch.Tensor, positive_ids: torch.Tensor, item_vectors: ItemVectors,
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                 generator: Optional[torch.Generator] = None, item_table: Optional[ItemTable] = None) -> torch.Tensor:
         """Loss of (L, D) queries and their (L,) positive ids (0 = unsupervised)."""
         weights = (positive_ids != 0).to(query.dtype)
         if self.name == "FullSoftmaxLoss":
@@ -262,7 +283,7 @@ class RetrievalLoss:
             items = item_vectors(self.sampler.candidate_range or self.candidates.candidate_ids)
             return full_softmax_loss(query, items, columns, weights, self.temperature)
         negative_ids, negatives = negative_logits(query, positive_ids, item_vectors, self.sampler,
-                                                  self.num_negatives, generator)
+                                                  self.num_negatives, generator, item_table)
         positives = (query * item_vectors(positive_ids)).sum(-1)
         args = (positives / self.temperature, negatives / self.temperature, positive_ids, negative_ids, weights)
         if self.name == "SampledSoftmaxLoss":

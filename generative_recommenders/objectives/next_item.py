@@ -20,7 +20,7 @@ class NextItemObjective:
         out, offsets = train_model(batch.ids, batch.timestamps, batch.lengths, batch.total)
         labels = F.pad(batch.ids[:, 1:], (0, 1))
         positive_ids = jagged_values(labels, offsets, out.shape[0])
-        return self.retrieval_loss(out, positive_ids, self.model.item_vectors)
+        return self.retrieval_loss(out, positive_ids, self.model.item_vectors, item_table=self.model.item_table())
 
     def query(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
         # Causal encoders: the output at the last history position never saw the target at `lengths`.

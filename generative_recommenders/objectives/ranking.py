@@ -80,6 +80,6 @@ def ranking_losses(
         if retrieval_loss is None:
             raise ValueError("the next-item term needs a RetrievalLoss")
         terms["next_item"] = retrieval_loss(core.retrieval_queries(out), jagged_values(batch.next_item, offsets, total),
-                                            core.item_vectors, generator)
+                                            core.item_vectors, generator, core.item_table())
     terms["loss"] = sum(objective.weight(term) * value for term, value in terms.items())
     return terms

@@ -60,9 +60,10 @@ import triton.language as tl
 
 @triton.jit
 def _gathered_dot_fwd_kernel(
-    Query, Table, Columns, Out, L, R,
+    Query, Table, Columns, Out, Norms, L, R, row_offset, eps,
     stride_q, stride_t, stride_c, stride_o,
     D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+    NORMALIZE: tl.constexpr,
 ):
     offs_l = (tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)).to(tl.int64)
     offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -70,7 +71,9 @@ def _gathered_dot_fwd_kernel(
     row_ok = offs_l < L
     pair_ok = row_ok[:, None] & (offs_r < R)[None, :]
     cols = tl.load(Columns + offs_l[:, None] * stride_c + offs_r[None, :], mask=pair_ok, other=0).to(tl.int64)
+    cols += row_offset
     acc = tl.zeros((BLOCK_L, BLOCK_R), dtype=tl.float32)
+    sumsq = tl.zeros((BLOCK_L, BLOCK_R), dtype=tl.float32)
     for start_d in range(0, D, BLOCK_D):
         d = start_d + offs_d
         d_ok = d < D
@@ -79,15 +82,21 @@ def _gathered_dot_fwd_kernel(
         rows = tl.load(Table + cols[:, :, None] * stride_t + d[None, None, :],
                        mask=pair_ok[:, :, None] & d_ok[None, None, :], other=0.0).to(tl.float32)
         acc += tl.sum(q[:, None, :] * rows, axis=2)
+        if NORMALIZE:
+            sumsq += tl.sum(rows * rows, axis=2)
+    if NORMALIZE:  # F.normalize: row / max(||row||, eps); the norms are kept for the backward
+        norm = tl.maximum(tl.sqrt(sumsq), eps)
+        acc = acc / norm
+        tl.store(Norms + offs_l[:, None] * stride_o + offs_r[None, :], norm, mask=pair_ok)
     tl.store(Out + offs_l[:, None] * stride_o + offs_r[None, :], acc, mask=pair_ok)
 
 
 @triton.jit
 def _gathered_dot_bwd_kernel(
-    Query, Table, Columns, GradOut, GradQuery, GradTable, L, R,
-    stride_q, stride_t, stride_c, stride_g, stride_gq, stride_gt,
+    Query, Table, Columns, GradOut, Out, Norms, GradQuery, GradTable, L, R, row_offset, eps,
+    stride_q, stride_t, stride_c, stride_g, stride_o, stride_gq, stride_gt,
     D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-    QUERY_GRAD: tl.constexpr, TABLE_GRAD: tl.constexpr,
+    QUERY_GRAD: tl.constexpr, TABLE_GRAD: tl.constexpr, NORMALIZE: tl.constexpr,
 ):
     offs_l = (tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
@@ -103,16 +112,30 @@ def _gathered_dot_bwd_kernel(
             pair_ok = row_ok[:, None] & (offs_r < R)[None, :]
             cols = tl.load(Columns + offs_l[:, None] * stride_c + offs_r[None, :], mask=pair_ok,
                            other=0).to(tl.int64)
+            cols += row_offset
             g = tl.load(GradOut + offs_l[:, None] * stride_g + offs_r[None, :], mask=pair_ok,
                         other=0.0).to(tl.float32)
             tile_ok = pair_ok[:, :, None] & d_ok[None, None, :]
-            if QUERY_GRAD:
+            if NORMALIZE:
+                # out = q.w / n with n = max(||w||, eps): d out / d q = w / n, and d out / d w =
+                # q / n - out * w / n^2 where ||w|| > eps (n is then ||w||), q / n elsewhere.
+                pair = offs_l[:, None] * stride_o + offs_r[None, :]
+                norm = tl.load(Norms + pair, mask=pair_ok, other=1.0)
+                g_row = g / norm
+                g_self = tl.where(norm > eps, g * tl.load(Out + pair, mask=pair_ok, other=0.0) / (norm * norm), 0.0)
+            else:
+                g_row = g
+            if QUERY_GRAD or NORMALIZE:
                 rows = tl.load(Table + cols[:, :, None] * stride_t + d[None, None, :], mask=tile_ok,
                                other=0.0).to(tl.float32)
-                grad_q += tl.sum(g[:, :, None] * rows, axis=1)
+            if QUERY_GRAD:
+                grad_q += tl.sum(g_row[:, :, None] * rows, axis=1)
             if TABLE_GRAD:
+                grad_rows = g_row[:, :, None] * q[:, None, :]
+                if NORMALIZE:
+                    grad_rows -= g_self[:, :, None] * rows
                 tl.atomic_add(GradTable + cols[:, :, None] * stride_gt + d[None, None, :],
-                              g[:, :, None] * q[:, None, :], mask=tile_ok, sem="relaxed")
+                              grad_rows, mask=tile_ok, sem="relaxed")
         if QUERY_GRAD:
             tl.store(GradQuery + offs_l[:, None] * stride_gq + d[None, :],
                      grad_q.to(GradQuery.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -134,22 +157,27 @@ def _config(device: torch.device, dim: int) -> Tuple[int, int, int, int]:
     return 8, 16, min(64, max(16, triton.next_power_of_2(dim))), 4
 
 
-def _forward(query: torch.Tensor, table: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+def _forward(query: torch.Tensor, table: torch.Tensor, columns: torch.Tensor, row_offset: int,
+             eps: Optional[float]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(out, the rows' norms max(||row||, eps) per (l, r) when normalising, else None)."""
     num_rows, num_cols = columns.shape
     out = torch.empty((num_rows, num_cols), dtype=torch.float32, device=query.device)
+    norms = torch.empty_like(out) if eps is not None else None
     if out.numel() == 0:
-        return out
+        return out, norms
     block_l, block_r, block_d, num_warps = _config(query.device, query.shape[1])
     grid = (triton.cdiv(num_rows, block_l), triton.cdiv(num_cols, block_r))
     _gathered_dot_fwd_kernel[grid](
-        query, table, columns, out, num_rows, num_cols,
-        query.stride(0), table.stride(0), columns.stride(0), out.stride(0),
-        D=query.shape[1], BLOCK_L=block_l, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps,
+        query, table, columns, out, norms if norms is not None else out, num_rows, num_cols, row_offset,
+        eps if eps is not None else 0.0, query.stride(0), table.stride(0), columns.stride(0), out.stride(0),
+        D=query.shape[1], BLOCK_L=block_l, BLOCK_R=block_r, BLOCK_D=block_d, NORMALIZE=eps is not None,
+        num_warps=num_warps,
     )
-    return out
+    return out, norms
 
 
 def _backward(grad_out: torch.Tensor, query: torch.Tensor, table: torch.Tensor, columns: torch.Tensor,
+              out: torch.Tensor, norms: Optional[torch.Tensor], row_offset: int, eps: Optional[float],
               query_grad: bool, table_grad: bool) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
     num_rows, num_cols = columns.shape
     grad_query = torch.zeros_like(query) if query_grad else None  # zeros: with R = 0 nothing is written
@@ -158,12 +186,13 @@ def _backward(grad_out: torch.Tensor, query: torch.Tensor, table: torch.Tensor, 
         block_l, block_r, block_d, num_warps = _config(query.device, query.shape[1])
         dummy = query  # pointer argument of a gradient that is not computed
         _gathered_dot_bwd_kernel[(triton.cdiv(num_rows, block_l),)](
-            query, table, columns, grad_out,
+            query, table, columns, grad_out, out, norms if norms is not None else out,
             grad_query if query_grad else dummy, grad_table if table_grad else dummy, num_rows, num_cols,
-            query.stride(0), table.stride(0), columns.stride(0), grad_out.stride(0),
+            row_offset, eps if eps is not None else 0.0,
+            query.stride(0), table.stride(0), columns.stride(0), grad_out.stride(0), out.stride(0),
             grad_query.stride(0) if query_grad else 0, grad_table.stride(0) if table_grad else 0,
             D=query.shape[1], BLOCK_L=block_l, BLOCK_R=block_r, BLOCK_D=block_d,
-            QUERY_GRAD=query_grad, TABLE_GRAD=table_grad, num_warps=num_warps,
+            QUERY_GRAD=query_grad, TABLE_GRAD=table_grad, NORMALIZE=eps is not None, num_warps=num_warps,
         )
     if grad_table is not None:
         grad_table = grad_table.to(table.dtype)
@@ -172,17 +201,20 @@ def _backward(grad_out: torch.Tensor, query: torch.Tensor, table: torch.Tensor, 
 
 class _GatheredDotFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, query: torch.Tensor, table: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(query, table, columns)
-        return _forward(query, table, columns)
+    def forward(ctx, query: torch.Tensor, table: torch.Tensor, columns: torch.Tensor, row_offset: int,
+                eps: Optional[float]) -> torch.Tensor:
+        out, norms = _forward(query, table, columns, row_offset, eps)
+        ctx.save_for_backward(query, table, columns, out, norms)
+        ctx.row_offset, ctx.eps = row_offset, eps
+        return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        query, table, columns = ctx.saved_tensors
-        grad_query, grad_table = _backward(_prepare(grad_out), query, table, columns,
-                                           query_grad=ctx.needs_input_grad[0],
+        query, table, columns, out, norms = ctx.saved_tensors
+        grad_query, grad_table = _backward(_prepare(grad_out), query, table, columns, out, norms,
+                                           ctx.row_offset, ctx.eps, query_grad=ctx.needs_input_grad[0],
                                            table_grad=ctx.needs_input_grad[1])
-        return grad_query, grad_table, None
+        return grad_query, grad_table, None, None, None
 
 
 def _prepare(x: torch.Tensor) -> torch.Tensor:
@@ -190,10 +222,11 @@ def _prepare(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def triton_gathered_dot(query: torch.Tensor, table: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+def triton_gathered_dot(query: torch.Tensor, table: torch.Tensor, columns: torch.Tensor, row_offset: int = 0,
+                        eps: Optional[float] = None) -> torch.Tensor:
     """Same contract as `ops.gathered_dot.gathered_dot_reference`: query (L, D), table (P, D), columns (L, R).
 
-    Differentiable in query and table; returns (L, R) fp32. Every column must
+    Differentiable in query and table; returns (L, R) fp32. Every row_offset + column must
     lie in [0, P) (unchecked: checking would sync with the GPU).
     """
     if query.dim() != 2 or table.dim() != 2 or columns.dim() != 2:
@@ -202,4 +235,4 @@ def triton_gathered_dot(query: torch.Tensor, table: torch.Tensor, columns: torch
     if query.shape[1] != table.shape[1] or columns.shape[0] != query.shape[0]:
         raise ValueError(f"shapes do not match: query {tuple(query.shape)}, table {tuple(table.shape)}, "
                          f"columns {tuple(columns.shape)}")
-    return _GatheredDotFunction.apply(_prepare(query), _prepare(table), _prepare(columns))
+    return _GatheredDotFunction.apply(_prepare(query), _prepare(table), _prepare(columns), int(row_offset), eps)
