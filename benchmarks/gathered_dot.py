@@ -40,8 +40,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 import torch
 import torch.nn.functional as F
 import triton
-from triton.testing import do_bench
 
+from benchmarks.timing import time_and_peak
 from ops.triton.gathered_dot import triton_gathered_dot
 
 SHAPES = [
@@ -93,17 +93,7 @@ def time_impl(impl: str, b: Dict) -> Tuple[float, float, float, torch.Tensor]:
         torch.autograd.grad(out, params, b["grad"].to(out.dtype))
 
     logits = fn().detach().float()
-    fwd_bwd()
-    torch.cuda.synchronize()
-    fwd_ms = do_bench(fn, warmup=25, rep=100, return_mode="median")
-    fwd_bwd_ms = do_bench(fwd_bwd, warmup=25, rep=100, return_mode="median")
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fwd_bwd()
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
-    return fwd_ms, fwd_bwd_ms, peak, logits
+    return (*time_and_peak(fn, fwd_bwd), logits)
 
 
 def measure(impl: str, b: Dict, shape: Dict, dtype: torch.dtype, reference: Optional[torch.Tensor]) -> Dict:

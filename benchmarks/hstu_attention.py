@@ -42,6 +42,7 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
+from benchmarks.timing import time_and_peak
 from ops.hstu_attention import hstu_attention_reference
 from ops.triton import hstu_attention as kernel_mod
 
@@ -104,17 +105,7 @@ def time_impl(impl, b, fwd_config=None, bwd_config=None):
     def fwd_bwd():
         torch.autograd.grad(fn(), params, grad)
 
-    fwd_bwd()
-    torch.cuda.synchronize()
-    fwd_ms = _bench(lambda: fn())
-    fwd_bwd_ms = _bench(fwd_bwd)
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fwd_bwd()
-    torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
-    return fwd_ms, fwd_bwd_ms, peak
+    return time_and_peak(fn, fwd_bwd)
 
 
 def dense_bytes(batch, heads, n):

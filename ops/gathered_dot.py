@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 from typing import Optional
 
 import torch
+
+from ops.dispatch import kernel_usable
 
 
 def gathered_dot_reference(query: torch.Tensor, table: torch.Tensor, columns: torch.Tensor, row_offset: int = 0,
@@ -50,18 +51,7 @@ def triton_available(device: torch.device) -> bool:
     path, so tests that merely run beside the interpreted kernel tests are not
     slowed down by it.
     """
-    if device.type != "cuda":
-        return False
-    problem = triton_problem()
-    if problem is not None:
-        _notify_fallback(problem)
-    return problem is None
-
-
-@functools.lru_cache(maxsize=None)
-def _notify_fallback(problem: str) -> None:
-    print(f"notice: sampled negatives are scored by the PyTorch path (slower): {problem}", file=sys.stderr,
-          flush=True)
+    return kernel_usable(device, triton_problem(), "sampled negatives are scored by the PyTorch path")
 
 
 def _interpreting(device: torch.device) -> bool:

@@ -36,12 +36,12 @@ import dataclasses
 import functools
 import math
 import re
-import sys
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from ops.dispatch import kernel_usable
 from ops.jagged import dense_to_jagged, jagged_to_dense
 from ops.targets import effective_positions, prefix_lengths, query_timestamp_index, visible_keys
 
@@ -195,17 +195,7 @@ def triton_problem() -> Optional[str]:
 
 def triton_available(device: torch.device) -> bool:
     """True when the fused kernel can run on `device`; on CUDA without it, says once why PyTorch is used."""
-    if device.type != "cuda":
-        return False
-    problem = triton_problem()
-    if problem is not None:
-        _notify_fallback(problem)
-    return problem is None
-
-
-@functools.lru_cache(maxsize=None)
-def _notify_fallback(problem: str) -> None:
-    print(f"notice: HSTU attention uses the PyTorch path (slower): {problem}", file=sys.stderr, flush=True)
+    return kernel_usable(device, triton_problem(), "HSTU attention uses the PyTorch path")
 
 
 def hstu_attention(

@@ -317,8 +317,9 @@ def test_an_old_triton_falls_back_to_pytorch_with_a_notice(monkeypatch, capsys):
     import triton
 
     import ops.hstu_attention as attention
+    from ops.dispatch import notify_once
 
-    for cached in (attention.triton_problem, attention._notify_fallback):
+    for cached in (attention.triton_problem, notify_once):
         cached.cache_clear()
     monkeypatch.setattr(triton, "__version__", "3.2.0")
     try:
@@ -332,7 +333,7 @@ def test_an_old_triton_falls_back_to_pytorch_with_a_notice(monkeypatch, capsys):
         with pytest.raises(RuntimeError, match="older than 3.3"):
             attention.hstu_attention(q, q, q, torch.tensor([0, 3]), 4, kernel="triton")
     finally:
-        for cached in (attention.triton_problem, attention._notify_fallback):
+        for cached in (attention.triton_problem, notify_once):
             cached.cache_clear()
     monkeypatch.setattr(triton, "__version__", "3.3.1")
     assert attention.triton_problem() is None
