@@ -37,9 +37,11 @@ class SASRecBlock(nn.Module):
         self.attention = nn.MultiheadAttention(dim, num_heads, dropout=dropout_rate, batch_first=True)
         self.ffn = PointwiseFeedForward(dim, ffn_hidden_dim, activation, dropout_rate)
 
-    def forward(self, x: torch.Tensor, causal_mask: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, causal_mask: torch.Tensor, valid: torch.Tensor, is_causal: bool) -> torch.Tensor:
+        """is_causal: `causal_mask` is the plain causal mask, so attention may apply it by position (SDPA's
+        is_causal: no mask tensor read, and its flash / memory-efficient kernels' causal path)."""
         query = layer_norm(x, 1e-8)
-        attended, _ = self.attention(query, x, x, attn_mask=causal_mask, need_weights=False)
+        attended, _ = self.attention(query, x, x, attn_mask=causal_mask, need_weights=False, is_causal=is_causal)
         x = self.ffn(layer_norm(query + attended, 1e-8))
         return x * valid
 
@@ -90,5 +92,5 @@ class SASRecEncoder(nn.Module):
             causal_mask = hidden.repeat_interleave(self.num_heads, dim=0)
         valid = (ids != 0).unsqueeze(-1).to(x.dtype)
         for block in self.blocks:
-            x = block(x, causal_mask, valid)
+            x = block(x, causal_mask, valid, is_causal=num_targets is None)
         return dense_to_jagged(x, seq_offsets, total)
