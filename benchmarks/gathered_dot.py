@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from benchmarks.timing import time_and_peak
+from benchmarks.timing import time_and_peak, write_jsonl
 from ops.triton.gathered_dot import triton_gathered_dot
 
 SHAPES = [
@@ -134,10 +134,7 @@ def run(out_path: Optional[str]) -> None:
             del b, reference
             torch.cuda.empty_cache()
     if out_path:
-        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-        with open(out_path, "w") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+        write_jsonl(out_path, rows)
 
 
 def main() -> None:

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 import triton
 from triton.testing import do_bench
 
-from benchmarks.timing import time_and_peak
+from benchmarks.timing import time_and_peak, write_jsonl
 from ops.hstu_attention import hstu_attention_reference
 from ops.triton import hstu_attention as kernel_mod
 
@@ -160,10 +160,7 @@ def run(out_path, configs_path=None):
         del b
         torch.cuda.empty_cache()
     if out_path:
-        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-        with open(out_path, "w") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
+        write_jsonl(out_path, rows)
 
 
 TUNE_FWD = [(64, 32, 4, 3), (64, 32, 4, 2), (64, 64, 4, 2), (64, 64, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2)]

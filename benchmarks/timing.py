@@ -1,8 +1,10 @@
-"""The timing both kernel benchmarks share: forward and forward+backward medians, and peak extra memory."""
+"""What the kernel benchmarks share: forward and forward+backward medians, peak extra memory, JSON lines out."""
 
 from __future__ import annotations
 
-from typing import Callable, Tuple
+import json
+from pathlib import Path
+from typing import Callable, Dict, List, Tuple
 
 import torch
 from triton.testing import do_bench
@@ -20,3 +22,10 @@ def time_and_peak(fwd: Callable[[], object], fwd_bwd: Callable[[], object]) -> T
     fwd_bwd()
     torch.cuda.synchronize()
     return fwd_ms, fwd_bwd_ms, (torch.cuda.max_memory_allocated() - base) / 2**30
+
+
+def write_jsonl(path: str, rows: List[Dict]) -> None:
+    """One JSON line per measurement (the file is replaced; its folder is created)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
