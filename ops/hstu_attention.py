@@ -44,15 +44,7 @@ import torch.nn.functional as F
 from ops.dispatch import kernel_usable
 from ops.jagged import dense_to_jagged, jagged_to_dense
 from ops.targets import effective_positions, prefix_lengths, query_timestamp_index, visible_keys
-
-BUCKET_INCREMENT = 0.301
-NUM_TIME_BUCKETS = 128
-
-
-def time_buckets(delta: torch.Tensor, num_buckets: int = NUM_TIME_BUCKETS) -> torch.Tensor:
-    """floor(ln(max(|delta|, 1)) / 0.301) clamped to [0, num_buckets], as int64."""
-    scaled = torch.log(delta.abs().clamp(min=1).to(torch.float32)) / BUCKET_INCREMENT
-    return scaled.long().clamp(0, num_buckets)
+from ops.time_buckets import BUCKET_INCREMENT, NUM_TIME_BUCKETS, time_buckets  # noqa: F401 (re-exported)
 
 
 class _LookupWithHistogramGrad(torch.autograd.Function):

@@ -82,7 +82,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ops.hstu_attention import BUCKET_INCREMENT
+from ops.time_buckets import BUCKET_INCREMENT
 
 _LOG2_TO_BUCKET = tl.constexpr(math.log(2.0) / BUCKET_INCREMENT)
 
