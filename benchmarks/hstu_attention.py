@@ -7,6 +7,10 @@ warm-up) of
 * impl=triton:      ops.triton.hstu_attention.triton_hstu_attention, with the
                     relative bias (timestamps, ts_w, pos_w all requiring grad),
                     and impl=triton_nobias without it;
+* impl=triton_before: an earlier version of the kernel file, copied to
+                    .carry/hstu_attention_before.py (`git show REV:ops/triton/
+                    hstu_attention.py`), with its own block tables: the same-machine
+                    baseline for a speed-up claim;
 * impl=torch:       ops.hstu_attention.hstu_attention_reference (dense padded
                     PyTorch; skipped where its N x N buffers would not fit);
 * impl=sdpa_causal: torch scaled_dot_product_attention, causal softmax, padded
@@ -30,6 +34,8 @@ the tables in ops/triton/hstu_attention.py were filled from it).
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.util
 import json
 import sys
 import time
@@ -76,11 +82,28 @@ def _bench(fn):
     return do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
+BEFORE_PATH = Path(__file__).resolve().parent.parent / ".carry" / "hstu_attention_before.py"
+
+
+@functools.lru_cache(maxsize=1)
+def _before_module():
+    """An earlier version of the kernel file (git show REV:ops/triton/hstu_attention.py > BEFORE_PATH),
+    timed on the same machine as a baseline for speed-ups."""
+    spec = importlib.util.spec_from_file_location("hstu_attention_before", BEFORE_PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def time_impl(impl, b, fwd_config=None, bwd_config=None):
     """(fwd_ms, fwd_bwd_ms, peak_mem_gb) of one implementation on batch b."""
     q, k, v, offsets, n = b["q"], b["k"], b["v"], b["offsets"], b["n"]
     bias = (b["ts"], b["ts_w"], b["pos_w"])
-    if impl == "triton":
+    if impl == "triton_before":  # its own block tables: a baseline as it was
+        before = _before_module()
+        fn = lambda: before._hstu_attention(q, k, v, offsets, n, *bias)
+        params = [q, k, v, b["ts_w"], b["pos_w"]]
+    elif impl == "triton":
         fn = lambda: kernel_mod._hstu_attention(q, k, v, offsets, n, *bias, fwd_config=fwd_config,
                                                 bwd_config=bwd_config)
         params = [q, k, v, b["ts_w"], b["pos_w"]]
@@ -123,7 +146,10 @@ SHAPES = (
 )
 
 
-def run(out_path, configs_path=None):
+IMPLS = ("triton", "triton_nobias", "triton_before", "torch", "sdpa_causal")
+
+
+def run(out_path, configs_path=None, impls=IMPLS):
     configs = {}
     if configs_path:
         configs = {int(k): v for k, v in json.load(open(configs_path)).items()}
@@ -137,7 +163,9 @@ def run(out_path, configs_path=None):
         cfg = configs.get(block_d, {})
         fwd_cfg = tuple(cfg["fwd"]) if "fwd" in cfg else kernel_mod._fwd_config(b["q"], block_d)
         bwd_cfg = tuple(cfg["bwd"]) if "bwd" in cfg else kernel_mod._bwd_config(b["q"], block_d)
-        for impl in ("triton", "triton_nobias", "torch", "sdpa_causal"):
+        for impl in impls:
+            if impl == "triton_before" and not BEFORE_PATH.exists():
+                continue
             row = dict(impl=impl, config=shape["name"], N=shape["N"], B=shape["B"], heads=shape["h"],
                        dqk=shape["dqk"], dv=shape["dv"], ragged=shape["ragged"],
                        total_len=int(b["lengths"].sum()), **common)
@@ -257,7 +285,7 @@ def tune(workers, compile_only=False, out=None):
 def markdown(path):
     """Markdown table of a results file: one row per shape, fwd / fwd+bwd ms per implementation."""
     rows = [json.loads(line) for line in open(path)]
-    impls = ["triton", "triton_nobias", "torch", "sdpa_causal"]
+    impls = [i for i in IMPLS if any(r["impl"] == i for r in rows)]
     shapes = []
     for r in rows:
         key = (r["config"], r["B"], r["N"], r["heads"], r["dqk"], r["ragged"])
@@ -291,6 +319,9 @@ def main():
                         help="JSON of block configs per padded head dim (from --tune-out); default: the "
                              "kernel's own table")
     parser.add_argument("--markdown", default=None, help="print a results file as a markdown table and exit")
+    parser.add_argument("--impls", default=",".join(IMPLS),
+                        help="comma-separated implementations to time (triton_before: the kernel file at "
+                             f"{BEFORE_PATH.name} in .carry/, when present)")
     args = parser.parse_args()
     if args.markdown:
         return markdown(args.markdown)
@@ -299,7 +330,7 @@ def main():
     if args.tune or args.tune_compile_only:
         tune(args.workers, args.tune_compile_only, args.tune_out)
     else:
-        run(args.out, args.configs)
+        run(args.out, args.configs, tuple(args.impls.split(",")))
 
 
 if __name__ == "__main__":
