@@ -104,7 +104,7 @@ def _logit_grads(z, offs_c, col_ok, target, lse, g_scale):
 
     Works on either orientation: the per-row vectors come shaped to broadcast along the columns.
     """
-    p = tl.where(col_ok, tl.exp(z - lse), 0.0)
+    p = tl.exp(tl.where(col_ok, z, float("-inf")) - lse)  # masked before exp: a padded column's 0 may overflow
     return (p - tl.where(offs_c == target, 1.0, 0.0)) * g_scale
 
 
