@@ -198,12 +198,19 @@ INTERPRETER_BLOCKS = Blocks(Tiles(16, 16, 1, 1), Tiles(16, 16, 1, 1), Tiles(16, 
 
 
 def default_blocks(device: torch.device, dtype: torch.dtype, dim: int) -> Blocks:
-    """Untuned starting points: 64-query x 128-item tiles, half the item rows where a tile pair of
-    wide fp32 rows would crowd shared memory (benchmarks/linear_cross_entropy.py --blocks tunes them)."""
+    """Untuned starting points by bytes per padded row: 64-query x 128-item tiles for short rows,
+    fewer rows per tile (and more warps for the (item rows, D) fp32 accumulator of dItems) as rows
+    widen, so that a pipelined tile pair stays within shared memory
+    (benchmarks/linear_cross_entropy.py --blocks tunes them)."""
     if device.type != "cuda":
         return INTERPRETER_BLOCKS
-    wide = triton.next_power_of_2(dim) * dtype.itemsize > 256  # bytes per row: fp32 D > 64, bf16 D > 128
-    tiles = Tiles(64, 64 if wide else 128, 4, 2 if wide else 3)
+    row_bytes = _block_d(dim) * dtype.itemsize
+    if row_bytes <= 256:  # fp32 D <= 64, bf16 D <= 128
+        tiles = Tiles(64, 128, 4, 3)
+    elif row_bytes <= 512:  # fp32 D <= 128, bf16 D <= 256
+        tiles = Tiles(64, 64, 4, 2)
+    else:  # fp32 D <= 256
+        tiles = Tiles(32, 64, 8, 2)
     return Blocks(tiles, tiles, tiles)
 
 
