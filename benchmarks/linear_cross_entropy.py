@@ -269,8 +269,9 @@ def tune(shapes: List[Dict], dtypes: Dict) -> List[Dict]:
                 times = [_time_launch(b, blocks, launch, wants[launch]) for launch in ("forward", "grad_query")]
                 ok = all(status == "ok" for _, status in times)
                 total = round(sum(ms for ms, _ in times), 4) if ok else None
+                status = "ok" if ok else f"{times[0][1]} / {times[1][1]}"
                 row = dict(kind="splits", splits=splits, forward_ms=times[0][0], grad_query_ms=times[1][0],
-                           status="ok" if ok else times[0][1] + " / " + times[1][1], **_row(shape, dtype_name), **common)
+                           status=status, **_row(shape, dtype_name), **common)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
                 if ok:
@@ -295,7 +296,8 @@ def markdown(path: str) -> None:
     print("| config | L | C | D | dtype | " + " | ".join(IMPLS) + " |")
     print("|" + " --- |" * (5 + len(IMPLS)))
     for key in keys:
-        print("| " + " | ".join(str(k) for k in key) + " | " + " | ".join(cell.get((key, i), "-") for i in IMPLS) + " |")
+        cells = [str(k) for k in key] + [cell.get((key, impl), "-") for impl in IMPLS]
+        print("| " + " | ".join(cells) + " |")
     r0 = rows[0]
     print(f"\nms, forward / forward+backward (peak extra memory of one forward+backward), temperature "
           f"{r0['temperature']}, fp32 with TF32 matmuls; {r0['device']}, torch {r0['torch']}, triton {r0['triton']}, "
