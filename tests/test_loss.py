@@ -206,20 +206,20 @@ def test_in_batch_sampler_draws_only_batch_ids():
 @given(rows=st.integers(1, 40), candidates=st.integers(2, 60), dim=st.integers(1, 8),
        temperature=st.sampled_from([0.05, 0.5, 1.0]), chunk=st.sampled_from([1, 7, 1 << 20]), seed=st.integers(0, 99))
 def test_full_softmax_equals_cross_entropy_in_value_and_gradients(rows, candidates, dim, temperature, chunk, seed):
-    import generative_recommenders.objectives.losses as losses
+    import ops.linear_cross_entropy as chunked
 
     torch.manual_seed(seed)
     query = torch.randn(rows, dim, dtype=torch.float64, requires_grad=True)
     items = torch.randn(candidates, dim, dtype=torch.float64, requires_grad=True)
     columns = torch.randint(-1, candidates, (rows,))
     weights = (torch.rand(rows) < 0.8).double() * (columns >= 0).double()
-    saved = losses.FULL_SOFTMAX_CHUNK_ELEMENTS
-    losses.FULL_SOFTMAX_CHUNK_ELEMENTS = chunk * candidates  # forces chunks of `chunk` rows
+    saved = chunked.CHUNK_ELEMENTS
+    chunked.CHUNK_ELEMENTS = chunk * candidates  # forces chunks of `chunk` rows
     try:
         got = full_softmax_loss(query, items, columns, weights, temperature)
         got.backward()
     finally:
-        losses.FULL_SOFTMAX_CHUNK_ELEMENTS = saved
+        chunked.CHUNK_ELEMENTS = saved
     q2, i2 = query.detach().clone().requires_grad_(), items.detach().clone().requires_grad_()
     per_row = F.cross_entropy(q2 @ i2.T / temperature, columns.clamp(min=0), reduction="none")
     expected = (per_row * weights).sum() / weights.sum().clamp(min=1.0)

@@ -22,8 +22,9 @@ its sampled columns picked, a large one by gathering the sampled embeddings.
 - BCELoss (the release's other option): binary cross-entropy of the positive
   and one negative, at temperature 1 as in the release.
 - FullSoftmaxLoss ("SASRec+", REFERENCE.md section 12): cross-entropy over
-  every candidate, computed in row chunks so the (L, C) logits never exist at
-  once.
+  every candidate (ops/linear_cross_entropy.py): on CUDA a fused Triton kernel
+  whose (L, C) logits never leave the chip, elsewhere in row chunks so they
+  never exist at once.
 - BPRLoss / BPRMaxLoss (GRU4Rec's pairwise losses, Hidasi et al.): mean of
   -log sigmoid(s+ - s-) over R negatives; BPR-max weights the pairs by the
   softmax of the negatives' scores and adds reg * sum softmax * s-^2.
@@ -41,12 +42,12 @@ from generative_recommenders.config import ConfigError
 from generative_recommenders.data.candidates import CandidateIndex
 from ops.gathered_dot import gathered_dot
 from ops.gathered_dot import triton_available as gathered_dot_kernel_available
+from ops.linear_cross_entropy import linear_cross_entropy
 
 NEGATIVE_EQUALS_POSITIVE_LOGIT = -5e4
 SAMPLING_STRATEGIES = ("local", "in-batch")
 SAMPLED_LOSSES = ("SampledSoftmaxLoss", "BCELoss", "BPRLoss", "BPRMaxLoss")
 LOSSES = SAMPLED_LOSSES + ("FullSoftmaxLoss",)
-FULL_SOFTMAX_CHUNK_ELEMENTS = 1 << 26  # logits per chunk: 256 MB in fp32
 
 ItemVectors = Callable[[Union[torch.Tensor, slice]], torch.Tensor]  # ids, or a slice of consecutive ids
 
@@ -188,49 +189,10 @@ def bpr_max_loss(positive_logits: torch.Tensor, negative_logits: torch.Tensor, p
     return weighted_mean(losses, weights)
 
 
-class _FullSoftmaxCrossEntropy(torch.autograd.Function):
-    """Weighted mean cross-entropy of queries against every candidate, chunk by chunk.
-
-    The gradients are computed in the forward pass, one chunk of rows at a
-    time, so neither the (L, C) logits nor their softmax are kept for
-    backward: memory is one chunk's logits whatever the catalog size.
-    """
-
-    @staticmethod
-    def forward(ctx, query: torch.Tensor, items: torch.Tensor, columns: torch.Tensor, weights: torch.Tensor,
-                inverse_temperature: float) -> torch.Tensor:
-        scale = weights / weights.sum().clamp(min=1.0)
-        chunk = max(1, FULL_SOFTMAX_CHUNK_ELEMENTS // max(items.shape[0], 1))
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        grad_query = torch.empty_like(query) if need_grad else None
-        grad_items = torch.zeros_like(items) if need_grad else None
-        dtype = torch.promote_types(query.dtype, torch.float32)  # softmax sums in at least fp32
-        loss = query.new_zeros((), dtype=dtype)
-        for start in range(0, query.shape[0], chunk):
-            rows = slice(start, start + chunk)
-            q, cols, w = query[rows], columns[rows].unsqueeze(1), scale[rows].unsqueeze(1).to(dtype)
-            logits = (q @ items.T).to(dtype) * inverse_temperature
-            log_norm = logits.logsumexp(dim=1, keepdim=True)
-            loss = loss + (w * (log_norm - logits.gather(1, cols))).sum()
-            if need_grad:
-                # d loss / d logits = w * (softmax - one_hot(positive)), times 1/T for the dot products.
-                grad_logits = (logits - log_norm).exp_().mul_(w).scatter_add_(1, cols, -w)
-                grad_logits = grad_logits.mul_(inverse_temperature).to(query.dtype)
-                grad_query[rows] = grad_logits @ items
-                grad_items.addmm_(grad_logits.T, q)
-        ctx.save_for_backward(grad_query, grad_items)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss: torch.Tensor):
-        grad_query, grad_items = ctx.saved_tensors
-        return grad_query * grad_loss, grad_items * grad_loss, None, None, None
-
-
 def full_softmax_loss(query: torch.Tensor, items: torch.Tensor, columns: torch.Tensor, weights: torch.Tensor,
                       temperature: float) -> torch.Tensor:
     """Weighted mean of -log softmax(query @ items.T / T)[positive column]; columns (L,), weights (L,)."""
-    return _FullSoftmaxCrossEntropy.apply(query, items, columns.clamp(min=0), weights, 1.0 / temperature)
+    return linear_cross_entropy(query, items, columns, temperature, weights)
 
 
 def _fp32(call: Callable) -> Callable:
