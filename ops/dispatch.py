@@ -22,3 +22,11 @@ def kernel_usable(device: torch.device, problem: Optional[str], fallback: str) -
     if problem is not None:
         notify_once(f"notice: {fallback} (slower): {problem}")
     return problem is None
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input_precision for a kernel's inputs: fp32 follows torch's matmul precision
+    setting (default "highest": exact fp32 products, "ieee"); TF32 otherwise."""
+    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+        return "ieee"
+    return "tf32"

@@ -82,6 +82,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ops.dispatch import dot_precision
 from ops.time_buckets import BUCKET_INCREMENT
 
 _LOG2_TO_BUCKET = tl.constexpr(math.log(2.0) / BUCKET_INCREMENT)
@@ -687,13 +688,6 @@ def _pow2_dim(d: int) -> int:
     return max(16, triton.next_power_of_2(d))  # tl.dot needs every dim >= 16
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs follow torch's matmul precision setting (default "highest": exact fp32 products).
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
-        return "ieee"
-    return "tf32"
-
-
 def _math_flags(q: torch.Tensor) -> dict:
     # PTX inline math exists only on NVIDIA GPUs (not in the CPU interpreter); the tanh-based
     # SiLU only where the result is rounded to 16 bits anyway.
@@ -757,7 +751,7 @@ def _forward(q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w, config=
         heads, max_seq_len, 1.0 / max_seq_len,
         DQK=dqk, DV=dv, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, BLOCK_M=block_m, BLOCK_N=block_n,
         HAS_BIAS=has_bias, NUM_BUCKETS=(ts_w.numel() - 1) if has_bias else 0,
-        DOT_PREC=_dot_precision(q.dtype), **_math_flags(q), HAS_TARGETS=num_targets is not None,
+        DOT_PREC=dot_precision(q.dtype), **_math_flags(q), HAS_TARGETS=num_targets is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
@@ -794,7 +788,7 @@ def _backward(do, q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w,
         DQK=dqk, DV=dv_dim, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
         BLOCK=block, BLOCK_M1=block_m1, BLOCK_N2=block_n2,
         HAS_BIAS=has_bias, POS_GRAD=need_pos_grad, TS_GRAD=need_ts_grad,
-        NUM_BUCKETS=num_buckets, TS_PART_STRIDE=ts_stride, DOT_PREC=_dot_precision(q.dtype),
+        NUM_BUCKETS=num_buckets, TS_PART_STRIDE=ts_stride, DOT_PREC=dot_precision(q.dtype),
         **_math_flags(q), num_warps=num_warps, num_stages=num_stages,
     )
     d_ts = d_pos = None

@@ -51,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ops.triton.hstu_attention import _dot_precision
+from ops.dispatch import dot_precision
 
 MAX_DIM = 256  # beyond it a 16-bit (64 x D) tile pair no longer fits shared memory with pipelining
 
@@ -248,7 +248,7 @@ def _forward(query: torch.Tensor, items: torch.Tensor, targets: torch.Tensor, sc
     _forward_kernel[(triton.cdiv(rows, t.block_l), splits)](
         query, items, targets, part_max, part_sum, part_target, rows, items.shape[0], per_split, scale,
         query.stride(0), items.stride(0),
-        D=dim, BLOCK_L=t.block_l, BLOCK_C=t.block_c, BLOCK_D=_block_d(dim), DOT_PREC=_dot_precision(query.dtype),
+        D=dim, BLOCK_L=t.block_l, BLOCK_C=t.block_c, BLOCK_D=_block_d(dim), DOT_PREC=dot_precision(query.dtype),
         num_warps=t.num_warps, num_stages=t.num_stages,
     )
     lse = torch.logsumexp(part_max + part_sum.log(), dim=0)  # every split's sum is >= 1 (its max's term)
@@ -266,7 +266,7 @@ def _grad_query(grad_rows: torch.Tensor, query: torch.Tensor, items: torch.Tenso
     _grad_query_kernel[(triton.cdiv(rows, t.block_l), splits)](
         query, items, targets, lse, grad_rows, partial, rows, items.shape[0], per_split, scale,
         query.stride(0), items.stride(0),
-        D=dim, BLOCK_L=t.block_l, BLOCK_C=t.block_c, BLOCK_D=block_d, DOT_PREC=_dot_precision(query.dtype),
+        D=dim, BLOCK_L=t.block_l, BLOCK_C=t.block_c, BLOCK_D=block_d, DOT_PREC=dot_precision(query.dtype),
         num_warps=t.num_warps, num_stages=t.num_stages,
     )
     return partial[:, :, :dim].sum(0).to(query.dtype)
@@ -280,7 +280,7 @@ def _grad_items(grad_rows: torch.Tensor, query: torch.Tensor, items: torch.Tenso
     _grad_items_kernel[(triton.cdiv(items.shape[0], t.block_c),)](
         query, items, targets, lse, grad_rows, grad_items, rows, items.shape[0], scale,
         query.stride(0), items.stride(0), grad_items.stride(0),
-        D=dim, BLOCK_L=t.block_l, BLOCK_C=t.block_c, BLOCK_D=_block_d(dim), DOT_PREC=_dot_precision(query.dtype),
+        D=dim, BLOCK_L=t.block_l, BLOCK_C=t.block_c, BLOCK_D=_block_d(dim), DOT_PREC=dot_precision(query.dtype),
         num_warps=t.num_warps, num_stages=t.num_stages,
     )
     return grad_items
