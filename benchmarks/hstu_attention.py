@@ -87,8 +87,8 @@ BEFORE_PATH = Path(__file__).resolve().parent.parent / ".carry" / "hstu_attentio
 
 @functools.lru_cache(maxsize=1)
 def _before_module():
-    """An earlier version of the kernel file (git show REV:ops/triton/hstu_attention.py > BEFORE_PATH),
-    timed on the same machine as a baseline for speed-ups."""
+    """Another version of the kernel file (e.g. git show REV:ops/triton/hstu_attention.py > BEFORE_PATH),
+    timed on the same machine as a baseline for a speed-up, or as a variant under study."""
     spec = importlib.util.spec_from_file_location("hstu_attention_before", BEFORE_PATH)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -169,8 +169,10 @@ def run(out_path, configs_path=None, impls=IMPLS):
             row = dict(impl=impl, config=shape["name"], N=shape["N"], B=shape["B"], heads=shape["h"],
                        dqk=shape["dqk"], dv=shape["dv"], ragged=shape["ragged"],
                        total_len=int(b["lengths"].sum()), **common)
-            if impl.startswith("triton"):
+            if impl in ("triton", "triton_nobias"):
                 row.update(fwd_config=list(fwd_cfg), bwd_config=list(bwd_cfg))
+            if impl == "triton_before":
+                row.update(kernel_file=BEFORE_PATH.name)
             if impl == "triton_nobias" and shape["name"] != "scale":
                 continue
             if impl == "torch" and dense_bytes(shape["B"], shape["h"], shape["N"]) > 40 * 2**30:
@@ -309,6 +311,7 @@ def markdown(path):
 
 
 def main():
+    global BEFORE_PATH, SHAPES
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None, help="write JSON lines here")
     parser.add_argument("--tune", action="store_true", help="time block configurations instead")
@@ -319,6 +322,9 @@ def main():
                         help="JSON of block configs per padded head dim (from --tune-out); default: the "
                              "kernel's own table")
     parser.add_argument("--markdown", default=None, help="print a results file as a markdown table and exit")
+    parser.add_argument("--before", default=None, help=f"kernel file for impl triton_before (default {BEFORE_PATH})")
+    parser.add_argument("--shapes", default=None,
+                        help="comma-separated NAME:N to time, e.g. scale:4096,ml-20m:211 (default: all)")
     parser.add_argument("--impls", default=",".join(IMPLS),
                         help="comma-separated implementations to time (triton_before: the kernel file at "
                              f"{BEFORE_PATH.name} in .carry/, when present)")
@@ -327,6 +333,11 @@ def main():
         return markdown(args.markdown)
     if not torch.cuda.is_available():
         sys.exit("needs a CUDA GPU")
+    if args.before:
+        BEFORE_PATH = Path(args.before).resolve()
+    if args.shapes:
+        wanted = {tuple(x.split(":")) for x in args.shapes.split(",")}
+        SHAPES = [s for s in SHAPES if (s["name"], str(s["N"])) in wanted]
     if args.tune or args.tune_compile_only:
         tune(args.workers, args.tune_compile_only, args.tune_out)
     else:

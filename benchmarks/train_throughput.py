@@ -12,6 +12,7 @@ training plus the evaluations the config asks for). One JSON line per config.
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 import time
@@ -144,6 +145,7 @@ def main(argv: List[str]) -> None:
             with open(FLAGS.out, "a") as f:
                 f.write(line + "\n")
         del result
+        gc.collect()  # the last config's model, optimizer and graphs, before the next one's capture
         if device.type == "cuda":
             torch.cuda.empty_cache()
 

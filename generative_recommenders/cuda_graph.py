@@ -15,6 +15,7 @@ with the host (no `.item()`, no data-dependent shapes).
 
 from __future__ import annotations
 
+import gc
 from typing import Callable, Dict, Optional
 
 import torch
@@ -79,6 +80,13 @@ class CudaGraphStep:
         return self.static_out[bucket]
 
     def _capture(self, samples: torch.Tensor, bucket: int) -> None:
+        # A capture cannot free memory: when its allocations miss the cache, the allocator's
+        # retry (release cached blocks, cudaFree) invalidates the capture. So drop what earlier
+        # work left unreachable (graphs and pools of models gone, held only by cycles) and hand
+        # unused cached blocks back to the device first, whatever ran in this process before.
+        torch.cuda.synchronize()
+        gc.collect()
+        torch.cuda.empty_cache()
         self.static_samples[bucket] = samples.clone()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):

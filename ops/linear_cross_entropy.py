@@ -28,6 +28,10 @@ from ops.dispatch import kernel_usable
 
 CHUNK_ELEMENTS = 1 << 26  # logits per chunk of the PyTorch path: 256 MB in fp32
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Widest fp32 rows the fused kernel is used for: measured on one H200 (benchmarks/linear_cross_entropy.py,
+# benchmarks/results/linear_cross_entropy_h200.jsonl), fp32 with TF32 at D = 256 (ml-20m) it takes
+# 35.9 ms forward+backward against the chunked path's 19.5; at D = 50 and 64 it is the faster one.
+FUSED_MAX_FP32_DIM = 128
 
 
 def _row_weights(targets: torch.Tensor, weights: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
@@ -106,9 +110,11 @@ def linear_cross_entropy(query: torch.Tensor, items: torch.Tensor, targets: torc
 
     query (L, D), items (C, D) with C >= 1, targets (L,) columns of items (< 0: ignored), weights (L,) or
     None (1 per row). Returns a scalar in at least fp32. On CUDA the fused kernel, whose gradients are
-    deterministic; elsewhere, or when the kernel cannot take the inputs, the chunked PyTorch path.
+    deterministic; elsewhere, for fp32 rows wider than FUSED_MAX_FP32_DIM (faster there), or when the
+    kernel cannot take the inputs, the chunked PyTorch path.
     """
-    if query.is_cuda and kernel_usable(query.device, triton_problem(query, items),  # no Triton import off CUDA
+    wide_fp32 = query.dtype == torch.float32 and query.shape[-1] > FUSED_MAX_FP32_DIM  # slower there
+    if query.is_cuda and not wide_fp32 and kernel_usable(query.device, triton_problem(query, items),  # no Triton import off CUDA
                                        "the full-softmax cross-entropy runs on the chunked PyTorch path"):
         from ops.triton.linear_cross_entropy import triton_linear_cross_entropy
 

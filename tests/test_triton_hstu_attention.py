@@ -40,8 +40,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 import ops.hstu_attention as hstu_module  # noqa: E402
 from ops.hstu_attention import BUCKET_INCREMENT, hstu_attention, hstu_attention_reference, time_buckets  # noqa: E402
-from ops.triton.hstu_attention import (  # noqa: E402
-    _bucket_thresholds, _hstu_attention, kernel_time_buckets, triton_hstu_attention)
+from ops.triton.hstu_attention import _hstu_attention, kernel_time_buckets, triton_hstu_attention  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -164,67 +163,6 @@ def test_time_buckets_match_reference():
     assert not (differ & ~near).any(), delta.cpu()[differ & ~near][:10]
     assert ((got - want).abs() <= 1).all()
     assert differ.float().mean().item() < 1e-4
-
-
-def test_bucket_thresholds_agree_with_the_bucket_function():
-    """The fast path's premise: kernel bucket(d) == #{b >= 1: d >= Thr[b]} for every d >= 1,
-    i.e. the bucket function is monotone and Thr holds its steps. Checked exhaustively on
-    +-2,000 around every threshold and on 400,000 deltas log-uniform up to 2^50."""
-    thr = _bucket_thresholds(DEVICE, NUM_BUCKETS).cpu()
-    assert thr.shape == (NUM_BUCKETS + 2,) and thr[0] == 1 and bool((thr[1:] >= thr[:-1]).all())
-    around = (thr[1:-1, None] + torch.arange(-2000, 2001)).flatten().clamp(min=1)
-    gen = torch.Generator().manual_seed(0)
-    spread = torch.exp(torch.rand(400_000, generator=gen, dtype=torch.float64) * 50 * math.log(2)).long()
-    delta = torch.cat([around, spread, torch.arange(1, 5000)])
-    got = kernel_time_buckets(delta.to(DEVICE), NUM_BUCKETS).cpu()
-    want = (delta[:, None] >= thr[None, 1:]).sum(1)
-    assert torch.equal(got, want), delta[got != want][:10]
-
-
-def _block_timestamps(batch: int, n: int, block: int, gen: torch.Generator) -> torch.Tensor:
-    """Time-ordered histories whose blocks are far apart in time: off-diagonal tiles see at
-    most two buckets per query (the kernel's two-bucket path), some of them both."""
-    blocks = n // block + 1
-    jumps = torch.exp(torch.rand(batch, blocks, generator=gen) * 6 + 9)
-    spread = jumps * (0.05 + 0.2 * torch.rand(batch, blocks, generator=gen))  # within a block
-    within = torch.rand(batch, n, generator=gen) * spread.repeat_interleave(block, 1)[:, :n]
-    starts = torch.cumsum(jumps, 1).repeat_interleave(block, 1)[:, :n]
-    return (starts + within.sort(dim=1).values).long() + 1_000_000_000
-
-
-def _two_bucket_tiles(ts: torch.Tensor, block: int) -> tuple:
-    """(tiles, tiles with two buckets) among the off-diagonal (query block, key block) pairs
-    whose queries all see at most two buckets: a mirror of the kernel's test, for coverage."""
-    n = ts.shape[1]
-    tq = ts[:, torch.clamp(torch.arange(n) + 1, max=n - 1)]
-    fast = mixed = 0
-    for b in range(ts.shape[0]):
-        for m in range(block, n, block):
-            for s in range(0, m, block):
-                tk, q = ts[b, s:s + block], tq[b, m:m + block]
-                lo = time_buckets(q - tk.max()); hi = time_buckets(q - tk.min())
-                if bool(((q >= tk.max()) & (hi - lo <= 1)).all()):
-                    fast += 1
-                    mixed += int(bool((hi > lo).any()))
-    return fast, mixed
-
-
-@settings(max_examples=4 if not CUDA else 10, deadline=None)
-@given(seed=st.integers(0, 2**16), heads=st.integers(1, 2))
-def test_two_bucket_tiles(seed, heads):
-    """Batches built so that most off-diagonal tiles take the two-bucket path (output and
-    every gradient against the reference, d ts_w included), ragged with a junk-row tail."""
-    block = 16 if not CUDA else 64
-    n = 4 * block + 5
-    gen = torch.Generator().manual_seed(seed)
-    lengths = [n, n - 7, block + 3]
-    q, k, v, offsets, _, extra = _make_inputs(lengths, heads, 16, 16, torch.float32, seed, True, max_seq_len=n)
-    ts = _block_timestamps(len(lengths), n, block, gen).to(DEVICE)
-    fast, mixed = _two_bucket_tiles(ts.cpu(), block)
-    assert fast >= 6 and mixed >= 1, (fast, mixed)
-    _check(q, k, v, offsets, n, (ts, *extra[1:]), torch.float32,
-           fwd_config=(block, block, 4, 2) if CUDA else None,
-           bwd_config=(block, block, block, 4, 2) if CUDA else None)
 
 
 def test_empty_and_single_sequences():

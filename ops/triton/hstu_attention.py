@@ -76,7 +76,7 @@ TRITON_INTERPRET=1 (tests), with small blocks.
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -122,12 +122,7 @@ def _time_bucket(tq, tk, NUM_BUCKETS: tl.constexpr, HW_MATH: tl.constexpr):
     max on the float (float(|d|) == |float(d)|), and floor by the magic-number
     trick (round-to-nearest of y - 0.5 at 1.5 * 2^23) instead of F2I.
     """
-    return _bucket_of((tq - tk).to(tl.float32), NUM_BUCKETS, HW_MATH)
-
-
-@triton.jit
-def _bucket_of(delta, NUM_BUCKETS: tl.constexpr, HW_MATH: tl.constexpr):
-    """The bucket of an fp32 time difference (see `_time_bucket`)."""
+    delta = (tq - tk).to(tl.float32)
     delta = tl.maximum(tl.abs(delta), 1.0)
     y = _lg2(delta, HW_MATH) * _LOG2_TO_BUCKET - 0.5
     bucket = (y + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
@@ -135,42 +130,9 @@ def _bucket_of(delta, NUM_BUCKETS: tl.constexpr, HW_MATH: tl.constexpr):
 
 
 @triton.jit
-def _tile_buckets(tq, tk, q_ok, k_ok, KEYS_ON_ROWS: tl.constexpr, NUM_BUCKETS: tl.constexpr,
-                  HW_MATH: tl.constexpr):
-    """Per-score buckets of a tile from 1D query and key times (keys on rows in the dK/dV walk).
-
-    When every valid time of the tile lies within 2^24 of the earliest valid
-    key's, the deltas are fp32 differences of fp32 offsets: exact (integers
-    below 2^24 convert exactly, and IEEE subtraction rounds the true difference
-    as the int64 route's conversion does), one FADD per score instead of an
-    int64 subtraction and an int64 -> fp32 conversion. Invalid entries are
-    clamped: their scores are masked by the caller.
-    """
-    tq = tq.to(tl.int64)
-    tk = tk.to(tl.int64)
-    ref = tl.min(tl.where(k_ok, tk, tl.max(tk, axis=0)), axis=0)
-    rq = tq - ref
-    rk = tk - ref
-    far = tl.maximum(tl.max(tl.where(q_ok, tl.abs(rq), 0), axis=0),
-                     tl.max(tl.where(k_ok, tl.abs(rk), 0), axis=0))
-    if far < 16777216:
-        qf = tl.minimum(tl.maximum(rq, -16777216), 16777216).to(tl.float32)
-        kf = tl.minimum(tl.maximum(rk, -16777216), 16777216).to(tl.float32)
-        if KEYS_ON_ROWS:
-            delta = qf[None, :] - kf[:, None]
-        else:
-            delta = qf[:, None] - kf[None, :]
-    else:
-        if KEYS_ON_ROWS:
-            delta = (tq[None, :] - tk[:, None]).to(tl.float32)
-        else:
-            delta = (tq[:, None] - tk[None, :]).to(tl.float32)
-    return _bucket_of(delta, NUM_BUCKETS, HW_MATH)
-
-
-@triton.jit
-def _pos_bias(qpos, kpos, PosW, max_seq_len, mask, MASKED: tl.constexpr):
-    """pos_w[N - 1 + j - i] for broadcastable (query, key) positions, as fp32.
+def _rel_bias(qpos, kpos, tq, tk, TsW, PosW, max_seq_len, mask,
+              NUM_BUCKETS: tl.constexpr, MASKED: tl.constexpr, HW_MATH: tl.constexpr):
+    """rab for broadcastable (query, key) index tensors; also returns the time bucket.
 
     qpos is clamped to N - 1 by the caller, so unmasked tiles (keys strictly
     before the queries) always index inside pos_w; masked tiles mask the load.
@@ -180,65 +142,9 @@ def _pos_bias(qpos, kpos, PosW, max_seq_len, mask, MASKED: tl.constexpr):
         pos = tl.load(PosW + pos_idx, mask=mask, other=0.0)
     else:
         pos = tl.load(PosW + pos_idx)
-    return pos.to(tl.float32)
-
-
-@triton.jit
-def _rel_bias(qpos, kpos, tq, tk, q_ok, k_ok, TsW, PosW, max_seq_len, mask, KEYS_ON_ROWS: tl.constexpr,
-              NUM_BUCKETS: tl.constexpr, MASKED: tl.constexpr, HW_MATH: tl.constexpr):
-    """rab of a tile, one bucket per score (positions broadcastable, times 1D); also the buckets."""
-    bucket = _tile_buckets(tq, tk, q_ok, k_ok, KEYS_ON_ROWS, NUM_BUCKETS, HW_MATH)
+    bucket = _time_bucket(tq, tk, NUM_BUCKETS, HW_MATH)
     ts = tl.load(TsW + bucket)  # bucket is always in [0, NUM_BUCKETS]
-    return _pos_bias(qpos, kpos, PosW, max_seq_len, mask, MASKED) + ts.to(tl.float32), bucket
-
-
-@triton.jit
-def _two_buckets(tq, tk, queries_ok, Thr, TsW, NUM_BUCKETS: tl.constexpr, HW_MATH: tl.constexpr):
-    """Per-query summary of a key block's time buckets, for the two-bucket fast path.
-
-    For query i and keys with times in [tk_min, tk_max], tk_max <= tq_i, the
-    bucket of tq_i - tk_j is monotone in tk_j. If it takes at most two values
-    (lo_i at tk_max, lo_i + 1 at tk_min), key j is in lo_i + 1 exactly when
-    tq_i - tk_j >= Thr[lo_i + 1], the smallest delta of that bucket
-    (`_bucket_thresholds`): tk_rel_j <= cut_i, one int32 compare per score
-    instead of a log and a table lookup. `fast` says whether every valid query
-    of the tile qualifies and the key times span less than 2^31.
-    Returns (fast, lo, cut, tk_rel, ts_lo, ts_hi), vectors over queries / keys.
-    """
-    tk = tk.to(tl.int64)
-    tq = tq.to(tl.int64)
-    tk_min = tl.min(tk, axis=0)
-    tk_max = tl.max(tk, axis=0)
-    lo = _time_bucket(tq, tk_max, NUM_BUCKETS, HW_MATH)
-    hi = _time_bucket(tq, tk_min, NUM_BUCKETS, HW_MATH)
-    ok = (tq >= tk_max) & (hi - lo <= 1)
-    ok = ok | (queries_ok == 0)  # queries past the sequence never count
-    fast = (tl.min(ok.to(tl.int32), axis=0) > 0) & (tk_max - tk_min < 2147483647)
-    cut = tq - tl.load(Thr + lo + 1) - tk_min  # Thr has NUM_BUCKETS + 2 entries (the last: never)
-    cut = tl.minimum(tl.maximum(cut, -1), 2147483647).to(tl.int32)
-    tk_rel = tl.minimum(tk - tk_min, 2147483647).to(tl.int32)
-    ts_lo = tl.load(TsW + lo).to(tl.float32)
-    ts_hi = tl.load(TsW + tl.minimum(lo + 1, NUM_BUCKETS)).to(tl.float32)
-    return fast, lo, cut, tk_rel, ts_lo, ts_hi
-
-
-@triton.jit
-def _add_runs(Part, vals, ids, prev_ids, BLOCK: tl.constexpr):
-    """Part[ids[r]] += vals[r] over a vector, with atomics only where the id changes.
-
-    A run of equal ids [s, e] sums to cs[e] - ecs[s] (inclusive / exclusive
-    prefix sums): each run start s > 0 adds ecs[s] to the run on its left and
-    subtracts it from its own; the last element adds the total. prev_ids[r] must
-    equal ids[r - 1] (callers recompute it with the same arithmetic); ids < 0
-    are skipped, and their vals must be 0.
-    """
-    r = tl.arange(0, BLOCK)
-    cs = tl.cumsum(vals, axis=0)
-    ecs = cs - vals
-    start = (ids != prev_ids) & (r > 0)
-    tl.atomic_add(Part + prev_ids, ecs, mask=start & (prev_ids >= 0), sem="relaxed")
-    tl.atomic_add(Part + ids, -ecs, mask=start & (ids >= 0), sem="relaxed")
-    tl.atomic_add(Part + ids, cs, mask=(r == BLOCK - 1) & (ids >= 0), sem="relaxed")
+    return pos.to(tl.float32) + ts.to(tl.float32), bucket
 
 
 @triton.jit
@@ -263,7 +169,7 @@ def _load_tile(ptrs, rows_ok, cols_ok, MASK_ROWS: tl.constexpr, MASK_COLS: tl.co
 
 
 @triton.jit
-def _fwd_tile(acc, q, qpos, kmax, tq, rows_ok, K, V, TS, TsW, PosW, Thr, k_base, v_base, ts_base,
+def _fwd_tile(acc, q, qpos, kmax, tq, K, V, TS, TsW, PosW, k_base, v_base, ts_base,
               start_n, seq_len, max_seq_len, stride_km, stride_vm, offs_qk, offs_v,
               DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
               BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_BUCKETS: tl.constexpr,
@@ -279,19 +185,8 @@ def _fwd_tile(acc, q, qpos, kmax, tq, rows_ok, K, V, TS, TsW, PosW, Thr, k_base,
     causal = offs_n[None, :] <= kmax[:, None]
     if HAS_BIAS:
         tk = tl.load(TS + ts_base + tl.minimum(offs_n, max_seq_len - 1))
-        if MASKED:
-            rab, _ = _rel_bias(qpos[:, None], offs_n[None, :], tq, tk, rows_ok, kv_ok, TsW, PosW,
-                               max_seq_len, causal, False, NUM_BUCKETS, MASKED, HW_MATH)
-        else:
-            rab = _pos_bias(qpos[:, None], offs_n[None, :], PosW, max_seq_len, causal, False)
-            fast, lo, cut, tk_rel, ts_lo, ts_hi = _two_buckets(tq, tk, rows_ok, Thr, TsW, NUM_BUCKETS,
-                                                               HW_MATH)
-            if fast:
-                ts = tl.where(tk_rel[None, :] <= cut[:, None], ts_hi[:, None], ts_lo[:, None])
-            else:
-                bucket = _tile_buckets(tq, tk, rows_ok, kv_ok, False, NUM_BUCKETS, HW_MATH)
-                ts = tl.load(TsW + bucket).to(tl.float32)
-            rab += ts
+        rab, _ = _rel_bias(qpos[:, None], offs_n[None, :], tq[:, None], tk[None, :], TsW, PosW,
+                           max_seq_len, causal, NUM_BUCKETS, MASKED, HW_MATH)
         s += rab
     p = s * _sigmoid(s, FAST_SILU)  # SiLU; the 1/N is applied to the accumulator at the end
     if MASKED:
@@ -319,7 +214,7 @@ def _target_self_term(acc, q, offs_m, is_target, K, V, TsW, PosW, k_base, v_base
 
 @triton.jit
 def _hstu_fwd_kernel(
-    Q, K, V, Out, SeqOffsets, TS, TsW, PosW, Thr, NumTargets,
+    Q, K, V, Out, SeqOffsets, TS, TsW, PosW, NumTargets,
     stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, stride_om, stride_oh,
     stride_tb, num_heads, max_seq_len, inv_n,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -372,13 +267,13 @@ def _hstu_fwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
     # Key blocks every row of the block sees entirely: no masks.
     for start_n in range(0, full_end, BLOCK_N):
-        acc = _fwd_tile(acc, q, qpos, kmax, tq, rows_ok, K, V, TS, TsW, PosW, Thr, k_base, v_base, ts_base,
+        acc = _fwd_tile(acc, q, qpos, kmax, tq, K, V, TS, TsW, PosW, k_base, v_base, ts_base,
                         start_n, seq_len, max_seq_len, stride_km, stride_vm, offs_qk, offs_v,
                         DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N, HAS_BIAS, NUM_BUCKETS, DOT_PREC,
                         False, HW_MATH, FAST_SILU)
     # Diagonal key blocks (and the prefix's ragged end): masked.
     for start_n in range(full_end, diag_end, BLOCK_N):
-        acc = _fwd_tile(acc, q, qpos, kmax, tq, rows_ok, K, V, TS, TsW, PosW, Thr, k_base, v_base, ts_base,
+        acc = _fwd_tile(acc, q, qpos, kmax, tq, K, V, TS, TsW, PosW, k_base, v_base, ts_base,
                         start_n, seq_len, max_seq_len, stride_km, stride_vm, offs_qk, offs_v,
                         DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N, HAS_BIAS, NUM_BUCKETS, DOT_PREC,
                         True, HW_MATH, FAST_SILU)
@@ -398,7 +293,7 @@ def _hstu_fwd_kernel(
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, offs_n, tk, Q, DO, TS, TsW, PosW, Thr, q_base, do_base, ts_base,
+def _dkdv_tile(dk, dv, k, v, offs_n, tk, Q, DO, TS, TsW, PosW, q_base, do_base, ts_base,
                start_m, seq_len, max_seq_len, stride_qm, stride_dom, offs_qk, offs_v,
                DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
                BLOCK_M: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_BUCKETS: tl.constexpr,
@@ -417,19 +312,8 @@ def _dkdv_tile(dk, dv, k, v, offs_n, tk, Q, DO, TS, TsW, PosW, Thr, q_base, do_b
     causal = offs_n[:, None] <= qpos[None, :]
     if HAS_BIAS:
         tq = tl.load(TS + ts_base + tl.minimum(offs_m + 1, max_seq_len - 1))
-        if MASKED:
-            rab, _ = _rel_bias(qpos[None, :], offs_n[:, None], tq, tk, rows_ok, offs_n < seq_len, TsW,
-                               PosW, max_seq_len, causal, True, NUM_BUCKETS, MASKED, HW_MATH)
-        else:
-            rab = _pos_bias(qpos[None, :], offs_n[:, None], PosW, max_seq_len, causal, False)
-            fast, lo, cut, tk_rel, ts_lo, ts_hi = _two_buckets(tq, tk, rows_ok, Thr, TsW, NUM_BUCKETS,
-                                                               HW_MATH)
-            if fast:
-                ts = tl.where(tk_rel[:, None] <= cut[None, :], ts_hi[None, :], ts_lo[None, :])
-            else:
-                bucket = _tile_buckets(tq, tk, rows_ok, offs_n < seq_len, True, NUM_BUCKETS, HW_MATH)
-                ts = tl.load(TsW + bucket).to(tl.float32)
-            rab += ts
+        rab, _ = _rel_bias(qpos[None, :], offs_n[:, None], tq[None, :], tk[:, None], TsW, PosW,
+                           max_seq_len, causal, NUM_BUCKETS, MASKED, HW_MATH)
         s_t += rab
     sig = _sigmoid(s_t, FAST_SILU)
     p_t = s_t * sig
@@ -514,24 +398,7 @@ def _ts_grad_tile(ds, bucket, offs_m, offs_n, qpos, rows_ok, tq, tq_prev, TS, ts
 
 
 @triton.jit
-def _ts_grad_two_buckets(ds, bucket, lo, tq_prev, tk, TsPart, BLOCK_M: tl.constexpr,
-                         NUM_BUCKETS: tl.constexpr, HW_MATH: tl.constexpr):
-    """ts_w gradient of a two-bucket tile (`_two_buckets`): two row sums, atomics per run of rows.
-
-    Row i sends its dS in bucket lo_i + 1 and the rest to lo_i; with time-ordered
-    histories lo changes a few times down a tile, so `_add_runs` issues a few
-    atomics per tile. lo of the previous row is recomputed from its query time.
-    """
-    upper_sum = tl.sum(tl.where(bucket > lo[:, None], ds, 0.0), axis=1)
-    lower_sum = tl.sum(ds, axis=1) - upper_sum
-    lo_prev = _time_bucket(tq_prev.to(tl.int64), tl.max(tk.to(tl.int64), axis=0), NUM_BUCKETS, HW_MATH)
-    _add_runs(TsPart, lower_sum, lo, lo_prev, BLOCK_M)
-    _add_runs(TsPart, upper_sum, tl.where(lo < NUM_BUCKETS, lo + 1, -1),
-              tl.where(lo_prev < NUM_BUCKETS, lo_prev + 1, -1), BLOCK_M)
-
-
-@triton.jit
-def _dq_tile(dq, q, do, offs_m, qpos, rows_ok, tq, tq_prev, K, V, TS, TsW, PosW, Thr, TsPart, PosPart,
+def _dq_tile(dq, q, do, offs_m, qpos, rows_ok, tq, tq_prev, K, V, TS, TsW, PosW, TsPart, PosPart,
              k_base, v_base, ts_base, start_m, start_n, seq_len, max_seq_len, stride_km, stride_vm,
              offs_qk, offs_v,
              DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -550,21 +417,8 @@ def _dq_tile(dq, q, do, offs_m, qpos, rows_ok, tq, tq_prev, K, V, TS, TsW, PosW,
     causal = offs_n[None, :] <= qpos[:, None]
     if HAS_BIAS:
         tk = tl.load(TS + ts_base + tl.minimum(offs_n, max_seq_len - 1))
-        if MASKED:
-            rab, bucket = _rel_bias(qpos[:, None], offs_n[None, :], tq, tk, rows_ok, kv_ok, TsW, PosW,
-                                    max_seq_len, causal, False, NUM_BUCKETS, MASKED, HW_MATH)
-        else:
-            rab = _pos_bias(qpos[:, None], offs_n[None, :], PosW, max_seq_len, causal, False)
-            fast, lo, cut, tk_rel, ts_lo, ts_hi = _two_buckets(tq, tk, rows_ok, Thr, TsW, NUM_BUCKETS,
-                                                               HW_MATH)
-            if fast:
-                upper = tk_rel[None, :] <= cut[:, None]
-                ts = tl.where(upper, ts_hi[:, None], ts_lo[:, None])
-                bucket = lo[:, None] + upper.to(tl.int32)
-            else:
-                bucket = _tile_buckets(tq, tk, rows_ok, kv_ok, False, NUM_BUCKETS, HW_MATH)
-                ts = tl.load(TsW + bucket).to(tl.float32)
-            rab += ts
+        rab, bucket = _rel_bias(qpos[:, None], offs_n[None, :], tq[:, None], tk[None, :], TsW, PosW,
+                                max_seq_len, causal, NUM_BUCKETS, MASKED, HW_MATH)
         s += rab
     sig = _sigmoid(s, FAST_SILU)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
@@ -576,21 +430,14 @@ def _dq_tile(dq, q, do, offs_m, qpos, rows_ok, tq, tq_prev, K, V, TS, TsW, PosW,
     if POS_GRAD:
         _pos_grad_tile(ds, start_m, start_n, PosPart, max_seq_len, BLOCK_M, BLOCK_N)
     if TS_GRAD:
-        if MASKED:
-            _ts_grad_tile(ds, bucket, offs_m, offs_n, qpos, rows_ok, tq, tq_prev, TS, ts_base, TsPart,
-                          start_n, seq_len, max_seq_len, BLOCK_M, BLOCK_N, NUM_BUCKETS, HW_MATH)
-        else:
-            if fast:
-                _ts_grad_two_buckets(ds, bucket, lo, tq_prev, tk, TsPart, BLOCK_M, NUM_BUCKETS, HW_MATH)
-            else:
-                _ts_grad_tile(ds, bucket, offs_m, offs_n, qpos, rows_ok, tq, tq_prev, TS, ts_base, TsPart,
-                              start_n, seq_len, max_seq_len, BLOCK_M, BLOCK_N, NUM_BUCKETS, HW_MATH)
+        _ts_grad_tile(ds, bucket, offs_m, offs_n, qpos, rows_ok, tq, tq_prev, TS, ts_base, TsPart,
+                      start_n, seq_len, max_seq_len, BLOCK_M, BLOCK_N, NUM_BUCKETS, HW_MATH)
     return dq
 
 
 @triton.jit
 def _hstu_bwd_kernel(
-    Q, K, V, DO, GradQ, GradK, GradV, SeqOffsets, TS, TsW, PosW, Thr, TsGradPart, PosGradPart,
+    Q, K, V, DO, GradQ, GradK, GradV, SeqOffsets, TS, TsW, PosW, TsGradPart, PosGradPart,
     stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, stride_dom, stride_doh,
     stride_dqm, stride_dqh, stride_dkm, stride_dkh, stride_dvm, stride_dvh,
     stride_tb, num_heads, max_seq_len, inv_n,
@@ -633,12 +480,12 @@ def _hstu_bwd_kernel(
     dk = tl.zeros((BLOCK, BLOCK_DQK), dtype=tl.float32)
     dv = tl.zeros((BLOCK, BLOCK_DV), dtype=tl.float32)
     for start_m in range(start, end_diag, BLOCK_M1):
-        dk, dv = _dkdv_tile(dk, dv, k, v, offs, tk, Q, DO, TS, TsW, PosW, Thr, q_base, do_base, ts_base,
+        dk, dv = _dkdv_tile(dk, dv, k, v, offs, tk, Q, DO, TS, TsW, PosW, q_base, do_base, ts_base,
                             start_m, seq_len, max_seq_len, stride_qm, stride_dom, offs_qk, offs_v,
                             DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M1, HAS_BIAS, NUM_BUCKETS, DOT_PREC,
                             True, HW_MATH, FAST_SILU)
     for start_m in range(start + BLOCK, seq_len, BLOCK_M1):
-        dk, dv = _dkdv_tile(dk, dv, k, v, offs, tk, Q, DO, TS, TsW, PosW, Thr, q_base, do_base, ts_base,
+        dk, dv = _dkdv_tile(dk, dv, k, v, offs, tk, Q, DO, TS, TsW, PosW, q_base, do_base, ts_base,
                             start_m, seq_len, max_seq_len, stride_qm, stride_dom, offs_qk, offs_v,
                             DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M1, HAS_BIAS, NUM_BUCKETS, DOT_PREC,
                             False, HW_MATH, FAST_SILU)
@@ -664,13 +511,13 @@ def _hstu_bwd_kernel(
     pos_part = PosGradPart + pid_bh.to(tl.int64) * max_seq_len
     dq = tl.zeros((BLOCK, BLOCK_DQK), dtype=tl.float32)
     for start_n in range(0, start, BLOCK_N2):
-        dq = _dq_tile(dq, q, do, offs, qpos, blk_ok, tq, tq_prev, K, V, TS, TsW, PosW, Thr, ts_part,
+        dq = _dq_tile(dq, q, do, offs, qpos, blk_ok, tq, tq_prev, K, V, TS, TsW, PosW, ts_part,
                       pos_part, k_base, v_base, ts_base, start, start_n, seq_len, max_seq_len,
                       stride_km, stride_vm, offs_qk, offs_v, DQK, DV, BLOCK_DQK, BLOCK_DV,
                       BLOCK, BLOCK_N2, HAS_BIAS, POS_GRAD, TS_GRAD, NUM_BUCKETS, DOT_PREC, False,
                       HW_MATH, FAST_SILU)
     for start_n in range(start, end_diag, BLOCK_N2):
-        dq = _dq_tile(dq, q, do, offs, qpos, blk_ok, tq, tq_prev, K, V, TS, TsW, PosW, Thr, ts_part,
+        dq = _dq_tile(dq, q, do, offs, qpos, blk_ok, tq, tq_prev, K, V, TS, TsW, PosW, ts_part,
                       pos_part, k_base, v_base, ts_base, start, start_n, seq_len, max_seq_len,
                       stride_km, stride_vm, offs_qk, offs_v, DQK, DV, BLOCK_DQK, BLOCK_DV,
                       BLOCK, BLOCK_N2, HAS_BIAS, POS_GRAD, TS_GRAD, NUM_BUCKETS, DOT_PREC, True,
@@ -744,7 +591,6 @@ def _forward(q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w, config=
     _hstu_fwd_kernel[grid](
         q, k, v, out, seq_offsets,
         timestamps if has_bias else dummy, ts_w if has_bias else dummy, pos_w if has_bias else dummy,
-        _bucket_thresholds(q.device, ts_w.numel() - 1) if has_bias else dummy,
         num_targets if num_targets is not None else dummy,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), timestamps.stride(0) if has_bias else 0,
@@ -780,7 +626,7 @@ def _backward(do, q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w,
     _hstu_bwd_kernel[grid](
         q, k, v, do, dq, dk, dv, seq_offsets,
         timestamps if has_bias else dummy, ts_w if has_bias else dummy, pos_w if has_bias else dummy,
-        _bucket_thresholds(q.device, num_buckets) if has_bias else dummy, ts_part, pos_part,
+        ts_part, pos_part,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1),
         dv.stride(0), dv.stride(1), timestamps.stride(0) if has_bias else 0,
@@ -823,35 +669,6 @@ def kernel_time_buckets(delta: torch.Tensor, num_buckets: int = 128) -> torch.Te
             flat, out, flat.numel(), NUM_BUCKETS=num_buckets,
             HW_MATH=_math_flags(delta)["HW_MATH"], BLOCK=block)
     return out.view(delta.shape)
-
-
-_THRESHOLDS: Dict[Tuple[str, int], torch.Tensor] = {}
-_NEVER = 2 ** 62  # a delta no timestamps reach: the threshold of the bucket past the last
-
-
-def _bucket_thresholds(device: torch.device, num_buckets: int) -> torch.Tensor:
-    """Thr[b] = the smallest delta d >= 1 whose kernel bucket is >= b, for b = 0 .. num_buckets + 1.
-
-    Found once per device by a binary search through the kernels' own bucket
-    function, so the two-bucket fast path (`_two_buckets`) agrees exactly with
-    the per-score path, given that the bucket function is monotone in |d|
-    (tests/test_triton_hstu_attention.py checks it on every threshold). Cached:
-    CUDA-graph capture finds it computed by the eager warm-up calls.
-    """
-    key = (str(device), num_buckets)
-    if key not in _THRESHOLDS:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("HSTU attention: run the kernel once eagerly before capturing a CUDA graph")
-        want = torch.arange(num_buckets + 2, device=device)
-        lo = torch.ones_like(want)
-        hi = torch.full_like(want, _NEVER)
-        while bool((lo < hi).any()):
-            mid = (lo + hi) // 2
-            up = kernel_time_buckets(mid, num_buckets) >= want
-            hi = torch.where(up, mid, hi)
-            lo = torch.where(up, lo, mid + 1)
-        _THRESHOLDS[key] = lo
-    return _THRESHOLDS[key]
 
 
 class _HSTUAttentionFunction(torch.autograd.Function):
