@@ -5,7 +5,7 @@ matmuls on GPUs unless train_fn.enable_tf32 is off (trainer.set_precision).
 
 "bf16": `autocast` below is entered around the training step's forward pass
 and loss (trainer.TrainStep, so both tasks) and around the encoder forward of
-evaluation (evaluation.Evaluator.score, ranking_evaluation). Under it matmuls
+evaluation (evaluation/retrieval.Evaluator.queries, evaluation/ranking.py). Under it matmuls
 run in bf16 (HSTU's q, k, v reach the fused attention kernel as bf16; its
 relative-bias weights stay fp32). Parameters, gradients and the optimizer state
 stay fp32, and backward and AdamW run outside autocast; bf16 has fp32's

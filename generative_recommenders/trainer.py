@@ -29,7 +29,7 @@ from generative_recommenders.config import ConfigError, TrainConfig
 from generative_recommenders.cuda_graph import CudaGraphStep
 from generative_recommenders.data.datasets import load_dataset
 from generative_recommenders.data.sequence_store import SequenceData, atomic_write
-from generative_recommenders.evaluation import format_metrics
+from generative_recommenders.evaluation.metrics import format_metrics
 from generative_recommenders.precision import autocast
 from generative_recommenders.tasks import TASKS
 PROGRESS_EVERY_S = 10.0
