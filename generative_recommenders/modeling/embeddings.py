@@ -1,4 +1,4 @@
-"""Item table (and its raw view for the losses), input preprocessing and output normalisation of every encoder."""
+"""Item table (and its raw view for the losses), input preprocessing, output normalisation: shared by all encoders."""
 
 from __future__ import annotations
 
