@@ -47,7 +47,6 @@ class RunState:
 # -------------------------------------------------------------------------------------------------
 # Configuration and names
 
-
 def parse_config(config_file: str, bindings: Sequence[str]) -> None:
     """Leaves gin configured with the file and the bindings (every configurable registered first)."""
     from generative_recommenders import tasks  # noqa: F401  (registers the model and objective configurables)
