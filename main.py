@@ -16,13 +16,11 @@ import time
 
 PROCESS_START = time.time()  # before the heavy imports: results.json reports time from process start
 
-import hashlib
 import os
 import shutil
 import sys
 from datetime import timedelta
-from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional
 
 from absl import app, flags, logging
 
@@ -35,60 +33,11 @@ flags.DEFINE_bool("fresh", False, "Start the run over: delete its checkpoints, r
                   "first (otherwise the same command resumes it).")
 FLAGS = flags.FLAGS
 
-# Settings that do not name a run: where it is written, the protocol (its own suffix), and those a run may
-# change and still resume (trainer.RESUMABLE_SETTINGS, e.g. more epochs).
-UNNAMED_SETTINGS = ("train_fn.run_name", "train_fn.exp_root", "train_fn.ckpt_root", "train_fn.protocol")
-
-
-def _entries(config_str: str) -> Dict[str, str]:
-    """`key = value` entries of gin.config_str() (a long value continues on indented lines)."""
-    entries: Dict[str, str] = {}
-    key = ""
-    for line in config_str.splitlines():
-        if line.startswith("#") or not line.strip():
-            continue
-        if line[0].isspace():
-            entries[key] += "\n" + line
-        else:
-            key, _, value = line.partition(" = ")
-            entries[key] = value
-    return entries
-
-
-def default_run_name(config_file: str, bindings: Sequence[str]) -> str:
-    """`<config stem>[-<protocol>][-<hash>]`, leaving gin configured with the file and the bindings.
-
-    The protocol is named when it is not the release's ("paper"); the hash
-    (6 hex digits of SHA-1) covers the effective settings the bindings change
-    from the file's, except UNNAMED_SETTINGS and RESUMABLE_SETTINGS. So the
-    same command resumes its run and a changed setting starts a new one.
-    """
-    import gin
-
-    from generative_recommenders.trainer import RESUMABLE_SETTINGS
-
-    parse_config(config_file, [])
-    from_file = _entries(gin.config_str())
-    parse_config(config_file, bindings)
-    unnamed = UNNAMED_SETTINGS + RESUMABLE_SETTINGS
-    changed = sorted(f"{key} = {value}" for key, value in _entries(gin.config_str()).items()
-                     if key not in unnamed and from_file.get(key) != value)
-    name = Path(config_file).stem
-    try:
-        protocol = gin.query_parameter("train_fn.protocol")
-    except ValueError:
-        protocol = "paper"
-    if protocol != "paper":
-        name += f"-{protocol.replace('_', '-')}"
-    if changed:
-        name += "-" + hashlib.sha1("\n".join(changed).encode()).hexdigest()[:6]
-    return name
-
 
 def start_over(default_name: str) -> None:
     """--fresh: deletes the configured run's checkpoints and logs (gin must hold the run's configuration)."""
     from generative_recommenders.config import TrainConfig
-    from generative_recommenders.trainer import run_paths
+    from generative_recommenders.runs import run_paths
 
     config = TrainConfig()
     config.validate()  # never delete on a path built from an invalid run name
@@ -98,22 +47,12 @@ def start_over(default_name: str) -> None:
             print(f"--fresh: removed {directory}", flush=True)
 
 
-def parse_config(config_file: str, bindings: Sequence[str]) -> None:
-    import gin
-
-    from generative_recommenders import trainer  # noqa: F401  (registers the configurables)
-
-    if not Path(config_file).exists():
-        raise FileNotFoundError(f"gin config file {config_file} not found")
-    gin.clear_config()
-    gin.parse_config_files_and_bindings([config_file], bindings)
-
-
 def worker(rank: int, world_size: int, config_file: str, bindings: List[str], port: int, init: Optional[str],
            run_name: str) -> None:
     import torch
     import torch.distributed as dist
 
+    from generative_recommenders.runs import parse_config
     from generative_recommenders.trainer import train_fn
 
     parse_config(config_file, bindings)
@@ -136,6 +75,7 @@ def launch(config_file: str, bindings: List[str], num_processes: Optional[int], 
 
     from generative_recommenders.config import first_line
     from generative_recommenders.data.public_datasets import PreprocessingError
+    from generative_recommenders.runs import default_run_name
 
     try:
         run_name = default_run_name(config_file, bindings)

@@ -30,7 +30,8 @@ from generative_recommenders.cuda_graph import CudaGraphStep, token_bucket
 from generative_recommenders.data.samples import history_total
 from generative_recommenders.data.synthetic import random_sequences
 from generative_recommenders.tasks.retrieval import RetrievalTask
-from generative_recommenders.trainer import TrainStep, _versions
+from generative_recommenders.runs import versions
+from generative_recommenders.trainer import TrainStep
 
 flags.DEFINE_multi_string("config", None, "Config files (default: the nine frozen ones).")
 flags.DEFINE_integer("steps", 50, "Timed training steps per config.")
@@ -128,7 +129,7 @@ def bench(config_file: str, device: torch.device) -> Dict:
         "eval_batches_per_s": 1.0 / eval_s, "steps_per_epoch": steps_per_epoch, "epochs": epochs,
         "projected_recipe_minutes": projected / 60.0,
         "peak_mem_gb": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", **_versions(),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", **versions(),
     }
 
 

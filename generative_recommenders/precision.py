@@ -1,11 +1,11 @@
-"""Mixed precision (train_fn.mixed_precision): where bf16 autocast is on, and what stays fp32.
+"""Precision: TF32 matmuls (`set_precision`), and where train_fn.mixed_precision's bf16 autocast is on.
 
 "none" (the default, and every frozen config): fp32 throughout, with TF32
-matmuls on GPUs unless train_fn.enable_tf32 is off (trainer.set_precision).
+matmuls on GPUs unless train_fn.enable_tf32 is off (`set_precision`).
 
 "bf16": `autocast` below is entered around the training step's forward pass
 and loss (trainer.TrainStep, so both tasks) and around the encoder forward of
-evaluation (evaluation.Evaluator.score, ranking_evaluation). Under it matmuls
+evaluation (evaluation/retrieval.Evaluator.queries, evaluation/ranking.py). Under it matmuls
 run in bf16 (HSTU's q, k, v reach the fused attention kernel as bf16; its
 relative-bias weights stay fp32). Parameters, gradients and the optimizer state
 stay fp32, and backward and AdamW run outside autocast; bf16 has fp32's
@@ -28,7 +28,13 @@ from __future__ import annotations
 
 import torch
 
-from generative_recommenders.config import MIXED_PRECISION, check_one_of
+from generative_recommenders.config import MIXED_PRECISION, TrainConfig, check_one_of
+
+
+def set_precision(config: TrainConfig) -> None:
+    """The run's matmul precision (TF32 or full fp32 on GPUs), process-wide."""
+    torch.backends.cuda.matmul.allow_tf32 = config.enable_tf32
+    torch.backends.cudnn.allow_tf32 = config.enable_tf32
 
 
 def autocast(mode: str, device: torch.device) -> torch.autocast:

@@ -27,9 +27,11 @@ from generative_recommenders.data.datasets import load_dataset
 from generative_recommenders.data.parsing import PreprocessingError
 from generative_recommenders.data.samples import SESSIONS, Batch, DeviceSequences
 from generative_recommenders.data.sequence_store import SequenceData
+from generative_recommenders.precision import set_precision
+from generative_recommenders.progress import Progress
+from generative_recommenders.runs import (checkpoint_weights, config_fingerprint, device_for, load_checkpoint_file,
+                                          run_paths)
 from generative_recommenders.tasks.retrieval import RetrievalTask
-from generative_recommenders.trainer import (Progress, checkpoint_weights, config_fingerprint, device_for,
-                                             load_checkpoint_file, run_paths, set_precision)
 
 # Shared by recommend.py and export.py (absl flags are global: each is defined once).
 flags.DEFINE_string("run_dir", None, "The run's log directory, exps/<dataset>-l<max_len>/<run name> (holds results.json).")

@@ -33,7 +33,8 @@ from hypothesis import strategies as st  # noqa: E402
 
 import ops.triton.gathered_dot as kernel_module  # noqa: E402
 from generative_recommenders.objectives import losses  # noqa: E402
-from generative_recommenders.objectives.losses import ItemTable, NegativesSampler, negative_logits  # noqa: E402
+from generative_recommenders.modeling.embeddings import ItemTable  # noqa: E402
+from generative_recommenders.objectives.losses import NegativesSampler, negative_logits  # noqa: E402
 from ops.gathered_dot import gathered_dot, gathered_dot_reference  # noqa: E402
 from ops.triton.gathered_dot import triton_gathered_dot  # noqa: E402
 

@@ -31,7 +31,7 @@ from generative_recommenders.data.ranking import RankingSequences, padded_length
 from generative_recommenders.data.sequence_store import SequenceData  # noqa: E402
 from generative_recommenders.inference.m_falcon import MFalconScorer  # noqa: E402
 from generative_recommenders.modeling.ranking_model import RankingModel  # noqa: E402
-from generative_recommenders.ranking_evaluation import candidate_predictions  # noqa: E402
+from generative_recommenders.evaluation.ranking import candidate_predictions  # noqa: E402
 from ops.hstu_attention import hstu_attention_reference, hstu_target_attention, target_bias  # noqa: E402
 from ops.jagged import complete_cumsum, dense_to_jagged  # noqa: E402
 

@@ -195,7 +195,7 @@ def _spy_autocast(monkeypatch, owner, name):
 
 
 def test_evaluation_scores_are_fp32_from_an_encoder_under_autocast(monkeypatch, on_cpu):
-    from generative_recommenders.evaluation import Evaluator
+    from generative_recommenders.evaluation.retrieval import Evaluator
 
     config = _config("configs/synthetic/hstu-default.gin", TINY + ["train_fn.mixed_precision = 'bf16'"])
     task = RetrievalTask(config, generate_synthetic(num_users=100, num_items=50), CPU)

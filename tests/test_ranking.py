@@ -26,9 +26,9 @@ from generative_recommenders.data.candidates import CandidateIndex
 from generative_recommenders.objectives.losses import RetrievalLoss
 from generative_recommenders.modeling.ranking_model import RankingModel
 from generative_recommenders.objectives.ranking import RankingObjective, ranking_losses
-from generative_recommenders.ranking_baseline import bias_baseline_predictions
-from generative_recommenders.ranking_evaluation import RankingEvaluator
-from generative_recommenders.ranking_metrics import ranking_metrics
+from generative_recommenders.evaluation.baselines import bias_baseline_predictions
+from generative_recommenders.evaluation.ranking import RankingEvaluator
+from generative_recommenders.evaluation.metrics import ranking_metrics
 
 CPU = torch.device("cpu")
 ENCODER_BINDINGS = [

@@ -20,7 +20,7 @@ from generative_recommenders.config import ConfigError
 from generative_recommenders.data.samples import DeviceSequences
 from generative_recommenders.data.sequence_store import SequenceData, save_sequences
 from generative_recommenders.data.synthetic import generate_synthetic
-from generative_recommenders.evaluation import Evaluator
+from generative_recommenders.evaluation.retrieval import Evaluator
 from generative_recommenders.export import embeddings
 from generative_recommenders.recommend import recommend
 from generative_recommenders.trained_run import TrainedRun, load_run, user_rows

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from typing import Dict
+
+from tiny_config import REPO, cpu_env, train_tiny
 
 from generative_recommenders.report import groups, table
 
@@ -28,3 +32,22 @@ def test_a_run_without_a_finished_evaluation_gets_no_epoch_rows():
     lines = table([_run("new", epochs=0), _run("done")]).splitlines()
     assert not [line for line in lines if line.startswith("| HSTU (new) | sampled softmax n128 | best")]
     assert [line for line in lines if line.startswith("| HSTU (done) | sampled softmax n128 | best 2 |")]
+
+
+def test_the_report_of_real_training_output(tmp_path):
+    """The command over the results.json files the trainer writes: one table, the seed spread, the curves."""
+    runs = [train_tiny(tmp_path, ["train_fn.num_epochs = 2", f"train_fn.random_seed = {seed}"], run_name=f"seed{seed}")
+            for seed in (1, 2)]
+    paths = [str(tmp_path / f"exps/synthetic-l20/seed{seed}/results.json") for seed in (1, 2)]
+    proc = subprocess.run([sys.executable, "-m", "generative_recommenders.report", *paths,
+                           f"--plot={tmp_path / 'curves.png'}"], cwd=REPO, env=cpu_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "synthetic, protocol paper (eval split)"
+    for seed, results in zip((1, 2), runs):
+        best = results["best"]
+        row = f"| HSTU (seed{seed}) | sampled softmax n32 | best {best['epoch'] + 1} | {best['eval']['hr@10']:.4f} |"
+        assert [line for line in lines if line.startswith(row)], (row, proc.stdout)
+    assert [line for line in lines if line.startswith("| HSTU | sampled softmax n32 | 2 runs |")], proc.stdout
+    assert (tmp_path / "curves.png").stat().st_size > 0

@@ -254,23 +254,23 @@ def test_progress_lines_come_at_most_every_interval(monkeypatch):
 
     import torch
 
-    from generative_recommenders import trainer
+    from generative_recommenders import progress as progress_module
 
     clock = iter([0.0, 1.0, 5.0, 10.5, 12.0, 19.0, 21.0, 30.0, 45.0])  # the start, then one reading per step
-    monkeypatch.setattr(trainer.time, "time", lambda: next(clock))
+    monkeypatch.setattr(progress_module.time, "time", lambda: next(clock))
     lines = []
-    progress = trainer.Progress("epoch 1/3", 8, lines.append)
+    progress = progress_module.Progress("epoch 1/3", 8, lines.append)
     for step in range(1, 9):
         progress.update(step, torch.device("cpu"))
     assert [re.match(r"  epoch 1/3: (\d+)/8 steps, [\d.]+ steps/s, ETA \d+s$", l).group(1) for l in lines] == ["3", "6"]
 
 
 def test_long_epochs_print_progress_and_short_ones_only_their_line(tmp_path, monkeypatch, capsys):
-    from generative_recommenders import trainer
+    from generative_recommenders import progress
 
     train_tiny(tmp_path / "short", ["train_fn.num_epochs = 1"])
     assert "steps/s" not in capsys.readouterr().out  # 10 steps in well under PROGRESS_EVERY_S
-    monkeypatch.setattr(trainer, "PROGRESS_EVERY_S", 0.0)  # every step is "long enough"
+    monkeypatch.setattr(progress, "PROGRESS_EVERY_S", 0.0)  # every step is "long enough"
     train_tiny(tmp_path / "long", ["train_fn.num_epochs = 1"])
     progress = [l for l in capsys.readouterr().out.splitlines() if "steps/s" in l]
     assert [l.split(",")[0] for l in progress] == [f"  epoch 1/1: {i}/10 steps" for i in range(1, 10)]

@@ -33,10 +33,10 @@ DEFAULT_CONFIG = "configs/synthetic/hstu-default.gin"
 
 
 def run_name_of(bindings: Sequence[str], config_file: str = DEFAULT_CONFIG) -> str:
-    """The run name main.py gives `config_file` with `bindings` (computed by main.py itself); gin left cleared."""
+    """The run name main.py gives `config_file` with `bindings` (computed as main.py does); gin left cleared."""
     import gin
 
-    from main import default_run_name
+    from generative_recommenders.runs import default_run_name
 
     try:
         return default_run_name(str(REPO / config_file), bindings)

@@ -1,13 +1,16 @@
-"""Loads a data set by name: the built-in synthetic one, or a preprocessed public one."""
+"""The data set registry: a name -> the built-in synthetic sets, or a preprocessed public or session set.
+
+The registry imports its sources (synthetic.py, public_datasets.py) and none of them imports it back.
+"""
 
 from __future__ import annotations
 
 import time
-from generative_recommenders.data.sequence_store import SequenceData, load_sequences
-from generative_recommenders.data.synthetic import generate_synthetic, generate_synthetic_ratings
 
-SYNTHETIC = "synthetic"
-SYNTHETIC_RATINGS = "synthetic-ratings"  # the same sequences with learnable ratings (generative ranking)
+from generative_recommenders.data.public_datasets import ensure_preprocessed
+from generative_recommenders.data.sequence_store import SequenceData, load_sequences
+from generative_recommenders.data.synthetic import (SYNTHETIC, SYNTHETIC_RATINGS, generate_synthetic,
+                                                    generate_synthetic_ratings)
 
 
 def load_dataset(name: str, data_dir: str) -> SequenceData:
@@ -16,8 +19,6 @@ def load_dataset(name: str, data_dir: str) -> SequenceData:
         return generate_synthetic()
     if name == SYNTHETIC_RATINGS:
         return generate_synthetic_ratings()
-    from generative_recommenders.data.public_datasets import ensure_preprocessed
-
     start = time.time()
     data = load_sequences(ensure_preprocessed(name, data_dir))
     print(f"loaded {name} from {data_dir} in {time.time() - start:.2f}s: {data.summary()}", flush=True)

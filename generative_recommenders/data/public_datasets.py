@@ -20,7 +20,6 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from generative_recommenders.data.datasets import SYNTHETIC
 from generative_recommenders.data.download import RemoteFile, how_to_supply, locate_archive
 from generative_recommenders.data.parsing import Log, PreprocessingError, print_log
 from generative_recommenders.data.sequence_store import (
@@ -32,6 +31,7 @@ from generative_recommenders.data.sequence_store import (
     save_sequences,
 )
 from generative_recommenders.data.sources import amazon, movielens, sessions
+from generative_recommenders.data.synthetic import SYNTHETIC
 
 __all__ = ["DATASETS", "DEFAULT_DATA_DIR", "PreprocessingError", "cache_path", "check_counts", "ensure_preprocessed",
            "preprocess", "preprocess_command", "preprocess_sessions", "preprocess_yoochoose", "write_outputs"]

@@ -16,6 +16,9 @@ import numpy as np
 from generative_recommenders.config import ConfigError, check_positive
 from generative_recommenders.data.sequence_store import SequenceData
 
+SYNTHETIC = "synthetic"  # the data set names the generated sets are loaded by (data/datasets.py)
+SYNTHETIC_RATINGS = "synthetic-ratings"  # the same sequences with learnable ratings (generative ranking)
+
 
 def _pick_unseen(rng: np.random.Generator, pool: np.ndarray, weights: np.ndarray, seen: set) -> int:
     for _ in range(20):

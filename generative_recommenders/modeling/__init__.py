@@ -1,1 +1,1 @@
-"""Encoders (HSTU, SASRec) and the embedding/input/output modules they share."""
+"""Models: the encoders (HSTU, SASRec, GRU4Rec, BERT4Rec), the item table, input and output they share, ranking."""

@@ -1,7 +1,8 @@
-"""Item table, input preprocessing and output normalisation shared by both encoders."""
+"""Item table (and its raw view for the losses), input preprocessing, output normalisation: shared by all encoders."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Optional, Union
 
@@ -34,6 +35,19 @@ class ItemEmbedding(nn.Module):
         """Rows of `ids`; a slice of consecutive ids (a whole catalog) is a view of the table, whose
         backward is a copy into the table's gradient instead of the sort-based scatter of a lookup."""
         return self.table.weight[ids] if isinstance(ids, slice) else self.table(ids)
+
+
+@dataclasses.dataclass
+class ItemTable:
+    """The raw embedding table behind item_vectors, and the eps of its L2 normalisation (None: none).
+
+    With it, the sampled-negatives kernel normalises only the rows it gathers,
+    and the loss's gradient lands in the raw rows: no normalised copy of the
+    whole table (for Books 695,762 x 64) is written, read and differentiated.
+    """
+
+    weight: torch.Tensor
+    eps: Optional[float]
 
 
 class InputPreprocessor(nn.Module):

@@ -23,13 +23,10 @@ from torch import nn
 
 from generative_recommenders.config import ConfigError
 from generative_recommenders.data.ranking import NUM_ACTIONS, RankingBatch
-from generative_recommenders.modeling.embeddings import (
-    normalize_output, truncated_normal_,
-)
+from generative_recommenders.modeling.embeddings import ItemTable, normalize_output, truncated_normal_
 from generative_recommenders.modeling.heads import TaskHeads
 from generative_recommenders.modeling.hstu import HSTUEncoder, PrefixCache
 from generative_recommenders.modeling.recommender import build_backbone
-from generative_recommenders.objectives.losses import ItemTable
 from ops.jagged import complete_cumsum
 from ops.targets import effective_positions, prefix_lengths
 

@@ -17,11 +17,10 @@ from torch import nn
 
 from generative_recommenders.config import ConfigError
 from generative_recommenders.modeling.bert4rec import BERT4RecEncoder
-from generative_recommenders.modeling.embeddings import InputPreprocessor, ItemEmbedding, normalize_output
+from generative_recommenders.modeling.embeddings import InputPreprocessor, ItemEmbedding, ItemTable, normalize_output
 from generative_recommenders.modeling.gru4rec import GRU4RecEncoder
 from generative_recommenders.modeling.hstu import HSTUEncoder
 from generative_recommenders.modeling.sasrec import SASRecEncoder
-from generative_recommenders.objectives.losses import ItemTable
 from ops.jagged import complete_cumsum
 
 ENCODERS = {"HSTU": HSTUEncoder, "SASRec": SASRecEncoder, "GRU4Rec": GRU4RecEncoder, "BERT4Rec": BERT4RecEncoder}

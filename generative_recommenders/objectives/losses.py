@@ -32,7 +32,6 @@ its sampled columns picked, a large one by gathering the sampled embeddings.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Callable, Optional, Tuple, Union
 
 import torch
@@ -40,6 +39,7 @@ import torch.nn.functional as F
 
 from generative_recommenders.config import ConfigError
 from generative_recommenders.data.candidates import CandidateIndex
+from generative_recommenders.modeling.embeddings import ItemTable
 from ops.gathered_dot import gathered_dot
 from ops.gathered_dot import triton_available as gathered_dot_kernel_available
 from ops.linear_cross_entropy import linear_cross_entropy
@@ -50,19 +50,6 @@ SAMPLED_LOSSES = ("SampledSoftmaxLoss", "BCELoss", "BPRLoss", "BPRMaxLoss")
 LOSSES = SAMPLED_LOSSES + ("FullSoftmaxLoss",)
 
 ItemVectors = Callable[[Union[torch.Tensor, slice]], torch.Tensor]  # ids, or a slice of consecutive ids
-
-
-@dataclasses.dataclass
-class ItemTable:
-    """The raw embedding table behind item_vectors, and the eps of its L2 normalisation (None: none).
-
-    With it, the sampled-negatives kernel normalises only the rows it gathers,
-    and the loss's gradient lands in the raw rows: no normalised copy of the
-    whole table (for Books 695,762 x 64) is written, read and differentiated.
-    """
-
-    weight: torch.Tensor
-    eps: Optional[float]
 
 
 class NegativesSampler:

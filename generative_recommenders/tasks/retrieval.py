@@ -16,7 +16,8 @@ from generative_recommenders.config import TrainConfig, check_one_of
 from generative_recommenders.data.candidates import CandidateIndex
 from generative_recommenders.data.samples import SESSIONS, DeviceSequences, history_total, make_splits, selection_split
 from generative_recommenders.data.sequence_store import SequenceData
-from generative_recommenders.evaluation import RANK_CAP, Evaluator, metric_names
+from generative_recommenders.evaluation.metrics import metric_names
+from generative_recommenders.evaluation.retrieval import RANK_CAP, Evaluator
 from generative_recommenders.modeling.recommender import SequentialRecommender
 from generative_recommenders.objectives import make_objective
 from generative_recommenders.objectives.losses import RetrievalLoss

@@ -1,4 +1,4 @@
-"""generative_recommenders/evaluation.py: ranks and metrics on hand-made cases (REFERENCE.md sections 7, 13)."""
+"""evaluation/retrieval.py: ranks and metrics on hand-made cases (REFERENCE.md sections 7, 13)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from generative_recommenders.data.candidates import CandidateIndex
 from generative_recommenders.data.samples import DeviceSequences
 from generative_recommenders.data.sequence_store import SequenceData
-from generative_recommenders.evaluation import Evaluator, RankMetrics, metric_names, rank_counts
+from generative_recommenders.evaluation.metrics import RankMetrics, metric_names
+from generative_recommenders.evaluation.retrieval import Evaluator, rank_counts
 
 IDS = [2, 4, 6, 8, 10]
 SCORES = [0.5, 0.9, 0.1, 0.7, 0.3]  # order by score: 4, 8, 2, 10, 6

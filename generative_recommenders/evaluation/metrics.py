@@ -1,5 +1,9 @@
-"""Metrics of generative ranking (issue 12), vectorised in torch on any device.
+"""Metrics, vectorised in torch on any device: retrieval's rank metrics and generative ranking's (issue 12).
 
+Retrieval: HR@K, NDCG@K and MRR of a target's rank among all candidates, as
+expected values over the ranks its ties could take (evaluation/retrieval.py).
+
+Ranking:
 - AUC of "liked": the Mann-Whitney statistic, tied scores counted as half.
 - NE (normalised entropy, as the paper reports): mean log loss divided by the
   entropy of the base rate (the fraction of positives) of the same examples;
@@ -14,14 +18,65 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Dict, List
+from typing import Dict, Iterable, List
 
 import torch
 
 from generative_recommenders.data.ranking import LIKED_RATING
 
+# Retrieval's metrics at these cut-offs (metric_names); ranking's NDCG at NDCG_K.
+HR_NDCG_KS = (1, 10, 20, 50, 100, 200)
+HR_ONLY_KS = (500, 1000)
+MRR_KS = (20,)  # MRR@20 (0 beyond rank 20), GRU4Rec's session metric
 NDCG_K = 10
 _PROB_EPS = 1e-7
+
+
+def metric_names() -> list:
+    names = [f"{m}@{k}" for k in HR_NDCG_KS for m in ("ndcg", "hr")]
+    return names + [f"hr@{k}" for k in HR_ONLY_KS] + ["mrr"] + [f"mrr@{k}" for k in MRR_KS]
+
+
+class RankMetrics:
+    """Expected metric values over ranks h + 1 .. h + t + 1, from prefix sums of each metric's gain."""
+
+    def __init__(self, rank_cap: int, device: torch.device) -> None:
+        self.rank_cap = rank_cap
+        ranks = torch.arange(1, rank_cap + 1, dtype=torch.float64, device=device)  # 1 .. cap
+        zero = torch.zeros(1, dtype=torch.float64, device=device)
+        self.discount_sum = torch.cat([zero, (1.0 / torch.log2(ranks + 1)).cumsum(0)])
+        self.harmonic_sum = torch.cat([zero, (1.0 / ranks).cumsum(0)])
+
+    @staticmethod
+    def _sum_up_to(prefix: torch.Tensor, before: torch.Tensor, last: torch.Tensor, k: int) -> torch.Tensor:
+        """Sum of a gain over ranks before+1..last when prefix[n] sums ranks 1..n and the gain is 0 beyond k."""
+        return prefix[last.clamp(max=k)] - prefix[before.clamp(max=k)]
+
+    def __call__(self, higher: torch.Tensor, ties: torch.Tensor, missing: torch.Tensor) -> Dict[str, torch.Tensor]:
+        cap = self.rank_cap
+        # Ranks beyond the cap (and unrankable targets) count as cap + 1, as the release's top-k search did.
+        before = torch.where(missing, cap, higher)  # ranks before+1 .. last, each equally likely
+        last = torch.where(missing, cap + 1, higher + ties + 1)
+        width = (last - before).to(torch.float64)
+        beyond_cap = (last - before.clamp(min=cap)).clamp(min=0).to(torch.float64)
+        out = {}
+        for k in HR_NDCG_KS + HR_ONLY_KS:
+            k_ranked = min(k, cap)  # rank cap + 1 stands for "not found": never a hit
+            out[f"hr@{k}"] = (last.clamp(max=k_ranked) - before).clamp(min=0).to(torch.float64) / width
+            if k in HR_NDCG_KS:
+                out[f"ndcg@{k}"] = self._sum_up_to(self.discount_sum, before, last, k_ranked) / width
+        out["mrr"] = (self._sum_up_to(self.harmonic_sum, before, last, cap) + beyond_cap / (cap + 1)) / width
+        for k in MRR_KS:
+            out[f"mrr@{k}"] = self._sum_up_to(self.harmonic_sum, before, last, min(k, cap)) / width
+        return out
+
+
+def average(sums: Dict[str, float], count: float) -> Dict[str, float]:
+    return {name: value / max(count, 1.0) for name, value in sums.items()}
+
+
+def format_metrics(metrics: Dict[str, float], names: Iterable[str] = ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "hr@200", "ndcg@200", "mrr")) -> str:
+    return " ".join(f"{n}={metrics[n]:.4f}" for n in names if n in metrics and not math.isnan(metrics[n]))
 
 
 def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:

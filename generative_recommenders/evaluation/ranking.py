@@ -1,9 +1,9 @@
-"""Evaluation of a generative ranking model on a split's samples (issue 12).
+"""Ranking evaluation (issue 12): a generative ranking model scored on a split's held-out candidates.
 
 Each sample is a history followed by its k held-out candidates (data/ranking.py),
 encoded in one pass with the M-FALCON mask, so every candidate is scored as if
 it alone followed the history. Predictions stay on the device until the
-metrics (ranking_metrics.py) are computed over the whole split.
+metrics (evaluation/metrics.py) are computed over the whole split.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from generative_recommenders.data.ranking import RankingBatch, RankingSequences, sample_lengths
 from generative_recommenders.modeling.ranking_model import RankingModel
 from generative_recommenders.precision import autocast
-from generative_recommenders.ranking_metrics import RankingPredictions, ranking_metrics
+from generative_recommenders.evaluation.metrics import RankingPredictions, ranking_metrics
 
 
 def candidate_predictions(model: RankingModel, batch: RankingBatch, num_slots: int,

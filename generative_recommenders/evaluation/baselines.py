@@ -1,4 +1,4 @@
-"""Non-sequential baseline of generative ranking (issue 12): item and user mean ratings as a bias model.
+"""Ranking baselines (issue 12): item-mean and user+item bias models of the ratings and the liked rate.
 
 value(user, item) = mean + user bias + item bias, fit by regularised
 alternating least squares on the training interactions (everything before
@@ -18,7 +18,7 @@ import torch
 
 from generative_recommenders.data.ranking import LIKED_RATING, NUM_ACTIONS
 from generative_recommenders.data.sequence_store import SequenceData
-from generative_recommenders.ranking_metrics import RankingPredictions
+from generative_recommenders.evaluation.metrics import RankingPredictions
 
 PROB_CLIP = 1e-3
 

@@ -1,0 +1,2 @@
+"""Evaluation of the tasks' models: retrieval.py (rank metrics over all candidates), ranking.py (generative
+ranking's candidates), metrics.py (AUC, NE, RMSE, NDCG), baselines.py (item-mean, user+item bias)."""
