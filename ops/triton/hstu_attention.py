@@ -118,22 +118,12 @@ def _sigmoid(x, FAST_SILU: tl.constexpr):
 def _time_bucket(tq, tk, NUM_BUCKETS: tl.constexpr, HW_MATH: tl.constexpr):
     """bucket(tq - tk) = floor(ln(max(|dt|, 1)) / 0.301) clamped to NUM_BUCKETS (int32).
 
-    Written for few instructions (this runs once or twice per score): int32
-    deltas (a sequence's times relative to its first, `_int32_times`) convert
-    without I2F, int64 ones take |float(d)| == float(|d|); floor by the
-    magic-number trick (round-to-nearest of y - 0.5 at 1.5 * 2^23) instead of F2I.
+    Written for few instructions (this runs once or twice per score): |.| and
+    max on the float (float(|d|) == |float(d)|), and floor by the magic-number
+    trick (round-to-nearest of y - 0.5 at 1.5 * 2^23) instead of F2I.
     """
-    delta = tq - tk
-    if delta.dtype == tl.int32:
-        # |d| < 2^31 to fp32 without I2F (16 per clock per SM): its two 16-bit halves convert
-        # exactly through the 2^23 magic number, and hi * 2^16 + lo rounds once, as I2F does.
-        a = tl.abs(delta)
-        hi = ((a >> 16) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-        lo = ((a & 0xFFFF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-        delta = hi * 65536.0 + lo
-    else:
-        delta = tl.abs(delta.to(tl.float32))
-    delta = tl.maximum(delta, 1.0)
+    delta = (tq - tk).to(tl.float32)
+    delta = tl.maximum(tl.abs(delta), 1.0)
     y = _lg2(delta, HW_MATH) * _LOG2_TO_BUCKET - 0.5
     bucket = (y + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
     return tl.minimum(bucket, NUM_BUCKETS)
@@ -223,34 +213,8 @@ def _target_self_term(acc, q, offs_m, is_target, K, V, TsW, PosW, k_base, v_base
 
 
 @triton.jit
-def _fwd_keys(acc, q, qpos, kmax, tq_index, full_end, diag_end, K, V, TS, TsW, PosW, k_base, v_base, ts_base,
-              seq_len, max_seq_len, stride_km, stride_vm, offs_qk, offs_v,
-              DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-              BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_BUCKETS: tl.constexpr,
-              DOT_PREC: tl.constexpr, HW_MATH: tl.constexpr, FAST_SILU: tl.constexpr):
-    """A query block's walk over its keys, with times TS (int32 relative or int64)."""
-    if HAS_BIAS:
-        tq = tl.load(TS + ts_base + tl.minimum(tq_index, max_seq_len - 1))
-    else:
-        tq = qpos
-    # Key blocks every row of the block sees entirely: no masks.
-    for start_n in range(0, full_end, BLOCK_N):
-        acc = _fwd_tile(acc, q, qpos, kmax, tq, K, V, TS, TsW, PosW, k_base, v_base, ts_base,
-                        start_n, seq_len, max_seq_len, stride_km, stride_vm, offs_qk, offs_v,
-                        DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N, HAS_BIAS, NUM_BUCKETS, DOT_PREC,
-                        False, HW_MATH, FAST_SILU)
-    # Diagonal key blocks (and the prefix's ragged end): masked.
-    for start_n in range(full_end, diag_end, BLOCK_N):
-        acc = _fwd_tile(acc, q, qpos, kmax, tq, K, V, TS, TsW, PosW, k_base, v_base, ts_base,
-                        start_n, seq_len, max_seq_len, stride_km, stride_vm, offs_qk, offs_v,
-                        DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N, HAS_BIAS, NUM_BUCKETS, DOT_PREC,
-                        True, HW_MATH, FAST_SILU)
-    return acc
-
-
-@triton.jit
 def _hstu_fwd_kernel(
-    Q, K, V, Out, SeqOffsets, TS, Rel32, Fits32, TsW, PosW, NumTargets,
+    Q, K, V, Out, SeqOffsets, TS, TsW, PosW, NumTargets,
     stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, stride_om, stride_oh,
     stride_tb, num_heads, max_seq_len, inv_n,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -295,23 +259,24 @@ def _hstu_fwd_kernel(
         tq_index = offs_m + 1
         full_end = start_m
         diag_end = tl.minimum(start_m + BLOCK_M, seq_len)
-    acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
     if HAS_BIAS:
-        if tl.load(Fits32 + off_b) != 0:  # per sequence: int32 relative times, or the int64 ones
-            acc = _fwd_keys(acc, q, qpos, kmax, tq_index, full_end, diag_end, K, V, Rel32, TsW, PosW,
-                            k_base, v_base, off_b.to(tl.int64) * max_seq_len, seq_len, max_seq_len,
-                            stride_km, stride_vm, offs_qk, offs_v, DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N,
-                            HAS_BIAS, NUM_BUCKETS, DOT_PREC, HW_MATH, FAST_SILU)
-        else:
-            acc = _fwd_keys(acc, q, qpos, kmax, tq_index, full_end, diag_end, K, V, TS, TsW, PosW,
-                            k_base, v_base, ts_base, seq_len, max_seq_len,
-                            stride_km, stride_vm, offs_qk, offs_v, DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N,
-                            HAS_BIAS, NUM_BUCKETS, DOT_PREC, HW_MATH, FAST_SILU)
+        tq = tl.load(TS + ts_base + tl.minimum(tq_index, max_seq_len - 1))
     else:
-        acc = _fwd_keys(acc, q, qpos, kmax, tq_index, full_end, diag_end, K, V, TS, TsW, PosW,
-                        k_base, v_base, ts_base, seq_len, max_seq_len,
-                        stride_km, stride_vm, offs_qk, offs_v, DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N,
-                        HAS_BIAS, NUM_BUCKETS, DOT_PREC, HW_MATH, FAST_SILU)
+        tq = qpos
+
+    acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
+    # Key blocks every row of the block sees entirely: no masks.
+    for start_n in range(0, full_end, BLOCK_N):
+        acc = _fwd_tile(acc, q, qpos, kmax, tq, K, V, TS, TsW, PosW, k_base, v_base, ts_base,
+                        start_n, seq_len, max_seq_len, stride_km, stride_vm, offs_qk, offs_v,
+                        DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N, HAS_BIAS, NUM_BUCKETS, DOT_PREC,
+                        False, HW_MATH, FAST_SILU)
+    # Diagonal key blocks (and the prefix's ragged end): masked.
+    for start_n in range(full_end, diag_end, BLOCK_N):
+        acc = _fwd_tile(acc, q, qpos, kmax, tq, K, V, TS, TsW, PosW, k_base, v_base, ts_base,
+                        start_n, seq_len, max_seq_len, stride_km, stride_vm, offs_qk, offs_v,
+                        DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N, HAS_BIAS, NUM_BUCKETS, DOT_PREC,
+                        True, HW_MATH, FAST_SILU)
     if HAS_TARGETS:
         if start_m + BLOCK_M > n_hist:
             acc = _target_self_term(acc, q, offs_m, rows_ok & (offs_m >= n_hist), K, V, TsW, PosW,
@@ -471,62 +436,8 @@ def _dq_tile(dq, q, do, offs_m, qpos, rows_ok, tq, tq_prev, K, V, TS, TsW, PosW,
 
 
 @triton.jit
-def _dkdv_queries(dk, dv, k, v, offs, start, end_diag, Q, DO, TS, TsW, PosW, q_base, do_base, ts_base,
-                  seq_len, max_seq_len, stride_qm, stride_dom, offs_qk, offs_v,
-                  DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-                  BLOCK: tl.constexpr, BLOCK_M1: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  NUM_BUCKETS: tl.constexpr, DOT_PREC: tl.constexpr, HW_MATH: tl.constexpr,
-                  FAST_SILU: tl.constexpr):
-    """Phase 1's walk of a key block over its queries, with times TS (int32 relative or int64)."""
-    if HAS_BIAS:
-        tk = tl.load(TS + ts_base + tl.minimum(offs, max_seq_len - 1))
-    else:
-        tk = offs
-    for start_m in range(start, end_diag, BLOCK_M1):
-        dk, dv = _dkdv_tile(dk, dv, k, v, offs, tk, Q, DO, TS, TsW, PosW, q_base, do_base, ts_base,
-                            start_m, seq_len, max_seq_len, stride_qm, stride_dom, offs_qk, offs_v,
-                            DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M1, HAS_BIAS, NUM_BUCKETS, DOT_PREC,
-                            True, HW_MATH, FAST_SILU)
-    for start_m in range(start + BLOCK, seq_len, BLOCK_M1):
-        dk, dv = _dkdv_tile(dk, dv, k, v, offs, tk, Q, DO, TS, TsW, PosW, q_base, do_base, ts_base,
-                            start_m, seq_len, max_seq_len, stride_qm, stride_dom, offs_qk, offs_v,
-                            DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M1, HAS_BIAS, NUM_BUCKETS, DOT_PREC,
-                            False, HW_MATH, FAST_SILU)
-    return dk, dv
-
-
-@triton.jit
-def _dq_keys(dq, q, do, offs, qpos, blk_ok, start, end_diag, K, V, TS, TsW, PosW, TsPart, PosPart,
-             k_base, v_base, ts_base, seq_len, max_seq_len, stride_km, stride_vm, offs_qk, offs_v,
-             DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-             BLOCK: tl.constexpr, BLOCK_N2: tl.constexpr, HAS_BIAS: tl.constexpr,
-             POS_GRAD: tl.constexpr, TS_GRAD: tl.constexpr, NUM_BUCKETS: tl.constexpr,
-             DOT_PREC: tl.constexpr, HW_MATH: tl.constexpr, FAST_SILU: tl.constexpr):
-    """Phase 2's walk of a query block over its keys, with times TS (int32 relative or int64)."""
-    if HAS_BIAS:
-        tq = tl.load(TS + ts_base + tl.minimum(offs + 1, max_seq_len - 1))
-        tq_prev = tl.load(TS + ts_base + qpos)  # query i - 1 uses t[i]
-    else:
-        tq = qpos
-        tq_prev = qpos
-    for start_n in range(0, start, BLOCK_N2):
-        dq = _dq_tile(dq, q, do, offs, qpos, blk_ok, tq, tq_prev, K, V, TS, TsW, PosW, TsPart,
-                      PosPart, k_base, v_base, ts_base, start, start_n, seq_len, max_seq_len,
-                      stride_km, stride_vm, offs_qk, offs_v, DQK, DV, BLOCK_DQK, BLOCK_DV,
-                      BLOCK, BLOCK_N2, HAS_BIAS, POS_GRAD, TS_GRAD, NUM_BUCKETS, DOT_PREC, False,
-                      HW_MATH, FAST_SILU)
-    for start_n in range(start, end_diag, BLOCK_N2):
-        dq = _dq_tile(dq, q, do, offs, qpos, blk_ok, tq, tq_prev, K, V, TS, TsW, PosW, TsPart,
-                      PosPart, k_base, v_base, ts_base, start, start_n, seq_len, max_seq_len,
-                      stride_km, stride_vm, offs_qk, offs_v, DQK, DV, BLOCK_DQK, BLOCK_DV,
-                      BLOCK, BLOCK_N2, HAS_BIAS, POS_GRAD, TS_GRAD, NUM_BUCKETS, DOT_PREC, True,
-                      HW_MATH, FAST_SILU)
-    return dq
-
-
-@triton.jit
 def _hstu_bwd_kernel(
-    Q, K, V, DO, GradQ, GradK, GradV, SeqOffsets, TS, Rel32, Fits32, TsW, PosW, TsGradPart, PosGradPart,
+    Q, K, V, DO, GradQ, GradK, GradV, SeqOffsets, TS, TsW, PosW, TsGradPart, PosGradPart,
     stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, stride_dom, stride_doh,
     stride_dqm, stride_dqh, stride_dkm, stride_dkh, stride_dvm, stride_dvh,
     stride_tb, num_heads, max_seq_len, inv_n,
@@ -562,21 +473,22 @@ def _hstu_bwd_kernel(
                    offs_qk < DQK, True, DQK != BLOCK_DQK)
     v = _load_tile(V + v_base + offs[:, None] * stride_vm + offs_v[None, :], blk_ok,
                    offs_v < DV, True, DV != BLOCK_DV)
+    if HAS_BIAS:
+        tk = tl.load(TS + ts_base + tl.minimum(offs, max_seq_len - 1))
+    else:
+        tk = offs
     dk = tl.zeros((BLOCK, BLOCK_DQK), dtype=tl.float32)
     dv = tl.zeros((BLOCK, BLOCK_DV), dtype=tl.float32)
-    fits32 = False
-    if HAS_BIAS:
-        fits32 = tl.load(Fits32 + off_b) != 0
-    if fits32:  # per sequence: int32 relative times, or the int64 ones
-        dk, dv = _dkdv_queries(dk, dv, k, v, offs, start, end_diag, Q, DO, Rel32, TsW, PosW, q_base, do_base,
-                               off_b.to(tl.int64) * max_seq_len, seq_len, max_seq_len, stride_qm, stride_dom,
-                               offs_qk, offs_v, DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK, BLOCK_M1, HAS_BIAS,
-                               NUM_BUCKETS, DOT_PREC, HW_MATH, FAST_SILU)
-    else:
-        dk, dv = _dkdv_queries(dk, dv, k, v, offs, start, end_diag, Q, DO, TS, TsW, PosW, q_base, do_base,
-                               ts_base, seq_len, max_seq_len, stride_qm, stride_dom,
-                               offs_qk, offs_v, DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK, BLOCK_M1, HAS_BIAS,
-                               NUM_BUCKETS, DOT_PREC, HW_MATH, FAST_SILU)
+    for start_m in range(start, end_diag, BLOCK_M1):
+        dk, dv = _dkdv_tile(dk, dv, k, v, offs, tk, Q, DO, TS, TsW, PosW, q_base, do_base, ts_base,
+                            start_m, seq_len, max_seq_len, stride_qm, stride_dom, offs_qk, offs_v,
+                            DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M1, HAS_BIAS, NUM_BUCKETS, DOT_PREC,
+                            True, HW_MATH, FAST_SILU)
+    for start_m in range(start + BLOCK, seq_len, BLOCK_M1):
+        dk, dv = _dkdv_tile(dk, dv, k, v, offs, tk, Q, DO, TS, TsW, PosW, q_base, do_base, ts_base,
+                            start_m, seq_len, max_seq_len, stride_qm, stride_dom, offs_qk, offs_v,
+                            DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M1, HAS_BIAS, NUM_BUCKETS, DOT_PREC,
+                            False, HW_MATH, FAST_SILU)
     dk_ptrs = GradK + seq_start * stride_dkm + off_h * stride_dkh + offs[:, None] * stride_dkm + offs_qk[None, :]
     tl.store(dk_ptrs, (dk * inv_n).to(GradK.dtype.element_ty), mask=blk_ok[:, None] & (offs_qk < DQK)[None, :])
     dv_ptrs = GradV + seq_start * stride_dvm + off_h * stride_dvh + offs[:, None] * stride_dvm + offs_v[None, :]
@@ -588,20 +500,28 @@ def _hstu_bwd_kernel(
     do = _load_tile(DO + do_base + offs[:, None] * stride_dom + offs_v[None, :], blk_ok,
                     offs_v < DV, True, DV != BLOCK_DV)
     qpos = tl.minimum(offs, max_seq_len - 1)
+    if HAS_BIAS:
+        tq = tl.load(TS + ts_base + tl.minimum(offs + 1, max_seq_len - 1))
+        tq_prev = tl.load(TS + ts_base + qpos)  # query i - 1 uses t[i]
+    else:
+        tq = qpos
+        tq_prev = qpos
     # Private gradient copies (see module docstring): per program for ts_w, per (b, h) for pos_w.
     ts_part = TsGradPart + (pid_bh.to(tl.int64) * tl.num_programs(1) + pid_blk) * TS_PART_STRIDE
     pos_part = PosGradPart + pid_bh.to(tl.int64) * max_seq_len
     dq = tl.zeros((BLOCK, BLOCK_DQK), dtype=tl.float32)
-    if fits32:
-        dq = _dq_keys(dq, q, do, offs, qpos, blk_ok, start, end_diag, K, V, Rel32, TsW, PosW, ts_part, pos_part,
-                      k_base, v_base, off_b.to(tl.int64) * max_seq_len, seq_len, max_seq_len, stride_km,
-                      stride_vm, offs_qk, offs_v, DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK, BLOCK_N2, HAS_BIAS,
-                      POS_GRAD, TS_GRAD, NUM_BUCKETS, DOT_PREC, HW_MATH, FAST_SILU)
-    else:
-        dq = _dq_keys(dq, q, do, offs, qpos, blk_ok, start, end_diag, K, V, TS, TsW, PosW, ts_part, pos_part,
-                      k_base, v_base, ts_base, seq_len, max_seq_len, stride_km,
-                      stride_vm, offs_qk, offs_v, DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK, BLOCK_N2, HAS_BIAS,
-                      POS_GRAD, TS_GRAD, NUM_BUCKETS, DOT_PREC, HW_MATH, FAST_SILU)
+    for start_n in range(0, start, BLOCK_N2):
+        dq = _dq_tile(dq, q, do, offs, qpos, blk_ok, tq, tq_prev, K, V, TS, TsW, PosW, ts_part,
+                      pos_part, k_base, v_base, ts_base, start, start_n, seq_len, max_seq_len,
+                      stride_km, stride_vm, offs_qk, offs_v, DQK, DV, BLOCK_DQK, BLOCK_DV,
+                      BLOCK, BLOCK_N2, HAS_BIAS, POS_GRAD, TS_GRAD, NUM_BUCKETS, DOT_PREC, False,
+                      HW_MATH, FAST_SILU)
+    for start_n in range(start, end_diag, BLOCK_N2):
+        dq = _dq_tile(dq, q, do, offs, qpos, blk_ok, tq, tq_prev, K, V, TS, TsW, PosW, ts_part,
+                      pos_part, k_base, v_base, ts_base, start, start_n, seq_len, max_seq_len,
+                      stride_km, stride_vm, offs_qk, offs_v, DQK, DV, BLOCK_DQK, BLOCK_DV,
+                      BLOCK, BLOCK_N2, HAS_BIAS, POS_GRAD, TS_GRAD, NUM_BUCKETS, DOT_PREC, True,
+                      HW_MATH, FAST_SILU)
     dq_ptrs = GradQ + seq_start * stride_dqm + off_h * stride_dqh + offs[:, None] * stride_dqm + offs_qk[None, :]
     tl.store(dq_ptrs, (dq * inv_n).to(GradQ.dtype.element_ty), mask=blk_ok[:, None] & (offs_qk < DQK)[None, :])
 
@@ -657,27 +577,7 @@ def _prepare(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _int32_times(timestamps: torch.Tensor, seq_offsets: torch.Tensor, max_seq_len: int):
-    """(rel, fits): each sequence's times minus its earliest, as int32 (B, N), and (B,) int32 flags
-    saying whether every difference of its valid times (positions 0 .. length) fits int32.
-
-    The kernels take the int32 times where a sequence fits (any seconds-resolution history
-    under 68 years does) and the int64 ones elsewhere: same buckets, cheaper arithmetic. Built
-    with a few tensor ops and no host sync, so CUDA-graph capture keeps working.
-    """
-    t = timestamps.to(torch.int64)
-    lengths = (seq_offsets[1:] - seq_offsets[:-1]).to(torch.int64)
-    valid = torch.arange(t.shape[1], device=t.device)[None, :] <= lengths[:, None]
-    first = torch.where(valid, t, torch.iinfo(torch.int64).max).amin(1, keepdim=True)
-    last = torch.where(valid, t, torch.iinfo(torch.int64).min).amax(1, keepdim=True)
-    limit = torch.iinfo(torch.int32).max
-    rel = (t - first).clamp(-limit, limit).to(torch.int32)
-    fits = ((last - first) < limit).to(torch.int32).reshape(-1)
-    return rel.contiguous(), fits
-
-
-def _forward(q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w, config=None, num_targets=None,
-             times32=None):
+def _forward(q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w, config=None, num_targets=None):
     total, heads, dqk = q.shape
     dv = v.shape[-1]
     batch = seq_offsets.numel() - 1
@@ -688,10 +588,9 @@ def _forward(q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w, config=
     assert block_m % block_n == 0
     dummy = q  # unused pointer arguments when there is no bias
     grid = (batch * heads, triton.cdiv(max_seq_len, block_m))
-    rel32, fits32 = times32 if has_bias else (dummy, dummy)
     _hstu_fwd_kernel[grid](
-        q, k, v, out, seq_offsets, timestamps if has_bias else dummy, rel32, fits32,
-        ts_w if has_bias else dummy, pos_w if has_bias else dummy,
+        q, k, v, out, seq_offsets,
+        timestamps if has_bias else dummy, ts_w if has_bias else dummy, pos_w if has_bias else dummy,
         num_targets if num_targets is not None else dummy,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), timestamps.stride(0) if has_bias else 0,
@@ -705,7 +604,7 @@ def _forward(q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w, config=
 
 
 def _backward(do, q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w,
-              need_ts_grad, need_pos_grad, config=None, times32=None):
+              need_ts_grad, need_pos_grad, config=None):
     total, heads, dqk = q.shape
     dv_dim = v.shape[-1]
     batch = seq_offsets.numel() - 1
@@ -724,10 +623,9 @@ def _backward(do, q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w,
     pos_part = torch.zeros((batch * heads, max_seq_len) if need_pos_grad else (1,), **f32)
     dummy = q
     grid = (batch * heads, num_blocks)
-    rel32, fits32 = times32 if has_bias else (dummy, dummy)
     _hstu_bwd_kernel[grid](
-        q, k, v, do, dq, dk, dv, seq_offsets, timestamps if has_bias else dummy, rel32, fits32,
-        ts_w if has_bias else dummy, pos_w if has_bias else dummy,
+        q, k, v, do, dq, dk, dv, seq_offsets,
+        timestamps if has_bias else dummy, ts_w if has_bias else dummy, pos_w if has_bias else dummy,
         ts_part, pos_part,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1),
@@ -777,11 +675,8 @@ class _HSTUAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w, fwd_config, bwd_config,
                 num_targets):
-        times32 = None if ts_w is None else _int32_times(timestamps, seq_offsets, max_seq_len)
-        out = _forward(q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w, fwd_config, num_targets,
-                       times32)
-        ctx.save_for_backward(q, k, v, seq_offsets, timestamps, ts_w, pos_w,
-                              *(times32 if times32 is not None else (None, None)))
+        out = _forward(q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w, fwd_config, num_targets)
+        ctx.save_for_backward(q, k, v, seq_offsets, timestamps, ts_w, pos_w)
         ctx.max_seq_len = max_seq_len
         ctx.bwd_config = bwd_config
         ctx.has_targets = num_targets is not None
@@ -792,13 +687,13 @@ class _HSTUAttentionFunction(torch.autograd.Function):
         if ctx.has_targets:
             raise NotImplementedError("the Triton kernel's backward does not take num_targets (M-FALCON is "
                                       "inference); train through targets with attention kernel 'torch'")
-        q, k, v, seq_offsets, timestamps, ts_w, pos_w, rel32, fits32 = ctx.saved_tensors
+        q, k, v, seq_offsets, timestamps, ts_w, pos_w = ctx.saved_tensors
         has_bias = ts_w is not None
         dq, dk, dv, d_ts, d_pos = _backward(
             _prepare(do), q, k, v, seq_offsets, ctx.max_seq_len, timestamps, ts_w, pos_w,
             need_ts_grad=has_bias and ctx.needs_input_grad[6],
             need_pos_grad=has_bias and ctx.needs_input_grad[7],
-            config=ctx.bwd_config, times32=(rel32, fits32) if has_bias else None,
+            config=ctx.bwd_config,
         )
         return dq, dk, dv, None, None, None, d_ts, d_pos, None, None, None
 
