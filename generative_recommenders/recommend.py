@@ -10,8 +10,14 @@ Items are ranked exactly as the evaluation ranks a target (the evaluator's
 candidate, the items of the history fed to the model (its last
 max_sequence_length) removed; session runs remove nothing. Items are shown by
 the source's own id (e.g. the MovieLens movie id), with titles where the data
-set has them. `--session` queries a session prefix given as item keys (clicks
-taken as simultaneous: no times are given).
+set has them. `--session` queries a session prefix given as item keys, stamped
+as the session evaluation stamps it: each click with its time (Unix seconds,
+floored as the preprocessing does) and the target slot with the time of the
+request (the next click's, in the evaluation). `--session_times` gives the
+clicks' times and optionally one more, the request's (default: the last
+click's); `--session_gap` spaces clicks and the request that many seconds
+apart; without either every click and the request are at time 0, which HSTU's
+time bias never saw in training.
 """
 
 from __future__ import annotations
@@ -35,6 +41,10 @@ flags.DEFINE_list("users", None, "The data set's own user ids (session ids for s
 flags.DEFINE_bool("all", False, "Recommend for every user.")
 flags.DEFINE_list("session", None, "Session runs: the next items after this session prefix, given as item keys "
                   "(the source's item ids), e.g. --session=214716935,214832672.")
+flags.DEFINE_list("session_times", None, "With --session: each click's Unix time in seconds, optionally followed "
+                  "by the request's (default: the last click's), e.g. --session_times=1396396800,1396396860.")
+flags.DEFINE_float("session_gap", None, "With --session: seconds between consecutive clicks and from the last click "
+                   "to the request (instead of --session_times).", lower_bound=0)
 flags.DEFINE_integer("k", 10, "Items per user.", lower_bound=1)
 FLAGS = flags.FLAGS
 
@@ -42,11 +52,12 @@ FORMATS = (".csv", ".parquet")
 
 
 @torch.no_grad()
-def top_items(run: TrainedRun, data: SequenceData, rows: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
+def top_items(run: TrainedRun, data: SequenceData, rows: np.ndarray, k: int,
+              request_times: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
     """(S, k) item ids and scores of the rows' queries, best first (-inf: fewer than k items were left)."""
     evaluator, index = run.task.evaluator, run.task.index
     evaluator.refresh_candidates()
-    sequences, samples = query_sequences(data, rows, run.device)
+    sequences, samples = query_sequences(data, rows, run.device, request_times)
     ids, scores = [], []
     for batch in query_batches(run, sequences, samples):
         values, columns = evaluator.score(batch)[1].topk(min(k, index.num_candidates), dim=1)
@@ -68,8 +79,32 @@ def as_table(run: TrainedRun, ids: np.ndarray, scores: np.ndarray, user_ids: Opt
     return pd.DataFrame(columns)
 
 
-def session_prefix(data: SequenceData, keys: Sequence[str]) -> SequenceData:
-    """A one-session data set of the items with these source keys (model ids where the data set keeps none)."""
+def session_times(num_clicks: int, times: Optional[Sequence[float]] = None,
+                  gap: Optional[float] = None) -> Tuple[np.ndarray, int]:
+    """(clicks' times, request time) in whole seconds (floored, as the preprocessing stores them).
+
+    From `times` (one per click, optionally one more for the request, else the last click's), or clicks
+    `gap` seconds apart from time 0 with the request one gap after the last; all 0 without either.
+    """
+    if times is not None and gap is not None:
+        raise ConfigError("give --session_times or --session_gap, not both")
+    if gap is not None:
+        stamps = np.floor(np.arange(num_clicks + 1) * gap).astype(np.int64)
+        return stamps[:-1], int(stamps[-1])
+    if times is None:
+        return np.zeros(num_clicks, np.int64), 0
+    if len(times) not in (num_clicks, num_clicks + 1):
+        raise ConfigError(f"--session_times: {len(times)} times for {num_clicks} clicks; give one per click, "
+                          f"optionally one more for the request")
+    stamps = np.floor(np.asarray(times, dtype=np.float64)).astype(np.int64)
+    if (np.diff(stamps) < 0).any():
+        raise ConfigError("--session_times must not decrease: clicks are given in time order")
+    return stamps[:num_clicks], int(stamps[-1])
+
+
+def session_prefix(data: SequenceData, keys: Sequence[str], times: np.ndarray) -> SequenceData:
+    """A one-session data set of the items with these source keys (model ids where the data set keeps none),
+    clicked at `times`."""
     known = data.item_keys if data.item_keys is not None else np.arange(data.max_item_id + 1).astype(str)
     id_of = {key: item for item, key in enumerate(known.tolist()) if item > 0}
     unknown = [key for key in keys if key not in id_of]
@@ -77,19 +112,23 @@ def session_prefix(data: SequenceData, keys: Sequence[str]) -> SequenceData:
         raise ConfigError(f"--session: item key(s) {', '.join(unknown[:5])} are not items of {data.name}")
     ids = np.array([id_of[key] for key in keys], dtype=np.int32)
     return dataclasses.replace(
-        data, item_ids=ids, ratings=np.zeros(ids.size, np.float32), timestamps=np.zeros(ids.size, np.int64),
+        data, item_ids=ids, ratings=np.zeros(ids.size, np.float32), timestamps=times,
         offsets=np.array([0, ids.size], np.int64), user_ids=np.zeros(1, np.int64), user_split=None,
         user_features={})
 
 
 def recommend(run: TrainedRun, k: int, user_ids: Optional[Sequence[int]] = None,
-              session: Optional[Sequence[str]] = None) -> pd.DataFrame:
-    """The top-k table of `user_ids` (every user when None), or of a session prefix of item keys."""
+              session: Optional[Sequence[str]] = None, times: Optional[Sequence[float]] = None,
+              gap: Optional[float] = None) -> pd.DataFrame:
+    """The top-k table of `user_ids` (every user when None), or of a session prefix of item keys clicked at
+    `times` or `gap` seconds apart (session_times)."""
     if session is not None:
         if not run.sessions:
             raise ConfigError(f"--session needs a run on session data; {run.run_name} uses protocol "
                               f"{run.config.protocol}: give --users")
-        ids, scores = top_items(run, session_prefix(run.data, session), np.zeros(1, np.int64), k)
+        clicks, request = session_times(len(session), times, gap)
+        ids, scores = top_items(run, session_prefix(run.data, session, clicks), np.zeros(1, np.int64), k,
+                                np.array([request]))
         return as_table(run, ids, scores, None)
     rows = np.arange(run.data.num_users) if user_ids is None else user_rows(run.data, user_ids)
     ids, scores = top_items(run, run.data, rows, k)
@@ -122,12 +161,15 @@ def _user_ids(values: List[str]) -> List[int]:
 def _main() -> None:
     if [FLAGS.users is not None, FLAGS.all, FLAGS.session is not None].count(True) != 1:
         raise ConfigError("give exactly one of --users=ID,ID,..., --all, or --session=KEY,KEY,... (session runs)")
+    if FLAGS.session is None and (FLAGS.session_times is not None or FLAGS.session_gap is not None):
+        raise ConfigError("--session_times and --session_gap go with --session")
     if FLAGS.out:
         check_output(FLAGS.out)
     users = _user_ids(FLAGS.users) if FLAGS.users is not None else None
     run = load_run(FLAGS.run_dir, FLAGS.epoch)
     print(f"{run.run_name}: {FLAGS.epoch} epoch {run.epoch + 1} ({run.checkpoint}) on {run.device}", flush=True)
-    table = recommend(run, FLAGS.k, users, FLAGS.session)
+    times = [float(t) for t in FLAGS.session_times] if FLAGS.session_times is not None else None
+    table = recommend(run, FLAGS.k, users, FLAGS.session, times, FLAGS.session_gap)
     if FLAGS.out:
         write_table(table, FLAGS.out)
         print(f"wrote {len(table)} recommendations to {FLAGS.out}")

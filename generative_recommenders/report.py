@@ -145,7 +145,9 @@ def table(runs: Sequence[Dict]) -> str:
         for source, values in published(r):
             cells = [f"{v:.4f}" for v in values] + [""] * (len(columns) - len(values))
             lines.append("| " + " | ".join(common + [source, *cells, "", ""]) + " |")
-    if task_of(runs[0]) == "ranking":  # the non-sequential baselines, fit on the same training interactions
+    # The baselines, fit on the same training interactions: ranking's non-sequential ones, and on sessions
+    # most-popular, SR, AR and V-SKNN (the strong non-neural rows of that field).
+    if task_of(runs[0]) == "ranking" or runs[0]["protocol"] == "sessions":
         for name, metrics in runs[0].get("baselines", {}).get(reported_split(runs[0]), {}).items():
             lines.append("| " + " | ".join([f"{name} baseline", "", "", *_cells(metrics, columns), "", ""]) + " |")
     return "\n".join(lines)

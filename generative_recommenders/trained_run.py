@@ -5,8 +5,9 @@ trained with), so the model is constructed exactly as trained; the data set is
 loaded as the trainer loads it; the weights are the best epoch's (best.pt) or
 the last one's (last.pt), checked against results.json and the run's
 fingerprint. Queries are the objective's, after each user's whole history:
-the history is followed by an empty target slot stamped with the last
-interaction's time (the time a real request would carry is unknown).
+the history is followed by an empty target slot stamped with the time of the
+request where the caller knows it (a session's), else with the last
+interaction's time.
 """
 
 from __future__ import annotations
@@ -111,8 +112,13 @@ def user_rows(data: SequenceData, user_ids: Sequence[int]) -> np.ndarray:
     return np.array([row_of[user] for user in user_ids], dtype=np.int64)
 
 
-def query_sequences(data: SequenceData, rows: np.ndarray, device: torch.device) -> Tuple[DeviceSequences, np.ndarray]:
-    """The rows' whole histories, each followed by an empty target slot, and their (sequence, end) samples."""
+def query_sequences(data: SequenceData, rows: np.ndarray, device: torch.device,
+                    request_times: Optional[np.ndarray] = None) -> Tuple[DeviceSequences, np.ndarray]:
+    """The rows' whole histories, each followed by an empty target slot, and their (sequence, end) samples.
+
+    The slot carries `request_times` (one per row) where given, as the evaluation stamps it with the
+    target's time; otherwise the last interaction's time.
+    """
     lengths = data.lengths[rows]
     if (lengths == 0).any():
         raise ConfigError(f"user(s) {data.user_ids[rows[lengths == 0]][:5].tolist()} have no interactions to query with")
@@ -121,9 +127,12 @@ def query_sequences(data: SequenceData, rows: np.ndarray, device: torch.device) 
     position = np.arange(offsets[-1]) - np.repeat(offsets[:-1], slots)
     # The slot repeats the last interaction's row (its timestamp); its id is blanked below.
     source = np.repeat(data.offsets[rows], slots) + np.minimum(position, np.repeat(lengths - 1, slots))
+    timestamps = data.timestamps[source]
+    if request_times is not None:
+        timestamps[offsets[1:] - 1] = request_times
     extended = dataclasses.replace(
         data, item_ids=np.where(position < np.repeat(lengths, slots), data.item_ids[source], 0),
-        timestamps=data.timestamps[source], ratings=data.ratings[source], offsets=offsets,
+        timestamps=timestamps, ratings=data.ratings[source], offsets=offsets,
         user_ids=data.user_ids[rows], user_split=None, user_features={})
     samples = np.stack([np.arange(rows.size), slots], axis=1).astype(np.int64)
     return DeviceSequences(extended, device), samples

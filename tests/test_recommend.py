@@ -18,11 +18,11 @@ import torch
 
 from generative_recommenders.config import ConfigError
 from generative_recommenders.data.samples import DeviceSequences
-from generative_recommenders.data.sequence_store import SequenceData, save_sequences
+from generative_recommenders.data.sequence_store import SPLIT_TEST, SequenceData, save_sequences
 from generative_recommenders.data.synthetic import generate_synthetic
 from generative_recommenders.evaluation.retrieval import Evaluator
 from generative_recommenders.export import embeddings
-from generative_recommenders.recommend import recommend
+from generative_recommenders.recommend import recommend, session_times
 from generative_recommenders.trained_run import TrainedRun, load_run, user_rows
 from tiny_config import REPO, cpu_env, train_tiny
 
@@ -54,6 +54,17 @@ def workdir(tmp_path_factory) -> Path:
                      "train_fn.main_module = 'GRU4Rec'", "train_fn.max_sequence_length = 50",
                      "train_fn.num_epochs = 1"], run_name="gru4rec-full-softmax-sessions")
     return tmp
+
+
+@pytest.fixture(scope="module")
+def hstu_session_run(tmp_path_factory) -> Path:
+    """HSTU (time bias on) trained for an epoch on the tiny session data set."""
+    tmp = tmp_path_factory.mktemp("hstu-sessions")
+    save_sequences(_session_data(), tmp / "tmp/rsc15-100k/sequences.npz")
+    train_tiny(tmp, ["train_fn.dataset_name = 'rsc15-100k'", f"train_fn.data_dir = '{tmp}/tmp'",
+                     "train_fn.protocol = 'sessions'", "train_fn.selection_metric = 'mrr@20'",
+                     "train_fn.main_module = 'HSTU'", "train_fn.num_epochs = 1"], run_name="hstu-sessions")
+    return tmp / "exps/rsc15-100k-l20/hstu-sessions"
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +184,41 @@ def test_a_session_prefix_gets_its_next_items_with_nothing_removed(workdir):
         recommend(run, 3, session=["999"])
     with pytest.raises(ConfigError, match="--session needs a run on session data"):
         recommend(_load(workdir / DEFAULT_RUN), 3, session=PREFIX)
+
+
+def test_a_timed_session_prefix_is_ranked_as_the_evaluation_ranks_it(hstu_session_run):
+    """The clicks at their times and the request at the target's: the evaluation's scores of that event."""
+    run = _load(hstu_session_run)
+    data, candidates = run.data, run.task.index.num_candidates
+    session = int(np.flatnonzero((data.user_split == SPLIT_TEST) & (data.lengths >= 4))[0])
+    end = int(data.lengths[session])  # the event: the session's last click after the ones before it
+    rows = data.offsets[session] + np.arange(end)
+    keys = data.item_keys[data.item_ids[rows[:-1]]].tolist()
+    table = recommend(run, k=candidates, session=keys, times=data.timestamps[rows].tolist())
+    batch = DeviceSequences(data, CPU).batch(np.array([[session, end]]), run.config.max_sequence_length,
+                                             run.task.model.max_seq_len)
+    with torch.no_grad():
+        run.task.evaluator.refresh_candidates()
+        values, columns = run.task.evaluator.score(batch)[1].topk(candidates, dim=1)
+    assert table.item_id.tolist() == data.item_keys[run.task.index.candidate_ids[columns[0]]].tolist()
+    np.testing.assert_allclose(table.score.to_numpy(), values[0].numpy(), rtol=1e-6)
+    # HSTU's time bias reads the times: every click at time 0 (the old behaviour) scores otherwise.
+    untimed = recommend(run, k=candidates, session=keys)
+    assert not np.allclose(untimed.sort_values("item_id").score, table.sort_values("item_id").score)
+
+
+def test_session_times_stamp_clicks_and_the_request():
+    assert [t.tolist() if isinstance(t, np.ndarray) else t for t in session_times(3, gap=60.5)] == [[0, 60, 121], 181]
+    clicks, request = session_times(2, [100.7, 160.2])
+    assert clicks.tolist() == [100, 160] and request == 160  # the request defaults to the last click's time
+    assert session_times(2, [100, 160, 400])[1] == 400
+    assert session_times(2)[0].tolist() == [0, 0]
+    with pytest.raises(ConfigError, match="3 times for 1 clicks"):
+        session_times(1, [1, 2, 3])
+    with pytest.raises(ConfigError, match="must not decrease"):
+        session_times(2, [5, 1])
+    with pytest.raises(ConfigError, match="not both"):
+        session_times(2, [1, 2], 60)
 
 
 def _readme_section() -> str:

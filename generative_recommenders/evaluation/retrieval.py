@@ -34,6 +34,7 @@ from generative_recommenders.precision import autocast
 RANK_CAP = 2500
 
 Query = Callable[[torch.nn.Module, Batch], torch.Tensor]
+Baseline = Callable[[Batch], torch.Tensor]  # (B, C) scores of the candidates (evaluation/next_item_baselines)
 
 
 def remove_columns(scores: torch.Tensor, exclude: torch.Tensor) -> torch.Tensor:
@@ -69,36 +70,32 @@ def rank_counts(scores: torch.Tensor, target_columns: torch.Tensor, exclude: Opt
 class Evaluator:
     """Averages every metric over a split's (user, end) samples, batch by batch on the device.
 
-    `query(model, batch)` gives the (B, D) queries (the objective's). With
-    `popularity` (C,) the model is ignored and candidates are ranked by it (the
-    most-popular baseline). Under the model's padded layout each full batch is
-    one CUDA-graph replay (see cuda_graph.py); per-sample metrics do not depend
+    `query(model, batch)` gives the (B, D) queries (the objective's). With a
+    `baseline` the model is ignored and the baseline's scores of each batch
+    rank the candidates (next_item_baselines/). Under the model's padded
+    layout each full batch is one CUDA-graph replay (see cuda_graph.py); per-sample metrics do not depend
     on how samples are batched. `mixed_precision` (train_fn.mixed_precision,
     precision.py) applies to the query's forward pass; scores are fp32.
     """
 
     def __init__(self, model: torch.nn.Module, query: Query, sequences: DeviceSequences, index: CandidateIndex,
                  max_history: int, batch_size: int, filter_history: bool = True, rank_cap: Optional[int] = RANK_CAP,
-                 popularity: Optional[torch.Tensor] = None, mixed_precision: str = "none") -> None:
+                 baseline: Optional[Baseline] = None, mixed_precision: str = "none") -> None:
         self.model, self.query, self.sequences, self.index = model, query, sequences, index
         self.max_history, self.batch_size = max_history, batch_size
         self.filter_history = filter_history
-        self.popularity = popularity
+        self.baseline = baseline
         self.mixed_precision = mixed_precision
         cap = index.num_candidates if rank_cap is None else min(rank_cap, index.num_candidates)
         self.metrics = RankMetrics(cap, sequences.offsets.device)
-        self.candidates: Optional[torch.Tensor] = None  # (C, D) or (C, 1): refreshed per evaluation, read by every batch
-        self.step = CudaGraphStep(self._batch_sums, model if popularity is None else None)
-
-    def _candidate_matrix(self) -> torch.Tensor:
-        """The candidates' item vectors, or the popularity scores as a (C, 1) column."""
-        if self.popularity is not None:
-            return self.popularity.to(torch.float32).unsqueeze(1)
-        return self.model.item_vectors(self.index.candidate_ids)
+        self.candidates: Optional[torch.Tensor] = None  # (C, D): refreshed per evaluation, read by every batch
+        self.step = CudaGraphStep(self._batch_sums, model if baseline is None else None)
 
     def refresh_candidates(self) -> None:
-        """Reads the candidates' current vectors into the buffer every batch scores against."""
-        matrix = self._candidate_matrix()
+        """Reads the candidates' current vectors into the buffer every batch scores against (none for a baseline)."""
+        if self.baseline is not None:
+            return
+        matrix = self.model.item_vectors(self.index.candidate_ids)
         if not bool(torch.isfinite(matrix).all()):
             raise FloatingPointError("non-finite item embeddings at evaluation")
         if self.candidates is None:
@@ -121,11 +118,12 @@ class Evaluator:
         The ranking evaluated here is the one recommendations are read from
         (recommend.py), after `refresh_candidates`.
         """
-        if self.popularity is None:
-            query = self.queries(batch)
+        if self.baseline is not None:
+            scores = self.baseline(batch)
+            query = scores.new_ones(scores.shape[0], 1)  # a finite stand-in: baselines have no query
         else:
-            query = self.candidates.new_ones(batch.targets.numel(), 1)
-        scores = query @ self.candidates.T
+            query = self.queries(batch)
+            scores = query @ self.candidates.T
         if self.filter_history:
             scores = remove_columns(scores, history_columns(batch, self.index))
         return query, scores

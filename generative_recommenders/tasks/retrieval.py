@@ -7,6 +7,7 @@ next-item retrieval (user protocols and session data) lives here.
 
 from __future__ import annotations
 
+import functools
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -17,20 +18,11 @@ from generative_recommenders.data.candidates import CandidateIndex
 from generative_recommenders.data.samples import SESSIONS, DeviceSequences, history_total, make_splits, selection_split
 from generative_recommenders.data.sequence_store import SequenceData
 from generative_recommenders.evaluation.metrics import metric_names
-from generative_recommenders.evaluation.retrieval import RANK_CAP, Evaluator
+from generative_recommenders.evaluation.next_item_baselines import fit_baselines
+from generative_recommenders.evaluation.retrieval import RANK_CAP, Baseline, Evaluator
 from generative_recommenders.modeling.recommender import SequentialRecommender
 from generative_recommenders.objectives import make_objective
 from generative_recommenders.objectives.losses import RetrievalLoss
-
-
-def training_popularity(data: SequenceData, train_samples: np.ndarray, index: CandidateIndex) -> torch.Tensor:
-    """(C,) count of each candidate among the items the training samples contain."""
-    ends = np.zeros(data.num_users, dtype=np.int64)
-    ends[train_samples[:, 0]] = train_samples[:, 1]
-    user_of_row = np.repeat(np.arange(data.num_users), data.lengths)
-    position = np.arange(data.num_interactions) - data.offsets[user_of_row]
-    counts = np.bincount(data.item_ids[position < ends[user_of_row]], minlength=data.max_item_id + 1)
-    return torch.as_tensor(counts, device=index.candidate_ids.device)[index.candidate_ids]
 
 
 class RetrievalTask:
@@ -58,13 +50,15 @@ class RetrievalTask:
         sessions = config.protocol == SESSIONS
         # GRU4Rec's session metrics are recall@20 (= HR@20, one target per event) and MRR@20.
         self.shown_metrics = ("hr@20", "mrr@20", "hr@10", "ndcg@10") if sessions else ("hr@10", "ndcg@10", "hr@50", "mrr")
-        options = dict(filter_history=not sessions, rank_cap=None if sessions else RANK_CAP,
-                       mixed_precision=config.mixed_precision)
-        self.evaluator = Evaluator(self.model, self.objective.query, self.sequences, self.index,
-                                   config.max_sequence_length, config.eval_batch_size, **options)
-        self.popular = Evaluator(self.model, self.objective.query, self.sequences, self.index,
-                                 config.max_sequence_length, config.eval_batch_size, **options,
-                                 popularity=training_popularity(data, self.splits["train"], self.index))
+        self.evaluator = self._evaluator()
+
+    def _evaluator(self, baseline: Optional[Baseline] = None) -> Evaluator:
+        """The model's evaluator, or with `baseline` the same evaluation of the baseline's scores."""
+        config, sessions = self.config, self.config.protocol == SESSIONS
+        return Evaluator(self.model, self.objective.query, self.sequences, self.index, config.max_sequence_length,
+                         config.eval_batch_size, filter_history=not sessions,
+                         rank_cap=None if sessions else RANK_CAP, baseline=baseline,
+                         mixed_precision=config.mixed_precision)
 
     def describe(self) -> str:
         return (f"{self.config.main_module} on {self.data.name} ({self.data.num_users} "
@@ -86,6 +80,13 @@ class RetrievalTask:
     def evaluate(self, samples: np.ndarray, max_batches: Optional[int] = None) -> Dict[str, float]:
         return self.evaluator(samples, max_batches)
 
+    @functools.cached_property
+    def baseline_evaluators(self) -> Dict[str, Evaluator]:
+        """Fit on first use (seconds): recommendations and exports never need them."""
+        fitted = fit_baselines(self.data, self.splits["train"], self.index.candidate_ids,
+                               self.config.protocol == SESSIONS)
+        return {name: self._evaluator(baseline) for name, baseline in fitted.items()}
+
     def baselines(self, samples: np.ndarray) -> Dict[str, Dict[str, float]]:
-        """The most-popular baseline's metrics on the same samples."""
-        return {"most-popular": self.popular(samples)}
+        """The baselines' metrics on the same samples: most-popular, and on session data SR, AR and V-SKNN."""
+        return {name: evaluator(samples) for name, evaluator in self.baseline_evaluators.items()}
