@@ -42,6 +42,9 @@ from ops.triton.linear_cross_entropy import Blocks, Tiles, triton_linear_cross_e
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 FP32_TOL, BF16_TOL, BF16_GRAD_TOL = 1e-5, 1e-4, 2e-2
+# On the GPU the kernel's exp is the hardware ex2 (about 2 ulp) and its sums run in another order:
+# seen 1.3e-5 on an H200 (D = 256, unnormalised, all probabilities ~1e-35), so 5e-5 there.
+KERNEL_TOL = 5e-5 if torch.cuda.is_available() else FP32_TOL
 if CUDA:
     MAX_L, MAX_C, EXAMPLES, DIMS = 700, 3000, 12, [50, 64, 100, 256]
 else:
@@ -80,7 +83,7 @@ def _dense(query: torch.Tensor, items: torch.Tensor, targets: torch.Tensor, temp
     return q, i, torch.where(targets >= 0, -log_p, 0.0), logits.logsumexp(1), logits
 
 
-def _check_kernel(query, items, targets, grad, temperature, blocks=None, tol=FP32_TOL, grad_tol=FP32_TOL):
+def _check_kernel(query, items, targets, grad, temperature, blocks=None, tol=KERNEL_TOL, grad_tol=KERNEL_TOL):
     losses, lse = triton_linear_cross_entropy(query, items, targets, temperature, blocks)
     q, i, want, want_lse, logits = _dense(query, items, targets, temperature)
     assert losses.dtype == lse.dtype == torch.float32 and losses.shape == lse.shape == targets.shape
