@@ -214,12 +214,13 @@ def _chunks(source: Source, columns: Dict[str, str], text_roles: frozenset) -> I
             yield batch.to_pandas()
         return
     dtypes = {columns[role]: str for role in text_roles}
-    # Only empty fields are missing (not "NA", "null", ...: those can be ids); blank lines stay rows, so a
-    # row's line is its index + 2.
-    with pd.read_csv(source.path, sep=source.sep, usecols=names, dtype=dtypes, engine="c", chunksize=CHUNK_ROWS,
+    # Every column is read: with usecols, pandas silently drops a line's extra fields. Only empty fields are
+    # missing (not "NA", "null", ...: those can be ids); blank lines stay rows, so a row's line is its index + 2.
+    with pd.read_csv(source.path, sep=source.sep, dtype=dtypes, engine="c", chunksize=CHUNK_ROWS,
                      keep_default_na=False, na_values=[""], skip_blank_lines=False,
                      quoting=csv.QUOTE_MINIMAL) as reader:
-        yield from reader
+        for chunk in reader:
+            yield chunk[names]
 
 
 def _first_missing(values: "pd.Series") -> Optional[int]:
