@@ -262,8 +262,6 @@ def _numbers(source: Source, values: "pd.Series", first_row: int, what: str) -> 
 
 
 def _read(source: Source, columns: Dict[str, str], text_roles: frozenset, log: Log) -> Rows:
-    import pandas as pd
-
     coders = {"user": _KeyCoder(), "item": _KeyCoder()}
     parts: Dict[str, List[np.ndarray]] = {"users": [], "items": [], "times": [], "ratings": []}
     rows, last_report, start = 0, time.time(), time.time()
@@ -379,7 +377,8 @@ def build_interactions(name: str, path: Path, options: Options = Options(), log:
         rows = rows.take(keep)
         steps.append(f"the {options.min_user_interactions}/{options.min_item_interactions}-core")
         log(f"  users with >= {options.min_user_interactions} and items with >= {options.min_item_interactions} "
-            f"interactions (fixed point after {rounds} rounds of removal): {rows.describe()}")
+            f"interactions (a fixed point after {rounds} round{'' if rounds == 1 else 's'} of removal): "
+            f"{rows.describe()}")
     if rows.users.size == 0:
         raise PreprocessingError(f"{path}: no interactions left after {' then '.join(steps)}")
     return to_sequences(name, rows)
