@@ -9,7 +9,8 @@ The .npz holds float32, C-contiguous arrays that faiss takes as they are:
   item_ids (C,): their ids in the model; item_keys (C,): the source's own
   ids, where the data set keeps them.
 - user_embeddings (U, D): each user's query after their whole history (the
-  queries recommend.py ranks with); user_ids (U,): the data set's user ids.
+  queries recommend.py ranks with); user_ids (U,): the data set's user ids;
+  user_keys (U,): the source's own ids, where they are text (an own log's).
 
 A user's inner products with the items are recommend.py's scores; recommend.py
 then removes the user's history items (user protocols), a plain search does not.
@@ -47,6 +48,8 @@ def embeddings(run: TrainedRun) -> Dict[str, np.ndarray]:
               "user_embeddings": _float32(users), "user_ids": data.user_ids.astype(np.int64)}
     if data.item_keys is not None:
         arrays["item_keys"] = data.item_keys[arrays["item_ids"]]
+    if data.user_keys is not None:
+        arrays["user_keys"] = data.user_keys
     return arrays
 
 

@@ -35,9 +35,10 @@ from absl import app, flags
 from generative_recommenders.config import ConfigError
 from generative_recommenders.data.sequence_store import SequenceData
 from generative_recommenders.trained_run import (TrainedRun, load_run, query_batches, query_sequences, run_cli,
-                                                 user_rows)
+                                                 shown_user_ids, user_rows)
 
-flags.DEFINE_list("users", None, "The data set's own user ids (session ids for session data), e.g. --users=1,2,3.")
+flags.DEFINE_list("users", None, "The data set's own user ids (session ids for session data; your log's ids, "
+                 "text ones too), e.g. --users=1,2,3.")
 flags.DEFINE_bool("all", False, "Recommend for every user.")
 flags.DEFINE_list("session", None, "Session runs: the next items after this session prefix, given as item keys "
                   "(the source's item ids), e.g. --session=214716935,214832672.")
@@ -114,10 +115,10 @@ def session_prefix(data: SequenceData, keys: Sequence[str], times: np.ndarray) -
     return dataclasses.replace(
         data, item_ids=ids, ratings=np.zeros(ids.size, np.float32), timestamps=times,
         offsets=np.array([0, ids.size], np.int64), user_ids=np.zeros(1, np.int64), user_split=None,
-        user_features={})
+        user_features={}, user_keys=None)
 
 
-def recommend(run: TrainedRun, k: int, user_ids: Optional[Sequence[int]] = None,
+def recommend(run: TrainedRun, k: int, user_ids: Optional[Sequence[int | str]] = None,
               session: Optional[Sequence[str]] = None, times: Optional[Sequence[float]] = None,
               gap: Optional[float] = None) -> pd.DataFrame:
     """The top-k table of `user_ids` (every user when None), or of a session prefix of item keys clicked at
@@ -132,7 +133,7 @@ def recommend(run: TrainedRun, k: int, user_ids: Optional[Sequence[int]] = None,
         return as_table(run, ids, scores, None)
     rows = np.arange(run.data.num_users) if user_ids is None else user_rows(run.data, user_ids)
     ids, scores = top_items(run, run.data, rows, k)
-    return as_table(run, ids, scores, run.data.user_ids[rows])
+    return as_table(run, ids, scores, shown_user_ids(run.data)[rows])
 
 
 def check_output(path: str) -> None:
@@ -151,13 +152,6 @@ def write_table(table: pd.DataFrame, path: str) -> None:
         table.to_csv(path, index=False)
 
 
-def _user_ids(values: List[str]) -> List[int]:
-    try:
-        return [int(value) for value in values]
-    except ValueError:
-        raise ConfigError(f"--users takes the data set's integer user ids, got {','.join(values)}") from None
-
-
 def _main() -> None:
     if [FLAGS.users is not None, FLAGS.all, FLAGS.session is not None].count(True) != 1:
         raise ConfigError("give exactly one of --users=ID,ID,..., --all, or --session=KEY,KEY,... (session runs)")
@@ -165,11 +159,10 @@ def _main() -> None:
         raise ConfigError("--session_times and --session_gap go with --session")
     if FLAGS.out:
         check_output(FLAGS.out)
-    users = _user_ids(FLAGS.users) if FLAGS.users is not None else None
     run = load_run(FLAGS.run_dir, FLAGS.epoch)
     print(f"{run.run_name}: {FLAGS.epoch} epoch {run.epoch + 1} ({run.checkpoint}) on {run.device}", flush=True)
     times = [float(t) for t in FLAGS.session_times] if FLAGS.session_times is not None else None
-    table = recommend(run, FLAGS.k, users, FLAGS.session, times, FLAGS.session_gap)
+    table = recommend(run, FLAGS.k, FLAGS.users, FLAGS.session, times, FLAGS.session_gap)
     if FLAGS.out:
         write_table(table, FLAGS.out)
         print(f"wrote {len(table)} recommendations to {FLAGS.out}")

@@ -102,14 +102,21 @@ def _checked_weights(checkpoint: Path, results_path: Path, recorded: Optional[in
     return weights, epoch
 
 
-def user_rows(data: SequenceData, user_ids: Sequence[int]) -> np.ndarray:
-    """Row of each of the data set's own user ids (session ids for session data)."""
-    row_of = {int(user): row for row, user in enumerate(data.user_ids.tolist())}
-    unknown = [user for user in user_ids if user not in row_of]
+def shown_user_ids(data: SequenceData) -> np.ndarray:
+    """Each user's id as the source gave it: the text ids of an own log (user_keys), else user_ids."""
+    return data.user_ids if data.user_keys is None else data.user_keys
+
+
+def user_rows(data: SequenceData, user_ids: Sequence[int | str]) -> np.ndarray:
+    """Row of each of the data set's own user ids (session ids for session data; text for a log's text ids)."""
+    shown = shown_user_ids(data)
+    row_of = {str(user): row for row, user in enumerate(shown.tolist())}
+    unknown = [str(user) for user in user_ids if str(user) not in row_of]
     if unknown:
-        raise ConfigError(f"unknown user id(s) {', '.join(map(str, unknown[:5]))} in {data.name} (its ids run from "
-                          f"{data.user_ids.min()} to {data.user_ids.max()})")
-    return np.array([row_of[user] for user in user_ids], dtype=np.int64)
+        known = (f"its ids run from {shown.min()} to {shown.max()}" if data.user_keys is None
+                 else f"its ids are text, e.g. {', '.join(shown[:3].tolist())}")
+        raise ConfigError(f"unknown user id(s) {', '.join(unknown[:5])} in {data.name} ({known})")
+    return np.array([row_of[str(user)] for user in user_ids], dtype=np.int64)
 
 
 def query_sequences(data: SequenceData, rows: np.ndarray, device: torch.device,
@@ -121,7 +128,8 @@ def query_sequences(data: SequenceData, rows: np.ndarray, device: torch.device,
     """
     lengths = data.lengths[rows]
     if (lengths == 0).any():
-        raise ConfigError(f"user(s) {data.user_ids[rows[lengths == 0]][:5].tolist()} have no interactions to query with")
+        raise ConfigError(f"user(s) {shown_user_ids(data)[rows[lengths == 0]][:5].tolist()} have no interactions to "
+                          "query with")
     slots = lengths + 1
     offsets = np.concatenate([[0], np.cumsum(slots)]).astype(np.int64)
     position = np.arange(offsets[-1]) - np.repeat(offsets[:-1], slots)
@@ -133,7 +141,7 @@ def query_sequences(data: SequenceData, rows: np.ndarray, device: torch.device,
     extended = dataclasses.replace(
         data, item_ids=np.where(position < np.repeat(lengths, slots), data.item_ids[source], 0),
         timestamps=timestamps, ratings=data.ratings[source], offsets=offsets,
-        user_ids=data.user_ids[rows], user_split=None, user_features={})
+        user_ids=data.user_ids[rows], user_split=None, user_features={}, user_keys=None)
     samples = np.stack([np.arange(rows.size), slots], axis=1).astype(np.int64)
     return DeviceSequences(extended, device), samples
 

@@ -1,4 +1,4 @@
-"""The data set registry: a name -> the built-in synthetic sets, or a preprocessed public or session set.
+"""The data set registry: a name -> the built-in synthetic sets, or a preprocessed public, session or own-log set.
 
 The registry imports its sources (synthetic.py, public_datasets.py) and none of them imports it back.
 """

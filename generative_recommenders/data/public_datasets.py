@@ -3,7 +3,8 @@
 ml-1m and ml-20m (MovieLens, `sources/movielens.py`) keep their movie ids; amzn-books (Amazon
 Books ratings, `sources/amazon.py`) is filtered in one pass and mapped to dense ids; session data
 sets (`sources/sessions.py`) are built from GRU4Rec-style prepared split files or from the raw
-YOOCHOOSE clicks, under a name the user chooses. Every data set becomes
+YOOCHOOSE clicks, and a user's own interaction log (`sources/interactions.py`) from a CSV, TSV or
+Parquet file, under a name the user chooses. Every data set becomes
 `<data_dir>/<name>/sequences.npz` (the flat cache of `sequence_store`, the only file the trainer
 reads), written last and atomically, beside files for people and other tools: the release's
 `sasrec_format.csv` for the public sets, GRU4Rec's prepared split files for raw clicks.
@@ -30,15 +31,16 @@ from generative_recommenders.data.sequence_store import (
     remove_stale_temporaries,
     save_sequences,
 )
-from generative_recommenders.data.sources import amazon, movielens, sessions
+from generative_recommenders.data.sources import amazon, interactions, movielens, sessions
 from generative_recommenders.data.synthetic import SYNTHETIC
 
 __all__ = ["DATASETS", "DEFAULT_DATA_DIR", "PreprocessingError", "cache_path", "check_counts", "ensure_preprocessed",
-           "preprocess", "preprocess_command", "preprocess_sessions", "preprocess_yoochoose", "write_outputs"]
+           "preprocess", "preprocess_command", "preprocess_interactions", "preprocess_sessions", "preprocess_yoochoose",
+           "write_outputs"]
 
 DEFAULT_DATA_DIR = "tmp/"
 CSV_FILE = "sasrec_format.csv"
-SESSION_KINDS = ("sessions", "yoochoose")  # --dataset values that build a session data set under --name
+NAMED_KINDS = ("sessions", "yoochoose", "interactions")  # --dataset values that build a data set under --name
 DEFAULT_YOOCHOOSE_NAME = "rsc15"
 
 Builder = Callable[[Path, Log], Tuple[SequenceData, Dict[str, int]]]
@@ -111,9 +113,11 @@ def preprocess_command(name: str, data_dir: str | Path = DEFAULT_DATA_DIR) -> st
     return f"python3 preprocess_public_data.py --dataset={name}{_data_dir_flag(data_dir)}"
 
 
-def session_commands(name: str, data_dir: str | Path = DEFAULT_DATA_DIR) -> str:
-    """The two shell commands that build a session data set called `name` under `data_dir`."""
-    return (f"`python3 preprocess_public_data.py --dataset=sessions --name={name} --train=TRAIN --test=TEST "
+def named_commands(name: str, data_dir: str | Path = DEFAULT_DATA_DIR) -> str:
+    """The shell commands that build a data set called `name` under `data_dir` from the user's files."""
+    return (f"`python3 preprocess_public_data.py --dataset=interactions --name={name} --input=LOG.csv"
+            f"{_data_dir_flag(data_dir)}` (your own interaction log), "
+            f"`python3 preprocess_public_data.py --dataset=sessions --name={name} --train=TRAIN --test=TEST "
             f"[--valid=VALID]{_data_dir_flag(data_dir)}` (GRU4Rec-style prepared files) or "
             f"`python3 preprocess_public_data.py --dataset=yoochoose --archive=PATH/yoochoose-clicks.dat "
             f"--name={name}{_data_dir_flag(data_dir)}` (raw YOOCHOOSE clicks)")
@@ -218,13 +222,13 @@ def preprocess(name: str, data_dir: str | Path = DEFAULT_DATA_DIR, archive: Opti
     return path
 
 
-_SESSION_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
+_DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 
 
-def _check_session_name(name: str) -> None:
-    if not _SESSION_NAME.match(name or ""):
-        raise PreprocessingError(f"--name={name!r}: a session data set needs a name of letters, digits, '.', '_' "
-                                 "and '-' (it becomes the folder <data_dir>/<name>)")
+def _check_name(name: str) -> None:
+    if not _DATASET_NAME.match(name or ""):
+        raise PreprocessingError(f"--name={name!r}: a data set built under --name needs a name of letters, digits, "
+                                 "'.', '_' and '-' (it becomes the folder <data_dir>/<name>)")
     if name in DATASETS or name == SYNTHETIC:
         raise PreprocessingError(f"--name={name}: that is the name of a built-in data set; choose another")
 
@@ -241,7 +245,7 @@ def _write_sessions(data: SequenceData, out_dir: Path, side_files: Mapping[str, 
 def preprocess_sessions(name: str, train: str | Path, test: str | Path, valid: Optional[str | Path] = None,
                         data_dir: str | Path = DEFAULT_DATA_DIR, *, log: Log = print_log) -> Path:
     """Builds `<data_dir>/<name>/sequences.npz` from prepared session files; returns the cache path."""
-    _check_session_name(name)
+    _check_name(name)
     start = time.time()
     splits = {key: sessions.read_prepared(Path(path).expanduser())
               for key, path in (("train", train), ("valid", valid), ("test", test)) if path is not None}
@@ -255,7 +259,7 @@ def preprocess_yoochoose(archive: str | Path, name: str = DEFAULT_YOOCHOOSE_NAME
                          data_dir: str | Path = DEFAULT_DATA_DIR, *, log: Log = print_log) -> Path:
     """Prepares raw YOOCHOOSE clicks with GRU4Rec's rules and builds `<data_dir>/<name>/sequences.npz`
     from train_tr (train), train_valid (valid) and test; GRU4Rec's four split files are written beside it."""
-    _check_session_name(name)
+    _check_name(name)
     start = time.time()
     clicks = sessions.parse_clicks(Path(archive).expanduser())
     log(f"{name}: parsed {clicks.source} in {time.time() - start:.1f} s")
@@ -264,6 +268,19 @@ def preprocess_yoochoose(archive: str | Path, name: str = DEFAULT_YOOCHOOSE_NAME
     side_files = {f"{name}_{key}.txt": (lambda tmp, events=events: sessions.write_prepared(events, tmp))
                   for key, events in parts.items()}
     return _write_sessions(data, Path(data_dir) / name, side_files, start, log)
+
+
+def preprocess_interactions(name: str, path: str | Path, options: interactions.Options = interactions.Options(),
+                            data_dir: str | Path = DEFAULT_DATA_DIR, *, log: Log = print_log) -> Path:
+    """Builds `<data_dir>/<name>/sequences.npz` from the user's own interaction log; returns the cache path."""
+    _check_name(name)
+    start = time.time()
+    data = interactions.build_interactions(name, Path(path).expanduser(), options, log)
+    log(f"{name}: {_format_counts(data.summary())}")
+    out_dir = Path(data_dir) / name
+    written = write_outputs(data, out_dir, {})
+    log(f"{name}: wrote {written} ({time.time() - start:.1f} s in all)")
+    return written
 
 
 def _cache_problem(path: Path, name: str) -> Optional[str]:
@@ -286,11 +303,11 @@ def _how_to_build(name: str, data_dir: str | Path) -> str:
     if name in DATASETS:
         return f"run `{preprocess_command(name, data_dir)}` ({how_to_supply(DATASETS[name].remote, data_dir)})"
     return (f"unknown data set {name!r} (the public ones are {', '.join(DATASETS)}); "
-            f"a session data set of this name is built with {session_commands(name, data_dir)}")
+            f"a data set of this name is built with {named_commands(name, data_dir)}")
 
 
 def ensure_preprocessed(name: str, data_dir: str | Path) -> Path:
-    """The cache path of `name` (a public data set, or a session data set built under that name) if a valid
+    """The cache path of `name` (a public data set, or one built under that name with --name) if a valid
     cache exists; otherwise an error saying which command builds it."""
     path = cache_path(name, data_dir)
     if not path.is_file():

@@ -25,7 +25,7 @@ import numpy as np
 CACHE_FILE = "sequences.npz"
 FORMAT_VERSION = 1
 SPLIT_TRAIN, SPLIT_VALID, SPLIT_TEST = 0, 1, 2
-_OPTIONAL_ARRAYS = ("user_split", "item_keys", "item_titles")
+_OPTIONAL_ARRAYS = ("user_split", "item_keys", "item_titles", "user_keys")
 
 
 @dataclasses.dataclass
@@ -45,6 +45,8 @@ class SequenceData:
     # Per item id (index 0 = padding): the source's own id, and a title where the source has one.
     item_keys: Optional[np.ndarray] = None  # str (max_item_id + 1,)
     item_titles: Optional[np.ndarray] = None  # str (max_item_id + 1,)
+    # Per user, the source's own id where it is text (user_ids then count 1..n): what recommend.py shows.
+    user_keys: Optional[np.ndarray] = None  # str (num_users,)
 
     @property
     def num_users(self) -> int:
@@ -92,6 +94,8 @@ class SequenceData:
             values = getattr(self, field)
             if values is not None and values.shape != (self.max_item_id + 1,):
                 problems.append(f"{field} must have one entry per item id 0..{self.max_item_id}")
+        if self.user_keys is not None and self.user_keys.shape != (self.num_users,):
+            problems.append("user_keys must have one entry per user")
         if problems:
             raise ValueError(f"invalid sequence data {self.name!r}: " + "; ".join(problems))
 
