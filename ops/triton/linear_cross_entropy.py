@@ -62,6 +62,13 @@ MAX_DIM = 256  # beyond it a 16-bit (64 x D) tile pair no longer fits shared mem
 
 
 @triton.jit
+def _load_rows(Base, offs, stride, offs_d, rows_ok, d_ok):
+    """A (rows, BLOCK_D) tile of a row-major matrix; rows and dims past the end read 0."""
+    return tl.load(Base + offs[:, None] * stride + offs_d[None, :], mask=rows_ok[:, None] & d_ok[None, :],
+                   other=0.0)
+
+
+@triton.jit
 def _forward_kernel(
     Query, Items, Targets, PartMax, PartSum, PartTarget, L, C, tiles_per_split, scale,
     stride_q, stride_i,
@@ -73,7 +80,7 @@ def _forward_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_l < L
     d_ok = offs_d < D
-    q = tl.load(Query + offs_l[:, None] * stride_q + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q = _load_rows(Query, offs_l, stride_q, offs_d, row_ok, d_ok)
     target = tl.load(Targets + offs_l, mask=row_ok, other=-1)
     run_max = tl.full((BLOCK_L,), float("-inf"), dtype=tl.float32)
     run_sum = tl.zeros((BLOCK_L,), dtype=tl.float32)
@@ -83,8 +90,7 @@ def _forward_kernel(
     for tile in range(first, last):
         offs_c = tile * BLOCK_C + tl.arange(0, BLOCK_C)
         col_ok = offs_c < C
-        items = tl.load(Items + offs_c[:, None].to(tl.int64) * stride_i + offs_d[None, :],
-                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        items = _load_rows(Items, offs_c.to(tl.int64), stride_i, offs_d, col_ok, d_ok)
         z = tl.dot(q, tl.trans(items), input_precision=DOT_PREC) * scale
         z = tl.where(col_ok[None, :], z, float("-inf"))
         # Every tile has a real column, so new_max is finite and exp(-inf - new_max) = 0 on the first tile.
@@ -120,7 +126,7 @@ def _grad_query_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_l < L
     d_ok = offs_d < D
-    q = tl.load(Query + offs_l[:, None] * stride_q + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    q = _load_rows(Query, offs_l, stride_q, offs_d, row_ok, d_ok)
     target = tl.load(Targets + offs_l, mask=row_ok, other=-1)
     lse = tl.load(Lse + offs_l, mask=row_ok, other=0.0)
     g_scale = tl.where(target >= 0, tl.load(GradRows + offs_l, mask=row_ok, other=0.0), 0.0) * scale
@@ -130,8 +136,7 @@ def _grad_query_kernel(
     for tile in range(first, last):
         offs_c = tile * BLOCK_C + tl.arange(0, BLOCK_C)
         col_ok = offs_c < C
-        items = tl.load(Items + offs_c[:, None].to(tl.int64) * stride_i + offs_d[None, :],
-                        mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        items = _load_rows(Items, offs_c.to(tl.int64), stride_i, offs_d, col_ok, d_ok)
         z = tl.dot(q, tl.trans(items), input_precision=DOT_PREC) * scale
         dz = _logit_grads(z, offs_c[None, :], col_ok[None, :], target[:, None], lse[:, None], g_scale[:, None])
         acc += tl.dot(dz.to(items.dtype), items, input_precision=DOT_PREC)
@@ -150,14 +155,12 @@ def _grad_items_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     col_ok = offs_c < C
     d_ok = offs_d < D
-    items = tl.load(Items + offs_c[:, None] * stride_i + offs_d[None, :], mask=col_ok[:, None] & d_ok[None, :],
-                    other=0.0)
+    items = _load_rows(Items, offs_c, stride_i, offs_d, col_ok, d_ok)
     acc = tl.zeros((BLOCK_C, BLOCK_D), dtype=tl.float32)
     for start in range(0, L, BLOCK_L):
         offs_l = (start + tl.arange(0, BLOCK_L)).to(tl.int64)
         row_ok = offs_l < L
-        q = tl.load(Query + offs_l[:, None] * stride_q + offs_d[None, :], mask=row_ok[:, None] & d_ok[None, :],
-                    other=0.0)
+        q = _load_rows(Query, offs_l, stride_q, offs_d, row_ok, d_ok)
         target = tl.load(Targets + offs_l, mask=row_ok, other=-1)
         lse = tl.load(Lse + offs_l, mask=row_ok, other=0.0)
         g_scale = tl.where(target >= 0, tl.load(GradRows + offs_l, mask=row_ok, other=0.0), 0.0) * scale
