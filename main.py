@@ -43,7 +43,7 @@ FLAGS = flags.FLAGS
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")  # torch's own: it reads them at start-up
 
 
-def _busy_seconds(cores: List[int]) -> Dict[int, Tuple[float, float]]:
+def _busy_jiffies(cores: List[int]) -> Dict[int, Tuple[float, float]]:
     """(busy, total) jiffies of each core so far, from /proc/stat (idle and iowait are not busy)."""
     found = {}
     for line in Path("/proc/stat").read_text().splitlines():
@@ -58,9 +58,9 @@ def free_cores(cores: List[int], seconds: float = 0.2) -> int:
     """How many of `cores` were mostly idle over `seconds` (at least 1). Torch's OpenMP threads spin at every
     barrier: one thread per core plus another process's busy loop took 15x longer (README, "Threads")."""
     try:
-        before = _busy_seconds(cores)
+        before = _busy_jiffies(cores)
         time.sleep(seconds)
-        after = _busy_seconds(cores)
+        after = _busy_jiffies(cores)
     except (OSError, ValueError, IndexError):  # no /proc/stat: assume every core is free
         return len(cores)
     busy = sum((after[c][0] - before[c][0]) > 0.5 * (after[c][1] - before[c][1]) for c in before if c in after)
@@ -152,9 +152,9 @@ def launch(config_file: str, bindings: List[str], num_processes: Optional[int], 
         with contextlib.ExitStack() as held:
             if int(os.environ.get("RANK", 0)) == 0:  # before any rank can pass the rendezvous
                 directories = run_dirs(run_name)
-                held.enter_context(locked_run(directories[0]))  # spawned ranks run under this process's lock
                 for directory in directories:
                     check_writable_dir(directory)  # before the data is loaded, not at the first checkpoint
+                held.enter_context(locked_run(directories[0]))  # spawned ranks run under this process's lock
                 if fresh:
                     start_over(directories)
             if torchrun:
