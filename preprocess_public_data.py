@@ -50,6 +50,7 @@ from generative_recommenders.data.public_datasets import (
     preprocess_yoochoose,
 )
 from generative_recommenders.data.sources.interactions import Options
+from generative_recommenders.files import os_error_line
 
 FLAGS = flags.FLAGS
 flags.DEFINE_multi_string("dataset", None, f"Data set(s) to preprocess, repeatable or comma-separated: "
@@ -164,6 +165,9 @@ def run(datasets: Optional[Sequence[str]], archive: Optional[str], data_dir: str
             preprocess(dataset, data_dir, archive)
     except PreprocessingError as exc:
         print(f"ERROR: {exc}", file=sys.stderr, flush=True)
+        return 1
+    except OSError as exc:  # an unwritable, full or misplaced --data_dir: the path and the cause
+        print(f"ERROR: {os_error_line(exc)}", file=sys.stderr, flush=True)
         return 1
     return 0
 

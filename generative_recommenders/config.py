@@ -93,8 +93,8 @@ class TrainConfig:
             _check_type(f"train_fn.{name}", getattr(self, name), hint)
         check_positive("train_fn", **{name: getattr(self, name) for name in (
             "max_sequence_length", "item_embedding_dim", "num_negatives", "local_batch_size", "eval_batch_size",
-            "full_eval_every_n", "partial_eval_num_batches", "ranking_holdout", "head_hidden_dim")})
-        for name in ("num_epochs", "num_warmup_steps", "gr_output_length", "early_stopping_patience",
+            "full_eval_every_n", "partial_eval_num_batches", "ranking_holdout", "head_hidden_dim", "num_epochs")})
+        for name in ("num_warmup_steps", "gr_output_length", "early_stopping_patience",
                      "weight_decay", "bpr_max_regularization", "random_seed"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):

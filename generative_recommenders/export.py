@@ -26,7 +26,7 @@ import torch
 from absl import app, flags
 
 from generative_recommenders.config import ConfigError
-from generative_recommenders.data.sequence_store import atomic_write
+from generative_recommenders.files import atomic_write, check_output_file
 from generative_recommenders.trained_run import TrainedRun, load_run, query_batches, query_sequences, run_cli
 
 FLAGS = flags.FLAGS
@@ -64,6 +64,7 @@ def save(arrays: Dict[str, np.ndarray], path: str) -> None:
 def _main() -> None:
     if not (FLAGS.out or "").endswith(".npz"):
         raise ConfigError(f"--out must name an .npz file, got {FLAGS.out}")
+    check_output_file(Path(FLAGS.out))  # as recommend does: before the work, and no directory is made for it
     run = load_run(FLAGS.run_dir, FLAGS.epoch)
     print(f"{run.run_name}: {FLAGS.epoch} epoch {run.epoch + 1} ({run.checkpoint}) on {run.device}", flush=True)
     arrays = embeddings(run)

@@ -5,14 +5,18 @@ that point of that epoch: "train" (halfway through the epoch's steps), "eval"
 (before evaluating), "checkpoint" (after the checkpoint's temporary file is
 written, before it is renamed), "best" (after last.pt is written, before
 best.pt is, in an epoch that is the best so far) kill the process with
-SIGKILL; "nan" makes that epoch's training loss non-finite. Unset, every
-check is a no-op.
+SIGKILL; "nan" makes that epoch's training loss non-finite, "nan_weights" one weight
+after the epoch's last step (its loss stays finite). Unset, every
+check is a no-op. GR_FAULT="enospc@<file name>" makes writing that output
+file fail as on a full disk (files.atomic_write, after its temporary is written).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
+from pathlib import Path
 
 
 def _armed(point: str, epoch: int, rank: int) -> bool:
@@ -20,6 +24,8 @@ def _armed(point: str, epoch: int, rank: int) -> bool:
     if not spec:
         return False
     parts = spec.split("@")
+    if len(parts) < 2 or not parts[1].isdigit():  # another kind of fault ("enospc@<file>")
+        return False
     target_rank = int(parts[2]) if len(parts) > 2 else 0
     return parts[0] == point and int(parts[1]) == epoch and target_rank == rank
 
@@ -31,3 +37,12 @@ def kill_if(point: str, epoch: int, rank: int = 0) -> None:
 
 def poison_loss(epoch: int, rank: int = 0) -> bool:
     return _armed("nan", epoch, rank)
+
+
+def poison_weights(epoch: int, rank: int = 0) -> bool:
+    return _armed("nan_weights", epoch, rank)
+
+
+def fill_disk_if(path: Path) -> None:
+    if os.environ.get("GR_FAULT", "") == f"enospc@{Path(path).name}":
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

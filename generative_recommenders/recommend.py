@@ -34,6 +34,7 @@ from absl import app, flags
 
 from generative_recommenders.config import ConfigError
 from generative_recommenders.data.sequence_store import SequenceData
+from generative_recommenders.files import atomic_write, check_output_file
 from generative_recommenders.trained_run import (TrainedRun, load_run, query_batches, query_sequences, run_cli,
                                                  shown_user_ids, user_rows)
 
@@ -143,13 +144,15 @@ def check_output(path: str) -> None:
         raise ConfigError(f"--out must end in {' or '.join(FORMATS)}, got {path}")
     if suffix == ".parquet" and importlib.util.find_spec("pyarrow") is None:
         raise ConfigError("writing .parquet needs pyarrow (pip install pyarrow); or write a .csv")
+    check_output_file(Path(path))
 
 
 def write_table(table: pd.DataFrame, path: str) -> None:
+    """Atomically: a full disk or a kill leaves the old file or none, never a truncated table."""
     if Path(path).suffix == ".parquet":
-        table.to_parquet(path, index=False)
+        atomic_write(Path(path), lambda tmp: table.to_parquet(tmp, index=False))
     else:
-        table.to_csv(path, index=False)
+        atomic_write(Path(path), lambda tmp: table.to_csv(tmp, index=False))
 
 
 def _main() -> None:

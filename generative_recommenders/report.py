@@ -15,11 +15,15 @@ their run names carry a hash of them) are told apart by their run name.
 from __future__ import annotations
 
 import json
+import math
 import re
+import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from absl import app, flags
+
+from generative_recommenders.files import atomic_write, check_writable_dir, os_error_line
 
 COLUMNS = ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "hr@200", "ndcg@200")
 SESSION_COLUMNS = ("hr@20", "mrr@20", "hr@10", "ndcg@10")
@@ -122,8 +126,17 @@ def published(results: Dict) -> List[Tuple[str, Tuple[float, ...]]]:
     return rows
 
 
-def _cells(metrics: Dict[str, float], columns: Sequence[str]) -> List[str]:
-    return [f"{metrics[c]:.4f}" if c in metrics else "" for c in columns]
+def _cells(metrics: Dict[str, Optional[float]], columns: Sequence[str]) -> List[str]:
+    # null: a metric undefined on the data (results.json writes NaN so); older files may hold NaN itself.
+    return [f"{metrics[c]:.4f}" if c in metrics and metrics[c] is not None and math.isfinite(metrics[c]) else ""
+            for c in columns]
+
+
+def seconds_cell(results: Dict) -> str:
+    """Process seconds summed over every process that trained the run, and how many there were when > 1."""
+    seconds = f"{results.get('process_seconds', results['wall_seconds']):.0f}"
+    sessions = results.get("sessions", 1)
+    return seconds if sessions <= 1 else f"{seconds} ({sessions} sessions)"
 
 
 def table(runs: Sequence[Dict]) -> str:
@@ -135,8 +148,7 @@ def table(runs: Sequence[Dict]) -> str:
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, r in zip(row_labels(runs), runs):
         split, common = reported_split(r), [label, loss_label(r)]
-        seconds = f"{r.get('process_seconds', r['wall_seconds']):.0f}"
-        for which, extra in (("best", [seconds, r["device"]]), ("last", ["", ""])):
+        for which, extra in (("best", [seconds_cell(r), r["device"]]), ("last", ["", ""])):
             record = r[which]
             if "epoch" not in record:  # no (full) evaluation finished yet
                 continue
@@ -223,8 +235,8 @@ def plot_curves(runs: Sequence[Dict], path: Path) -> None:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    # The temporary's name ends in .tmp: the format is the target's.
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png"))
 
 
 def load(paths: Sequence[str]) -> List[Dict]:
@@ -241,6 +253,15 @@ def main(argv: List[str]) -> None:
     paths = argv[1:]
     if not paths:
         raise app.UsageError("give one or more results.json files")
+    try:
+        if flags.FLAGS.plot:
+            check_writable_dir(Path(flags.FLAGS.plot).parent)  # before reading and tabulating the runs
+        _report(paths)
+    except OSError as exc:
+        sys.exit(f"error: {os_error_line(exc)}")
+
+
+def _report(paths: Sequence[str]) -> None:
     runs = load(paths)
     print("\n\n".join("\n\n".join(filter(None, (table(group), seed_spread(group)))) for group in groups(runs)))
     if flags.FLAGS.plot:

@@ -9,13 +9,16 @@ loaded without running code from them (tensors and plain values only).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
+import os
 import platform
-import time
+import shutil
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import gin
 import numpy as np
@@ -23,7 +26,8 @@ import torch
 
 from generative_recommenders import faults
 from generative_recommenders.config import ConfigError, TrainConfig
-from generative_recommenders.data.sequence_store import SequenceData, atomic_write
+from generative_recommenders.data.sequence_store import SequenceData
+from generative_recommenders.files import atomic_write, strict_json
 from generative_recommenders.tensorboard_log import TensorBoardLog
 
 # Settings a run may change and still resume its checkpoint (left out of its fingerprint and its name).
@@ -41,6 +45,9 @@ class RunState:
     epochs_done: int = 0
     step: int = 0
     wall_seconds: float = 0.0
+    # Summed over every process that trained the run (a resumed run has several), up to the last checkpoint.
+    process_seconds: float = 0.0
+    sessions: int = 0  # processes that trained the run: 1 + the times it was resumed
     history: List[Dict] = dataclasses.field(default_factory=list)
 
 
@@ -55,7 +62,29 @@ def parse_config(config_file: str, bindings: Sequence[str]) -> None:
     if not Path(config_file).exists():
         raise FileNotFoundError(f"gin config file {config_file} not found")
     gin.clear_config()
-    gin.parse_config_files_and_bindings([config_file], bindings)
+    try:
+        gin.parse_config_files_and_bindings([config_file], bindings)
+    except SyntaxError as exc:  # gin's error for a value that is no Python literal
+        if not str(exc).startswith(_NOT_A_LITERAL):
+            raise
+        raise ConfigError(f"{_unreadable_value(config_file, bindings)}: gin reads values as Python literals "
+                          f"(numbers such as 1e-3, 'quoted strings', True, False, None); a bare name such as inf "
+                          f"or nan is none, and infinite or undefined settings are never valid") from None
+
+
+_NOT_A_LITERAL = "malformed node or string"  # ast.literal_eval's message for a bare name (inf, nan, a typo)
+
+
+def _unreadable_value(config_file: str, bindings: Sequence[str]) -> str:
+    """The binding gin could not read a value of (parsed alone), else the config file."""
+    for binding in bindings:
+        gin.clear_config()
+        try:
+            gin.parse_config(binding)
+        except SyntaxError as exc:
+            if str(exc).startswith(_NOT_A_LITERAL):
+                return f"--gin_bindings={binding!r}"
+    return f"a value in {config_file}"
 
 
 def _entries(config_str: str) -> Dict[str, str]:
@@ -111,6 +140,36 @@ def config_fingerprint(data: SequenceData) -> str:
     return "\n".join(lines + [json.dumps(data.summary(), sort_keys=True)])
 
 
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def locked_run(run_dir: Path) -> Iterator[None]:
+    """Holds `run_dir`/.lock (flock) inside the block: one training per run directory.
+
+    The OS releases the lock when the process ends, however it ends, so a killed run never leaves a stale
+    lock. Raises ConfigError naming the process holding it. Directories made for the lock are removed again
+    when the block leaves nothing else in them (a run that failed before its first epoch leaves no trace).
+    """
+    made = next((p for p in reversed([run_dir, *run_dir.parents]) if not p.exists()), None)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with open(run_dir / LOCK_FILE, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise ConfigError(f"{run_dir} is being trained by another process (pid {lock.read().strip() or '?'}); "
+                              f"wait for it to finish, or stop it, before training or deleting this run") from None
+        try:
+            lock.truncate(0)
+            lock.write(f"{os.getpid()}\n")
+            lock.flush()
+            yield
+        finally:
+            if made is not None and [p for p in made.rglob("*") if not p.is_dir()] == [run_dir / LOCK_FILE]:
+                shutil.rmtree(made)
+
+
 # -------------------------------------------------------------------------------------------------
 # The machine a run is on
 
@@ -143,14 +202,20 @@ def save_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.O
     payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": dataclasses.asdict(state)}
 
     def write(tmp: Path) -> None:
-        torch.save(payload, tmp)
+        _torch_save(payload, tmp)
         faults.kill_if("checkpoint", state.epochs_done - 1)
 
     atomic_write(path, write)
 
 
+def _torch_save(payload: Dict, path: Path) -> None:
+    # Through a Python file: a full disk then raises OSError, not torch's RuntimeError ("enforce fail at ...").
+    with open(path, "wb") as f:
+        torch.save(payload, f)
+
+
 def save_best(path: Path, weights: Dict[str, torch.Tensor], epoch: int, fingerprint: str) -> None:
-    atomic_write(path, lambda tmp: torch.save({"model": weights, "epoch": epoch, "fingerprint": fingerprint}, tmp))
+    atomic_write(path, lambda tmp: _torch_save({"model": weights, "epoch": epoch, "fingerprint": fingerprint}, tmp))
 
 
 def checkpoint_weights(payload: Dict) -> Tuple[Dict[str, torch.Tensor], int, Optional[str]]:
@@ -165,12 +230,17 @@ def load_checkpoint_file(path: Path, device: torch.device) -> Dict:
     """Reads a checkpoint without running code from it (no pickle beyond tensors and plain containers)."""
     try:
         return torch.load(path, map_location=device, weights_only=True)
+    except OSError:
+        raise  # unreadable file: the command names the path and the cause
     except Exception as exc:  # UnpicklingError for forbidden objects; others for damaged files
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = str(exc).strip()
+        # torch's own message advises weights_only=False, which would run the file's code: never quoted.
+        cause = type(exc).__name__ if not text or "weights_only" in text or "Weights only" in text \
+            else text.splitlines()[0]
         raise ConfigError(
             f"{path} cannot be loaded safely: it holds something other than tensors and plain values, or is damaged "
-            f"({first_line}). It was not written by this version of the trainer; delete it (or start the run over "
-            f"with train_fn.resume = False) to train from scratch"
+            f"({cause}). It was not written by this version of the trainer; delete it (or start the run over "
+            f"with --fresh) to train from scratch"
         ) from None
 
 
@@ -212,13 +282,16 @@ def write_results(path: Path, summary: Dict, state: RunState, best: Optional[Dic
     results = {
         **summary,
         "wall_seconds": state.wall_seconds,
-        "process_seconds": time.time() - summary["process_start"],
+        "process_seconds": state.process_seconds,
+        "train_seconds": sum(record["train_seconds"] for record in state.history),
+        "sessions": state.sessions,
         "epochs_done": state.epochs_done,
         "per_epoch": state.history,
         "best": {"selected_by": summary["selected_by"], **(best or {})},
         "last": state.history[-1] if state.history else {},
     }
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(results, indent=1)))
+    # Strict JSON: a metric undefined on the data (AUC or NE with one class, NDCG without a positive) is null.
+    atomic_write(path, lambda tmp: tmp.write_text(strict_json(results)))
 
 
 def run_summary(config: TrainConfig, run_name: str, run_dir: Path, data: SequenceData, device: torch.device,

@@ -28,6 +28,7 @@ from generative_recommenders.data.datasets import load_dataset
 from generative_recommenders.data.parsing import PreprocessingError
 from generative_recommenders.data.samples import SESSIONS, Batch, DeviceSequences
 from generative_recommenders.data.sequence_store import SequenceData
+from generative_recommenders.files import os_error_line
 from generative_recommenders.precision import set_precision
 from generative_recommenders.progress import Progress
 from generative_recommenders.runs import (checkpoint_weights, config_fingerprint, device_for, load_checkpoint_file,
@@ -162,5 +163,7 @@ def run_cli(body: Callable[[], None]) -> None:
     logging.set_verbosity(logging.WARNING)  # fbgemm_gpu logs every library it loads
     try:
         body()
-    except (ValueError, FileNotFoundError, PreprocessingError) as exc:  # ConfigError is a ValueError
+    except OSError as exc:  # a filesystem fault: the path and the cause
+        sys.exit(f"error: {os_error_line(exc)}")
+    except (ValueError, PreprocessingError) as exc:  # ConfigError is a ValueError
         sys.exit(f"error: {first_line(exc)}")

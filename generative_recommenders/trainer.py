@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from generative_recommenders import faults
-from generative_recommenders.config import TrainConfig
+from generative_recommenders.config import ConfigError, TrainConfig
 from generative_recommenders.cuda_graph import CudaGraphStep
 from generative_recommenders.data.datasets import load_dataset
 from generative_recommenders.evaluation.metrics import format_metrics
@@ -132,13 +132,16 @@ class Trainer:
             fused=self.device.type == "cuda", capturable=use_graph,
         )
         self.state = self._resume(RunState(fingerprint=config_fingerprint(data), world_size=world_size))
+        self.state.sessions += 1
+        self.process_start = process_start or self.start_time
+        self.earlier_process_seconds = self.state.process_seconds  # the processes before this one
         if rank == 0:
             self._complete_best_checkpoint()
         train_model = DistributedDataParallel(self.model) if dist.is_initialized() else self.model
         self.step = TrainStep(self.task, train_model, self.optimizer)
         self.summary = run_summary(config, self.run_name, self.run_dir, data, self.device, world_size, use_graph,
                                    f"{self.task.selection_split}/{self.task.selection_metric}",
-                                   process_start or self.start_time)
+                                   self.process_start)
         self.recorder: Optional[RunRecorder] = None  # rank 0's, from the start of the run
 
     # ---------------------------------------------------------------------------------------------
@@ -153,6 +156,10 @@ class Trainer:
         if not (self.config.resume and path.exists()):
             return fresh
         saved, payload = load_resumable(path, fresh, self.device)
+        if saved.epochs_done > self.config.num_epochs:
+            raise ConfigError(f"{self.run_name} has trained {saved.epochs_done} epochs already, more than "
+                              f"train_fn.num_epochs = {self.config.num_epochs}: nothing to do (raise num_epochs to "
+                              f"continue it, or start over with --fresh)")
         self.model.load_state_dict(payload["model"])
         self.optimizer.load_state_dict(payload["optimizer"])
         self._log(f"resuming {self.run_name} from {path} after epoch {saved.epochs_done}")
@@ -209,6 +216,9 @@ class Trainer:
             progress.update(i + 1, self.device)
         if faults.poison_loss(epoch, self.rank):
             loss_sum += float("nan")
+        if faults.poison_weights(epoch, self.rank):
+            with torch.no_grad():
+                next(self.model.parameters()).view(-1)[0] = float("nan")
         return float(_all_reduce(loss_sum).item()) / max(len(starts) * self.world_size, 1)
 
     def _stop_non_finite(self, what: str, epoch: int) -> None:
@@ -299,11 +309,17 @@ class Trainer:
             record = self._run_epoch(epoch)
             self.state.history.append(record)
             self.state.epochs_done = epoch + 1
-            self.state.wall_seconds += time.time() - self.start_time
-            self.start_time = time.time()
+            self._add_times()
             self._log_epoch(record)
-        self.state.wall_seconds += time.time() - self.start_time
+        self._add_times()
         return self._finish()
+
+    def _add_times(self) -> None:
+        """Brings the run's cumulative times up to now (saved with the next checkpoint and results.json)."""
+        now = time.time()
+        self.state.wall_seconds += now - self.start_time
+        self.start_time = now
+        self.state.process_seconds = self.earlier_process_seconds + now - self.process_start
 
 
 def train_fn(rank: int = 0, world_size: int = 1, default_run_name: str = "run",

@@ -20,7 +20,7 @@ GR = "generative_recommenders"
 
 # Module-name prefixes per floor, lowest first.
 FLOORS = [
-    [f"{GR}.config", f"{GR}.faults", f"{GR}.precision", f"{GR}.cuda_graph", f"{GR}.progress"],  # used by all
+    [f"{GR}.config", f"{GR}.faults", f"{GR}.files", f"{GR}.precision", f"{GR}.cuda_graph", f"{GR}.progress"],  # used by all
     [f"{GR}.data", "ops"],
     [f"{GR}.modeling"],
     [f"{GR}.objectives"],

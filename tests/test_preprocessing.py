@@ -146,6 +146,13 @@ def test_ml_1m_sequences_features_and_csv(tmp_path):
                      20: ("20", "Caf\xe9 Society (1995)")}
 
 
+def test_duplicated_rows_are_counted_in_a_warning(tmp_path):
+    messages: List[str] = []
+    ratings = "1::1::5::100\n" * 4 + "1::2::4::100\n2::1::3::200\n"
+    preprocess("ml-1m", tmp_path, ml_1m_zip(tmp_path / "ml-1m.zip", ratings=ratings), log=messages.append)
+    assert [m for m in messages if "WARNING" in m and "3 rows of" in m and "repeat an earlier row exactly" in m]
+
+
 def test_count_mismatch_warning_names_each_count(tmp_path, capsys):
     preprocess("ml-1m", tmp_path, ml_1m_zip(tmp_path / "ml-1m.zip"))
     out = capsys.readouterr().out
@@ -264,6 +271,7 @@ def _expect_error(tmp_path: Path, name: str, archive: Path, *fragments: str) -> 
     ("0::1::5::100\n", ["line 1", "UserID 0 is not a positive integer"]),
     ("1::1::5::100\n1::-4::5::100\n", ["line 2", "MovieID -4 is not a positive integer"]),
     ("1::1::5::100\n\n1::2::5::100\n", ["line 2", "empty line"]),
+    ("1::1::5::100\n1::2::5::" + "1" + "0" * 20 + "\n", ["line 2", "Timestamp 1" + "0" * 20 + " is too large"]),
     ("", ["the file is empty"]),
 ])
 def test_ml_1m_malformed_ratings(tmp_path, ratings, fragments):
@@ -337,14 +345,34 @@ def test_failure_while_writing_leaves_no_files(tmp_path, monkeypatch):
     assert files_under(tmp_path / "data") == []
 
 
-def test_rerun_removes_temporaries_of_a_killed_run(tmp_path):
+KILLED_WHILE_WRITING = """
+import os, signal, sys
+import numpy as np
+from generative_recommenders.data.public_datasets import preprocess
+
+real_savez = np.savez
+def savez_then_die(file, **arrays):  # the cache's bytes written (and flushed), then SIGKILL before the rename
+    real_savez(file, **arrays)
+    file.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+np.savez = savez_then_die
+preprocess("ml-1m", sys.argv[1], sys.argv[2], log=lambda message: None)
+"""
+
+
+def test_a_process_killed_while_writing_the_cache_leaves_no_cache_and_a_rerun_cleans_up(tmp_path):
+    archive = ml_1m_zip(tmp_path / "ml-1m.zip")
+    proc = subprocess.run([sys.executable, "-c", KILLED_WHILE_WRITING, str(tmp_path), str(archive)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr[-2000:]
     out = tmp_path / "ml-1m"
-    out.mkdir()
-    stale = [".sequences.npz.k1ll3d.npz.tmp", "..sequences.npz.k1ll3d.npz.tmp.x7.tmp", ".sasrec_format.csv.k1ll3d.tmp"]
-    for name in stale:
-        (out / name).write_bytes(b"partial")
-    preprocess("ml-1m", tmp_path, ml_1m_zip(tmp_path / "ml-1m.zip"), log=quiet)
-    assert files_under(out) == ["sasrec_format.csv", "sequences.npz"]
+    left = files_under(out)
+    assert "sequences.npz" not in left and "sasrec_format.csv" not in left  # nothing complete-looking
+    assert left, "the kill came before any temporary was written: nothing was tested"
+    with pytest.raises(PreprocessingError, match="has not been preprocessed"):
+        ensure_preprocessed("ml-1m", str(tmp_path))
+    preprocess("ml-1m", tmp_path, archive, log=quiet)
+    assert files_under(out) == ["sasrec_format.csv", "sequences.npz"]  # the killed run's temporaries removed
 
 
 # --------------------------------------------------------------------------------------------------

@@ -286,6 +286,37 @@ def test_command_line_faults_are_one_line_errors(workdir, args, message):
     assert "Traceback" not in proc.stderr
 
 
+def _recommend_cli(workdir: Path, args, fault: str = "") -> subprocess.CompletedProcess:
+    env = {**cpu_env(), "PYTHONPATH": str(REPO), "GR_FAULT": fault}
+    return subprocess.run([sys.executable, "-m", "generative_recommenders.recommend", f"--run_dir={DEFAULT_RUN}",
+                           *args], cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_a_full_disk_leaves_the_old_output_and_no_partial_file(workdir, tmp_path):
+    """The write fails as on a full disk (ENOSPC through faults.fill_disk_if, after the temporary is written):
+    one line naming the file, status 1, the earlier recs.csv untouched and no temporary left beside it."""
+    out = tmp_path / "recs.csv"
+    out.write_text("user_id,rank,item_id,score\n")
+    proc = _recommend_cli(workdir, ["--all", f"--out={out}"], fault="enospc@recs.csv")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {out}: No space left on device"
+    assert out.read_text() == "user_id,rank,item_id,score\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["recs.csv"]
+
+
+@pytest.mark.parametrize("tool", ["recommend", "export"])
+def test_an_output_in_a_missing_directory_is_refused_before_the_work(workdir, tmp_path, tool):
+    """recommend and export alike: a missing directory is named, not created, before the run is loaded."""
+    out = tmp_path / "missing" / ("x.csv" if tool == "recommend" else "x.npz")
+    args = ["--all"] if tool == "recommend" else []
+    proc = subprocess.run([sys.executable, "-m", f"generative_recommenders.{tool}", f"--run_dir={DEFAULT_RUN}",
+                           *args, f"--out={out}"], cwd=workdir, env={**cpu_env(), "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {out.parent}: no such directory")
+    assert not out.parent.exists() and "Traceback" not in proc.stderr
+
+
 def test_parquet_is_written_with_pyarrow_and_refused_clearly_without(workdir, tmp_path):
     import importlib.util
 

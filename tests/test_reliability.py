@@ -82,6 +82,9 @@ def test_sigkill_then_rerun_gives_the_same_results(tmp_path, reference, fault):
     resumed = _run(tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resuming" in resumed.stdout
+    results = json.loads((tmp_path / RUN).read_text())
+    assert results["sessions"] == 2  # both processes' time is counted, not only the last one's
+    assert results["process_seconds"] >= results["train_seconds"] > 0
     # Killed after last.pt of the best epoch 2 and before its best.pt: the resumed run restores best.pt.
     assert ("best.pt lacked epoch 2" in resumed.stdout) == (fault == "best@1")
     _assert_same_as_reference(tmp_path, reference)
@@ -118,6 +121,55 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     ckpt = torch.load(tmp_path / CKPT / "last.pt", weights_only=True)
     assert ckpt["state"]["epochs_done"] == 2
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_non_finite_weights_with_a_finite_loss_stop_the_run(tmp_path):
+    """A NaN written into a weight after the epoch's last step: the loss is finite, only the weights check sees it."""
+    proc = _run(tmp_path, "nan_weights@1")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "non-finite weights after the last update in epoch 2" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    ckpt = torch.load(tmp_path / CKPT / "last.pt", weights_only=True)
+    assert ckpt["state"]["epochs_done"] == 1
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_a_second_training_of_the_same_run_is_refused_naming_the_first(tmp_path):
+    long = ["train_fn.num_epochs = 1000"]  # still training when the second starts
+    first = subprocess.Popen(_cmd(tmp_path, long), cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in first.stdout:
+            if line.startswith("epoch 1/"):  # training: the lock is held
+                break
+        second = _run(tmp_path, extra=long, timeout=120)
+        assert first.poll() is None, "the first run finished before the second started: nothing was tested"
+    finally:
+        first.kill()
+        first.wait()
+    assert second.returncode == 1
+    assert second.stderr.strip().splitlines()[-1].startswith(
+        f"error: {tmp_path}/exps/synthetic-l20/{RUN_NAME} is being trained by another process (pid {first.pid})")
+    # The OS released the killed run's lock: the run now resumes (for one more epoch).
+    done = torch.load(tmp_path / CKPT / "last.pt", weights_only=True)["state"]["epochs_done"]
+    resumed = _run(tmp_path, extra=[f"train_fn.num_epochs = {done + 1}"])
+    assert resumed.returncode == 0 and "resuming" in resumed.stdout, resumed.stderr[-3000:]
+
+
+def test_fewer_epochs_than_done_says_so_and_exits(reference):
+    proc = _run(reference, extra=["train_fn.num_epochs = 2"])
+    assert proc.returncode == 1
+    assert f"has trained {EPOCHS} epochs already, more than train_fn.num_epochs = 2" in proc.stderr
+
+
+def test_a_positional_argument_is_refused_with_the_usage_line(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "main.py"), "configs/ml-1m/hstu-sampled-softmax-n128-final.gin"],
+                          cwd=tmp_path, env=cpu_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "python3 main.py --gin_config_file=" in proc.stderr  # the usage lines
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "unexpected arguments: configs/ml-1m/hstu-sampled-softmax-n128-final.gin")
+    assert list(tmp_path.iterdir()) == []  # nothing trained
 
 
 def test_non_finite_loss_in_the_first_epoch_says_no_checkpoint_exists(tmp_path):
@@ -158,12 +210,13 @@ SASREC, GRU, BERT = ("train_fn.main_module = 'SASRec'", "train_fn.main_module = 
 INVALID_VALUES = [
     *[([f"train_fn.{name} = 0"], f"train_fn.{name} must be a positive integer, got 0")
       for name in ("max_sequence_length", "item_embedding_dim", "num_negatives", "local_batch_size",
-                   "eval_batch_size", "full_eval_every_n", "partial_eval_num_batches")],
+                   "eval_batch_size", "full_eval_every_n", "partial_eval_num_batches", "num_epochs")],
     *[([f"train_fn.{name} = -1"], f"train_fn.{name} must be a finite number >= 0, got -1")
-      for name in ("num_epochs", "num_warmup_steps", "gr_output_length", "early_stopping_patience",
+      for name in ("num_warmup_steps", "gr_output_length", "early_stopping_patience",
                    "weight_decay", "bpr_max_regularization", "random_seed")],
     *[([f"train_fn.{name} = 0.0"], f"train_fn.{name} must be a positive number, got 0.0")
       for name in ("learning_rate", "temperature", "l2_norm_eps")],
+    (["train_fn.learning_rate = inf"], "--gin_bindings='train_fn.learning_rate = inf': gin reads values as Python"),
     (["train_fn.weight_decay = 1e999"], "train_fn.weight_decay must be a finite number >= 0, got inf"),
     (["train_fn.dropout_rate = 1.0"], "train_fn.dropout_rate must be a number in [0, 1), got 1.0"),
     (["train_fn.mask_prob = 0.0"], "train_fn.mask_prob must be in (0, 1)"),

@@ -51,3 +51,27 @@ def test_the_report_of_real_training_output(tmp_path):
         assert [line for line in lines if line.startswith(row)], (row, proc.stdout)
     assert [line for line in lines if line.startswith("| HSTU | sampled softmax n32 | 2 runs |")], proc.stdout
     assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_undefined_metrics_are_null_in_strict_json_and_empty_cells(tmp_path):
+    """results.json is strict JSON (no NaN token, which other tools reject): an undefined metric is null,
+    and the report leaves its cell empty; a resumed run's seconds say how many processes they sum."""
+    import json
+    import math
+
+    from generative_recommenders.runs import RunState, write_results
+
+    run = _run("undefined")
+    run["per_epoch"][-1]["eval"]["ndcg@10"] = math.nan
+    state = RunState(epochs_done=2, process_seconds=593.0, sessions=3,
+                     history=[{**e, "train_seconds": 1.0} for e in run["per_epoch"]])
+    summary = {k: v for k, v in run.items() if k not in ("per_epoch", "best", "last", "wall_seconds")}
+    write_results(tmp_path / "results.json", {**summary, "selected_by": "eval/hr@10"}, state, state.history[-1])
+
+    def no_constants(token: str):
+        raise AssertionError(f"non-strict JSON token {token}")
+
+    written = json.loads((tmp_path / "results.json").read_text(), parse_constant=no_constants)
+    assert written["best"]["eval"]["ndcg@10"] is None and written["sessions"] == 3
+    row = next(line for line in table([written]).splitlines() if line.startswith("| HSTU | sampled softmax n128 | best"))
+    assert row.split(" | ")[3:5] == ["0.2000", ""] and " | 593 (3 sessions) | cpu |" in row

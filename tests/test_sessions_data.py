@@ -336,6 +336,21 @@ def test_malformed_prepared_file(tmp_path, text, fragments):
     _prepared_error(tmp_path, text, *fragments)
 
 
+def test_a_directory_for_a_file_is_named_as_one(tmp_path):
+    with pytest.raises(PreprocessingError, match=f"{tmp_path}: is a directory; give the file itself"):
+        preprocess_sessions("x", tmp_path, prepared_file(tmp_path / "test.txt", TEST), data_dir=tmp_path / "d",
+                            log=quiet)
+
+
+def test_test_sessions_that_are_training_sessions_are_counted_in_a_warning(tmp_path):
+    messages: List[str] = []
+    same = prepared_file(tmp_path / "train.txt", TEST)
+    preprocess_sessions("x", same, same, data_dir=tmp_path / "d", log=messages.append)
+    sessions_in_test = len({row[0] for row in TEST})
+    assert [m for m in messages if m.startswith("WARNING: x: ") and
+            f"{sessions_in_test} of {sessions_in_test} test sessions" in m and "leakage" in m]
+
+
 @pytest.mark.parametrize("text, fragments", [
     (None, ["no such file"]),
     ("", ["the file is empty"]),

@@ -141,6 +141,17 @@ class _PlantsAMarker:
         return os.system, (f"touch {self.marker}",)
 
 
+def test_a_garbage_checkpoint_is_refused_without_advising_unsafe_loading(tmp_path):
+    from generative_recommenders.config import ConfigError
+
+    ckpt = tmp_path / "ckpts/synthetic-l20/run/last.pt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"not a checkpoint at all" * 100)
+    with pytest.raises(ConfigError, match="cannot be loaded safely") as info:
+        train_tiny(tmp_path)
+    assert "weights_only" not in str(info.value) and "--fresh" in str(info.value)
+
+
 def test_loading_a_checkpoint_never_runs_code_from_it(tmp_path):
     import torch
 
@@ -150,8 +161,9 @@ def test_loading_a_checkpoint_never_runs_code_from_it(tmp_path):
     ckpt = tmp_path / "ckpts/synthetic-l20/run/last.pt"
     ckpt.parent.mkdir(parents=True)
     torch.save({"model": {}, "optimizer": {}, "state": {"payload": _PlantsAMarker(marker)}}, ckpt)
-    with pytest.raises(ConfigError, match="cannot be loaded safely"):
+    with pytest.raises(ConfigError, match="cannot be loaded safely") as info:
         train_tiny(tmp_path)
+    assert "weights_only" not in str(info.value)  # torch's advice to load it unsafely is never passed on
     assert not marker.exists()
     # The same file through plain pickle would have run the command: the test's bait is real.
     torch.load(ckpt, weights_only=False)

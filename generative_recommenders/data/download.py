@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple, Optional, Tuple
 
 from generative_recommenders.data.parsing import Log, PreprocessingError, mib, print_log
-from generative_recommenders.data.sequence_store import atomic_write, remove_stale_temporaries
+from generative_recommenders.files import atomic_write, remove_stale_temporaries
 
 
 class Checksum(NamedTuple):

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
 INT32_MAX = 2**31 - 1
+INT64_MAX = 2**63 - 1
 DIGITS = b"0123456789"
 PARSER_ERRORS = (ValueError, OverflowError)  # pandas' ParserError and UnicodeDecodeError are ValueErrors
 
@@ -37,6 +38,15 @@ def print_log(message: str) -> None:
 
 class PreprocessingError(Exception):
     """A problem the user can fix (bad or missing input, failed download); the CLI prints it and exits 1."""
+
+
+def check_input_file(path: Path, source: str = "") -> None:
+    """Raises PreprocessingError unless `path` is a regular file (`source`: how the message names it)."""
+    source = source or str(path)
+    if path.is_dir():
+        raise PreprocessingError(f"{source}: is a directory; give the file itself")
+    if not path.is_file():
+        raise PreprocessingError(f"{source}: no such file")
 
 
 def mib(n: float) -> str:
@@ -87,6 +97,8 @@ def _integer_problem(field: Field, text: str) -> Optional[str]:
         return f"{field.name} {value} is too large (ids must fit in 32 bits)"
     if value < 0:
         return f"{field.name} {value} is negative"
+    if value > INT64_MAX:
+        return f"{field.name} {value} is too large (integers must fit in 64 bits)"
     return None
 
 
@@ -182,8 +194,7 @@ def comma_file_checker(path: Path, fields: Sequence[Field]) -> Tuple[Callable[[s
     line, and the number of lines (the rows pandas must return).
     """
     source = str(path)
-    if not path.is_file():
-        raise PreprocessingError(f"{source}: no such file")
+    check_input_file(path)
     if path.stat().st_size == 0:
         raise PreprocessingError(f"{source}: the file is empty")
 
@@ -270,6 +281,16 @@ class Ratings(NamedTuple):
     items: np.ndarray
     ratings: np.ndarray  # float32
     timestamps: np.ndarray  # int64
+
+
+def warn_duplicate_rows(name: str, rows: Ratings, source: str, log: Log) -> None:
+    """Logs how many rows repeat an earlier row exactly (kept: the release kept them; a count says how many)."""
+    import pandas as pd
+
+    duplicates = int(pd.DataFrame(rows._asdict()).duplicated().sum())
+    if duplicates:
+        log(f"WARNING: {name}: {duplicates:,} rows of {source} repeat an earlier row exactly (same user, item, "
+            f"rating and time); kept as they are")
 
 
 def user_time_order(users: np.ndarray, timestamps: np.ndarray) -> np.ndarray:

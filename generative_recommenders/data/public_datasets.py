@@ -27,12 +27,11 @@ from generative_recommenders.data.sequence_store import (
     CACHE_FILE,
     FORMAT_VERSION,
     SequenceData,
-    atomic_write,
-    remove_stale_temporaries,
     save_sequences,
 )
 from generative_recommenders.data.sources import amazon, interactions, movielens, sessions
 from generative_recommenders.data.synthetic import SYNTHETIC
+from generative_recommenders.files import atomic_write, check_writable_dir, remove_stale_temporaries
 
 __all__ = ["DATASETS", "DEFAULT_DATA_DIR", "PreprocessingError", "cache_path", "check_counts", "ensure_preprocessed",
            "preprocess", "preprocess_command", "preprocess_interactions", "preprocess_sessions", "preprocess_yoochoose",
@@ -208,6 +207,8 @@ def preprocess(name: str, data_dir: str | Path = DEFAULT_DATA_DIR, archive: Opti
     """Builds `<data_dir>/<name>/sequences.npz` and `sasrec_format.csv`; returns the cache path."""
     spec = get_spec(name)
     start = time.time()
+    out_dir = Path(data_dir) / name
+    check_writable_dir(out_dir)  # before a download or minutes of parsing
     source = locate_archive(name, spec.remote, data_dir, archive, allow_download=allow_download, log=log)
     data, counts = spec.build(source, log)
     log(f"{name}: {_format_counts(counts)}")
@@ -216,7 +217,6 @@ def preprocess(name: str, data_dir: str | Path = DEFAULT_DATA_DIR, archive: Opti
         log(f"WARNING: {name}: count differs from the official data set: {difference}")
     if not differences:
         log(f"{name}: all counts match the official data set")
-    out_dir = Path(data_dir) / name
     path = write_outputs(data, out_dir, {CSV_FILE: lambda tmp: write_sasrec_csv(data, spec, tmp)})
     log(f"{name}: wrote {path} and {out_dir / CSV_FILE} ({time.time() - start:.1f} s in all)")
     return path
@@ -246,6 +246,7 @@ def preprocess_sessions(name: str, train: str | Path, test: str | Path, valid: O
                         data_dir: str | Path = DEFAULT_DATA_DIR, *, log: Log = print_log) -> Path:
     """Builds `<data_dir>/<name>/sequences.npz` from prepared session files; returns the cache path."""
     _check_name(name)
+    check_writable_dir(Path(data_dir) / name)
     start = time.time()
     splits = {key: sessions.read_prepared(Path(path).expanduser())
               for key, path in (("train", train), ("valid", valid), ("test", test)) if path is not None}
@@ -260,6 +261,7 @@ def preprocess_yoochoose(archive: str | Path, name: str = DEFAULT_YOOCHOOSE_NAME
     """Prepares raw YOOCHOOSE clicks with GRU4Rec's rules and builds `<data_dir>/<name>/sequences.npz`
     from train_tr (train), train_valid (valid) and test; GRU4Rec's four split files are written beside it."""
     _check_name(name)
+    check_writable_dir(Path(data_dir) / name)
     start = time.time()
     clicks = sessions.parse_clicks(Path(archive).expanduser())
     log(f"{name}: parsed {clicks.source} in {time.time() - start:.1f} s")
@@ -274,6 +276,7 @@ def preprocess_interactions(name: str, path: str | Path, options: interactions.O
                             data_dir: str | Path = DEFAULT_DATA_DIR, *, log: Log = print_log) -> Path:
     """Builds `<data_dir>/<name>/sequences.npz` from the user's own interaction log; returns the cache path."""
     _check_name(name)
+    check_writable_dir(Path(data_dir) / name)
     start = time.time()
     data = interactions.build_interactions(name, Path(path).expanduser(), options, log)
     log(f"{name}: {_format_counts(data.summary())}")

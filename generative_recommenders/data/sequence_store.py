@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Dict, Optional
 
 import numpy as np
+
+from generative_recommenders.files import atomic_write
 
 CACHE_FILE = "sequences.npz"
 FORMAT_VERSION = 1
@@ -107,30 +107,6 @@ class SequenceData:
             "candidates": int(self.candidate_ids.size),
             "interactions": self.num_interactions,
         }
-
-
-def atomic_write(path: Path, write_fn, suffix: str = "") -> None:
-    """Calls write_fn(temp_path), then renames the finished file onto `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; outputs are ordinary files
-    try:
-        write_fn(Path(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def remove_stale_temporaries(path: Path) -> None:
-    """Deletes temporary files that an earlier, killed run left for `path` (atomic_write's naming)."""
-    for stale in path.parent.glob(f"*{path.name}.*.tmp"):
-        if stale.name.startswith("."):  # also nested ones: "..sequences.npz.abc.npz.tmp.def.tmp"
-            stale.unlink(missing_ok=True)
 
 
 def save_sequences(data: SequenceData, path: Path) -> None:

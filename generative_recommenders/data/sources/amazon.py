@@ -23,7 +23,9 @@ from generative_recommenders.data.parsing import (
     Log,
     PreprocessingError,
     Ratings,
+    check_input_file,
     comma_file_checker,
+    warn_duplicate_rows,
     print_log,
     to_sequences,
 )
@@ -116,12 +118,12 @@ def build_amzn_books(path: Path, log: Log = print_log) -> Tuple[SequenceData, Di
     start = time.time()
     if path.is_dir():
         path = path / AMAZON_BOOKS.archive_name
-    if not path.is_file():
-        raise PreprocessingError(f"{path}: no such file")
+    check_input_file(path)
     rows, user_ids, item_ids = parse_amazon_ratings(path)
     raw_rows, num_users, num_items = len(rows.users), len(user_ids), len(item_ids)
     log(f"amzn-books: parsed {raw_rows:,} raw rows ({num_users:,} users, {num_items:,} items) from {path} "
         f"in {time.time() - start:.1f} s")
+    warn_duplicate_rows("amzn-books", rows, str(path), log)
 
     # One pass: counts over the raw file, then keep rows whose item and user both have >= 5 rows.
     item_ok = np.bincount(rows.items, minlength=num_items) >= MIN_COUNT

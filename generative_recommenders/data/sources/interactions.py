@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import numpy as np
 
-from generative_recommenders.data.parsing import PARSER_ERRORS, Log, PreprocessingError, group_by_user, print_log
+from generative_recommenders.data.parsing import (PARSER_ERRORS, Log, PreprocessingError, check_input_file,
+                                                  group_by_user, print_log)
 from generative_recommenders.data.sequence_store import SequenceData
 
 if TYPE_CHECKING:
@@ -105,8 +106,7 @@ class Source:
 
 def open_source(path: Path, sep: Optional[str]) -> Source:
     """The file and how to read it: Parquet by extension, else delimited text with `sep` or its extension's."""
-    if not path.is_file():
-        raise PreprocessingError(f"{path}: no such file")
+    check_input_file(path)
     suffixes = [s.lower() for s in path.suffixes]
     if suffixes and suffixes[-1] in _COMPRESSION_SUFFIXES:  # pandas decompresses data.csv.gz itself
         suffixes.pop()

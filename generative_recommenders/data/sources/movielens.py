@@ -35,6 +35,7 @@ from generative_recommenders.data.parsing import (
     print_log,
     read_headed_table,
     to_sequences,
+    warn_duplicate_rows,
 )
 from generative_recommenders.data.sequence_store import SequenceData
 
@@ -211,6 +212,7 @@ def _with_item_names(data: SequenceData, movies: Movies) -> SequenceData:
 
 def _log_parsed(name: str, rows: Ratings, source: str, seconds: float, log: Log) -> None:
     log(f"{name}: parsed {len(rows.users):,} ratings from {source} in {seconds:.1f} s")
+    warn_duplicate_rows(name, rows, source, log)
 
 
 def _movielens_sequences(name: str, archive: Path, rows: Ratings, movies_file: str,

@@ -29,6 +29,7 @@ from generative_recommenders.data.parsing import (
     Field,
     Log,
     PreprocessingError,
+    check_input_file,
     comma_file_checker,
     group_by_user,
     print_log,
@@ -92,8 +93,7 @@ def _check_prepared(frame: "pd.DataFrame") -> Optional[str]:
 
 def read_prepared(path: Path) -> Events:
     """A prepared split file: header `SessionId<TAB>ItemId<TAB>Time`, one event per line."""
-    if not path.is_file():
-        raise PreprocessingError(f"{path}: no such file")
+    check_input_file(path)
     names = [field.name for field in _PREPARED_FIELDS]
     frame = read_headed_table(
         path.read_bytes(), str(path), "\t", PREPARED_HEADER, _PREPARED_FIELDS,
@@ -224,6 +224,16 @@ def _known_items_only(name: str, events: Events, items: np.ndarray, log: Log) ->
     return result
 
 
+def _warn_shared_sessions(name: str, split: str, events: Events, train: Events, log: Log) -> None:
+    """Logs how many evaluation sessions are training sessions too (same id): evaluated on what was trained on."""
+    ids = np.unique(events.sessions)
+    shared = int(np.isin(ids, train.sessions).sum())
+    if shared:
+        log(f"WARNING: {name}: {shared:,} of {len(ids):,} {split} sessions of {events.source} are also training "
+            f"sessions of {train.source} (same session id): the {split} metrics would measure leakage, not "
+            f"generalisation; check that the files are not swapped or the same")
+
+
 def build_sessions(name: str, train: Events, test: Events, valid: Optional[Events] = None,
                    log: Log = print_log) -> SequenceData:
     """One sequence per session, ordered train, valid, test."""
@@ -231,6 +241,8 @@ def build_sessions(name: str, train: Events, test: Events, valid: Optional[Event
     parts = [(SPLIT_TRAIN, train)] + [(split, _known_items_only(name, events, keys, log))
                                       for split, events in ((SPLIT_VALID, valid), (SPLIT_TEST, test))
                                       if events is not None]
+    for split, events in parts[1:]:
+        _warn_shared_sessions(name, _SPLIT_NAMES[split], events, train, log)
     item_ids, timestamps, lengths, session_ids, splits = [], [], [], [], []
     for split, events in parts:
         order, ids, offsets = group_by_user(events.sessions, events.times)
