@@ -57,6 +57,9 @@ class TrainConfig:
     # Generative ranking (task "ranking", REFERENCE.md section 14; loss weights: ranking_objective.*).
     ranking_holdout: int = 1  # a user's last k interactions are test candidates, the k before them validation
     ranking_user_range: Optional[Tuple[int, int]] = None  # (first, last) user ids; ml-1m's exact ratings: (1, 2999)
+    # > 0: after training, time scoring the first n test users' candidates through M-FALCON and one pass per
+    # candidate (evaluation/ranking.py), into results.json's "evaluation_timing"; 0 = off.
+    ranking_timing_users: int = 0
     head_hidden_dim: int = 64
     rating_head: str = "classification"  # or "regression"
     # Optimisation.
@@ -94,7 +97,7 @@ class TrainConfig:
         check_positive("train_fn", **{name: getattr(self, name) for name in (
             "max_sequence_length", "item_embedding_dim", "num_negatives", "local_batch_size", "eval_batch_size",
             "full_eval_every_n", "partial_eval_num_batches", "ranking_holdout", "head_hidden_dim", "num_epochs")})
-        for name in ("num_warmup_steps", "gr_output_length", "early_stopping_patience",
+        for name in ("num_warmup_steps", "gr_output_length", "early_stopping_patience", "ranking_timing_users",
                      "weight_decay", "bpr_max_regularization", "random_seed"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):

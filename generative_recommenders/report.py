@@ -10,6 +10,12 @@ some: the release's table (REFERENCE.md section 9) for its sampled-softmax
 rows, and the full-softmax paper its BERT4Rec / GRU4Rec rows come from
 (section 12). Runs of one table that share model and loss (other settings:
 their run names carry a hash of them) are told apart by their run name.
+
+Ranking runs are grouped by their number of held-out candidates too. Their
+tables leave out the metrics no run defines (the reason, from results.json's
+"undefined_metrics", is written once below), compare the models' seed means
+with each other and with the baselines, and list the evaluation's measured
+scoring rates (M-FALCON against one pass per candidate) where runs timed them.
 """
 
 from __future__ import annotations
@@ -27,7 +33,9 @@ from generative_recommenders.files import atomic_write, check_writable_dir, os_e
 
 COLUMNS = ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "hr@200", "ndcg@200")
 SESSION_COLUMNS = ("hr@20", "mrr@20", "hr@10", "ndcg@10")
-RANKING_COLUMNS = ("auc", "ne", "rmse", "accuracy", "ndcg@10")
+RANKING_COLUMNS = ("auc", "ne", "rmse", "accuracy", "user_auc", "ndcg@10")
+TIMED_PATHS = {"per_candidate": "one pass per candidate", "m_falcon": "M-FALCON, fused pass",
+               "cached": "M-FALCON, cached history"}
 SESSION_LABELS = {"hr@20": "recall@20"}
 
 # Release README, verified 2024-04-15 (sampled softmax, 128 / 512 negatives): HR@10 NDCG@10 HR@50 NDCG@50 HR@200 NDCG@200.
@@ -112,6 +120,48 @@ def columns_of(results: Dict) -> Tuple[str, ...]:
     return SESSION_COLUMNS if results["protocol"] == "sessions" else COLUMNS
 
 
+def group_columns(group: Sequence[Dict]) -> Tuple[str, ...]:
+    """The group's columns; for ranking only those some run or baseline has a value of (the others are
+    undefined on the data: ranking_notes says why)."""
+    columns = columns_of(group[0])
+    if task_of(group[0]) != "ranking":
+        return columns
+    records = [r[w].get(reported_split(r), {}) for r in group for w in ("best", "last")]
+    records += list(group[0].get("baselines", {}).get(reported_split(group[0]), {}).values())
+    return tuple(c for c in columns if any(_finite(m.get(c)) for m in records))
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def ranking_notes(group: Sequence[Dict]) -> str:
+    """Ranking: how many candidates and users the metrics cover; each metric left out of the group's table
+    and why (written once, from the runs' results.json)."""
+    if task_of(group[0]) != "ranking":
+        return ""
+    shown, split = group_columns(group), reported_split(group[0])
+    lines = []
+    metrics = next((r["best"][split] for r in group if split in r["best"]), None)
+    if metrics is not None:
+        per_user = [c.upper() for c in ("user_auc", "ndcg@10") if c in shown]
+        lines.append(f"{split} split: {metrics['candidates']:,.0f} candidates" + (
+            f"; {' and '.join(per_user)} average over the {metrics['users_averaged']:,.0f} users whose "
+            f"candidates have both labels" if per_user else "") + ".")
+    reasons: Dict[str, str] = {}
+    for r in group:
+        for metric, reason in r.get("undefined_metrics", {}).items():
+            if metric in columns_of(r) and metric not in shown:
+                reasons.setdefault(metric, reason)
+    lines += [f"{metric.upper()} is left out: {reason}." for metric, reason in reasons.items()]
+    return "\n".join(lines)
+
+
+def ranking_title(results: Dict) -> str:
+    holdout = _config_value(results, "train_fn.ranking_holdout") or "1"
+    return f"ranking, {holdout} held-out candidate(s) per user and split"
+
+
 def published(results: Dict) -> List[Tuple[str, Tuple[float, ...]]]:
     """(source, values in COLUMNS order, possibly fewer) of the published numbers for this run's row."""
     key = (results["dataset"], model_label(results))
@@ -141,9 +191,9 @@ def seconds_cell(results: Dict) -> str:
 
 def table(runs: Sequence[Dict]) -> str:
     """Markdown table of runs sharing a data set and protocol: best and last epoch, and published rows."""
-    columns = columns_of(runs[0])
+    columns = group_columns(runs)
     header = ["model", "loss", "epoch", *(SESSION_LABELS.get(c, c).upper() for c in columns), "s", "device"]
-    title = "ranking" if task_of(runs[0]) == "ranking" else f"protocol {runs[0]['protocol']}"
+    title = ranking_title(runs[0]) if task_of(runs[0]) == "ranking" else f"protocol {runs[0]['protocol']}"
     lines = [f"{runs[0]['dataset']}, {title} ({reported_split(runs[0])} split)", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, r in zip(row_labels(runs), runs):
@@ -175,26 +225,34 @@ def _config_but_seed(results: Dict) -> str:
                                           "train_fn.ckpt_root", "train_fn.resume")))
 
 
-def seed_spread(group: Sequence[Dict]) -> str:
-    """Mean and standard deviation over runs whose configurations differ only in the seed, best epochs."""
-    import numpy as np
-
+def seed_rows(group: Sequence[Dict]) -> List[Tuple[str, str, List[Dict]]]:
+    """(model, loss, runs) for each set of two or more runs whose configurations differ only in the seed."""
     rows: Dict[Tuple[str, str, str], List[Dict]] = {}
     for r in group:
         if reported_split(r) in r["best"]:  # runs with a finished (full) evaluation only
             rows.setdefault((*_row_key(r), _config_but_seed(r)), []).append(r)
-    columns = columns_of(group[0])
+    return [(model, loss, runs) for (model, loss, _), runs in rows.items() if len(runs) >= 2]
+
+
+def _best_values(runs: Sequence[Dict], metric: str):
+    """(runs,) array of the metric at each run's best epoch, NaN where a run has none."""
+    import numpy as np
+
+    values = [r["best"][reported_split(r)].get(metric) for r in runs]
+    return np.array([v if _finite(v) else math.nan for v in values], dtype=float)
+
+
+def seed_spread(group: Sequence[Dict]) -> str:
+    """Mean and standard deviation over runs whose configurations differ only in the seed, best epochs."""
+    columns = group_columns(group)
     lines = []
-    for (model, loss, _), runs in rows.items():
-        if len(runs) < 2:
-            continue
-        split = reported_split(runs[0])
+    for model, loss, runs in seed_rows(group):
         cells = []
         for c in columns:
-            values = np.array([r["best"][split][c] for r in runs], dtype=float)
-            cells.append(f"{values.mean():.4f} ± {values.std(ddof=1):.4f}" if np.isfinite(values).all() else "")
-        seconds = np.array([r.get("process_seconds", r["wall_seconds"]) for r in runs])
-        lines.append(f"| {model} | {loss} | {len(runs)} runs | " + " | ".join(cells) + f" | {seconds.mean():.0f} |")
+            values = _best_values(runs, c)
+            cells.append(f"{values.mean():.4f} ± {values.std(ddof=1):.4f}" if all(map(math.isfinite, values)) else "")
+        seconds = sum(r.get("process_seconds", r["wall_seconds"]) for r in runs) / len(runs)
+        lines.append(f"| {model} | {loss} | {len(runs)} runs | " + " | ".join(cells) + f" | {seconds:.0f} |")
     if not lines:
         return ""
     header = ["model", "loss", "runs", *(c.upper() for c in columns), "mean s"]
@@ -202,11 +260,68 @@ def seed_spread(group: Sequence[Dict]) -> str:
                       "| " + " | ".join(header) + " |", "|" + "---|" * len(header), *lines])
 
 
+def differences(group: Sequence[Dict]) -> str:
+    """Ranking: each model's seed mean minus each other model's and each baseline's, ± the standard error of
+    the difference from the seeds' spread (the baselines have none: they are fit without a seed)."""
+    if task_of(group[0]) != "ranking":
+        return ""
+    columns = group_columns(group)
+    rows = [(model, {c: _best_values(runs, c) for c in columns}) for model, _, runs in seed_rows(group)]
+    baselines = group[0].get("baselines", {}).get(reported_split(group[0]), {})
+    lines = []
+    for i, (model, values) in enumerate(rows):
+        others = rows[:i] + [(f"{name} baseline", {c: [m.get(c, math.nan)] for c in columns})
+                             for name, m in baselines.items()]
+        for other, other_values in others:
+            cells = [_difference_cell(values[c], other_values[c]) for c in columns]
+            lines.append(f"| {model} − {other} | " + " | ".join(cells) + " |")
+    if not lines:
+        return ""
+    header = ["difference", *(c.upper() for c in columns)]
+    return "\n".join(["difference of the means ± its standard error over the seeds (best epochs):", "",
+                      "| " + " | ".join(header) + " |", "|" + "---|" * len(header), *lines])
+
+
+def _difference_cell(a, b) -> str:
+    import numpy as np
+
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return ""
+    variance = sum(x.var(ddof=1) / x.size for x in (a, b) if x.size > 1)
+    return f"{a.mean() - b.mean():+.4f} ± {math.sqrt(variance):.4f}"
+
+
+def timing_table(group: Sequence[Dict]) -> str:
+    """The runs' measured evaluation rates (results.json "evaluation_timing"): candidates per second of each
+    scoring path, and M-FALCON's speed-up over one pass per candidate."""
+    timed = [(label, r) for label, r in zip(row_labels(group), group) if "evaluation_timing" in r]
+    if not timed:
+        return ""
+    header = ["run", "users", "candidates", *(f"{name} (cand/s)" for name in TIMED_PATHS.values()),
+              "max abs diff of liked prob to one pass per candidate (fused / cached)", "device"]
+    lines = []
+    for label, r in timed:
+        timing = r["evaluation_timing"]
+        cells = []
+        for path in TIMED_PATHS:
+            rate = timing.get(path)
+            speedup = f" ({rate['speedup']:.1f}x)" if rate and "speedup" in rate else ""
+            cells.append(f"{rate['candidates_per_second']:,.0f}{speedup}" if rate else "")
+        gap = " / ".join(f"{timing[p]['max_abs_diff_liked_prob']:.1e}" for p in TIMED_PATHS
+                         if "max_abs_diff_liked_prob" in timing.get(p, {}))
+        lines.append(f"| {label} | {timing['users']:,} | {timing['candidates']:,} | " + " | ".join(cells)
+                     + f" | {gap} | {r['device']} |")
+    return "\n".join(["evaluation scoring rates (test split, after training; speed-up over one pass per "
+                      "candidate):", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header), *lines])
+
+
 def groups(runs: Sequence[Dict]) -> List[List[Dict]]:
     """Runs grouped by (data set, task, protocol), each group ordered by model then loss."""
-    keyed: Dict[Tuple[str, str, str], List[Dict]] = {}
+    keyed: Dict[Tuple[str, str, str, str], List[Dict]] = {}
     for r in runs:
-        keyed.setdefault((r["dataset"], task_of(r), r["protocol"]), []).append(r)
+        holdout = (_config_value(r, "train_fn.ranking_holdout") or "1") if task_of(r) == "ranking" else ""
+        keyed.setdefault((r["dataset"], task_of(r), r["protocol"], holdout), []).append(r)
     return [sorted(group, key=lambda r: (MODEL_ORDER.get(model_label(r), 9), loss_label(r), r["run_name"]))
             for _, group in sorted(keyed.items())]
 
@@ -220,18 +335,19 @@ def plot_curves(runs: Sequence[Dict], path: Path) -> None:
     grouped = groups(runs)
     fig, axes = plt.subplots(len(grouped), 2, figsize=(11, 4 * len(grouped)), squeeze=False)
     for row, group in zip(axes, grouped):
-        for ax, metric in zip(row, columns_of(group[0])[:2]):
+        for ax, metric in zip(row, group_columns(group)[:2]):
             for label, r in zip(row_labels(group), group):
                 split = reported_split(r)
                 epochs = [e for e in r["per_epoch"] if e["full_eval"]]
-                ax.plot([e["epoch"] + 1 for e in epochs], [e[split][metric] for e in epochs],
+                ax.plot([e["epoch"] + 1 for e in epochs], [e[split].get(metric, math.nan) for e in epochs],
                         label=f"{label}, {loss_label(r)}")
                 for _, values in published(r)[:1]:
                     if r["protocol"] != "sessions":
                         ax.axhline(values[COLUMNS.index(metric)], ls="--", lw=0.8, color=ax.lines[-1].get_color())
             ax.set_xlabel("epoch")
             ax.set_ylabel(f"{SESSION_LABELS.get(metric, metric).upper()} ({split})")
-            ax.set_title(f"{group[0]['dataset']}, protocol {group[0]['protocol']} (dashed: published)", fontsize=9)
+            kind = ranking_title(group[0]) if task_of(group[0]) == "ranking" else f"protocol {group[0]['protocol']}"
+            ax.set_title(f"{group[0]['dataset']}, {kind} (dashed: published)", fontsize=9)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
     fig.tight_layout()
@@ -263,7 +379,8 @@ def main(argv: List[str]) -> None:
 
 def _report(paths: Sequence[str]) -> None:
     runs = load(paths)
-    print("\n\n".join("\n\n".join(filter(None, (table(group), seed_spread(group)))) for group in groups(runs)))
+    sections = (table, ranking_notes, seed_spread, differences, timing_table)
+    print("\n\n".join("\n\n".join(filter(None, (section(group) for section in sections))) for group in groups(runs)))
     if flags.FLAGS.plot:
         plot_curves(runs, Path(flags.FLAGS.plot))
         print(f"\nwrote {flags.FLAGS.plot}")

@@ -290,7 +290,7 @@ def write_results(path: Path, summary: Dict, state: RunState, best: Optional[Dic
         "best": {"selected_by": summary["selected_by"], **(best or {})},
         "last": state.history[-1] if state.history else {},
     }
-    # Strict JSON: a metric undefined on the data (AUC or NE with one class, NDCG without a positive) is null.
+    # Strict JSON: a non-finite value is null (ranking leaves metrics undefined on the data out: tasks/ranking.py).
     atomic_write(path, lambda tmp: tmp.write_text(strict_json(results)))
 
 

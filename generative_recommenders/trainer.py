@@ -25,6 +25,7 @@ from generative_recommenders.config import ConfigError, TrainConfig
 from generative_recommenders.cuda_graph import CudaGraphStep
 from generative_recommenders.data.datasets import load_dataset
 from generative_recommenders.evaluation.metrics import format_metrics
+from generative_recommenders.files import strict_json
 from generative_recommenders.precision import autocast, set_precision
 from generative_recommenders.progress import Progress
 from generative_recommenders.runs import (RunRecorder, RunState, best_epoch, complete_best_checkpoint,
@@ -180,6 +181,7 @@ class Trainer:
 
     def _announce(self) -> None:
         rank, world_size = self._eval_share()
+        self.summary.update(self.task.metric_notes())
         self.summary["baselines"] = {name: self.task.baselines(self.task.splits[name][rank::world_size])
                                      for name in self.task.eval_splits}
         if self.rank != 0:
@@ -191,6 +193,8 @@ class Trainer:
         for split, baselines in self.summary["baselines"].items():
             for name, metrics in baselines.items():
                 self._log(f"{name} baseline, {split}: {format_metrics(metrics, self.task.shown_metrics)}")
+        for metric, reason in self.summary.get("undefined_metrics", {}).items():
+            self._log(f"{metric} left out: {reason}")
 
     # ---------------------------------------------------------------------------------------------
     # One epoch
@@ -288,6 +292,10 @@ class Trainer:
     def _finish(self) -> Dict:
         if self.rank == 0:
             best = self.best_epoch()
+            measured = self.task.final_measurements()
+            for name, values in measured.items():
+                print(f"{name}: {strict_json(values, indent=None)}", flush=True)
+            self.summary.update(measured)
             self.recorder.finish(self.state, best)
             if best is not None:
                 report = " | ".join(f"{name} {format_metrics(best[name], self.task.shown_metrics)}"

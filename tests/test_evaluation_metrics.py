@@ -106,4 +106,5 @@ def test_ranking_metrics_of_hand_predictions():
     assert m["rmse"] == pytest.approx(math.sqrt((0.25 + 0 + 4) / 3))
     assert m["accuracy"] == pytest.approx(1 / 3)
     assert m["candidates"] == 3 and m["liked_rate"] == pytest.approx(2 / 3)
-    assert m["ndcg@10"] == pytest.approx(1.0) and m["ndcg_users"] == 1  # user 2 has one candidate
+    # User 1's two candidates have both labels; user 2 has one candidate: the per-user metrics are user 1's.
+    assert m["ndcg@10"] == pytest.approx(1.0) and m["user_auc"] == 1.0 and m["users_averaged"] == 1

@@ -31,7 +31,7 @@ from generative_recommenders.data.ranking import RankingSequences, padded_length
 from generative_recommenders.data.sequence_store import SequenceData  # noqa: E402
 from generative_recommenders.inference.m_falcon import MFalconScorer  # noqa: E402
 from generative_recommenders.modeling.ranking_model import RankingModel  # noqa: E402
-from generative_recommenders.evaluation.ranking import candidate_predictions  # noqa: E402
+from generative_recommenders.evaluation.ranking import RankingEvaluator  # noqa: E402
 from ops.hstu_attention import hstu_attention_reference, hstu_target_attention, target_bias  # noqa: E402
 from ops.jagged import complete_cumsum, dense_to_jagged  # noqa: E402
 
@@ -296,26 +296,27 @@ def _one_pass_per_candidate(data: SequenceData, model: RankingModel, test: np.nd
                               np.concatenate([[0], np.cumsum(lengths)]), data.user_ids, data.candidate_ids)
         samples = test.copy()
         samples[:, 2] = 1
-        batch = RankingSequences(single, torch.device("cpu")).batch(samples, MAX_HISTORY, model.max_seq_len)
-        with torch.no_grad():
-            logits[:, t] = torch.logit(candidate_predictions(model, batch, 1).liked_prob[:, 0].double()).float()
+        evaluator = RankingEvaluator(model, RankingSequences(single, torch.device("cpu")), MAX_HISTORY, 64)
+        logits[:, t] = torch.logit(evaluator.predictions(samples).liked_prob[:, 0].double()).float()
     return logits
 
 
 @pytest.mark.parametrize("encoder", ["HSTU", "SASRec"])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_scores_equal_one_pass_per_candidate(encoder, seed):
-    """Held-out candidates in one pass (M-FALCON mask), the scorer with and without the history cache and
-    several microbatch sizes: all equal one forward pass per candidate."""
+    """Held-out candidates scored by the evaluator along each path, and the scorer with and without the history
+    cache and several microbatch sizes: all equal one forward pass per candidate."""
     data = _ranking_data(seed)
     test = ranking_splits(data.lengths, NUM_CANDIDATES)["test"]
     model = _model(encoder, padded_length(MAX_HISTORY, NUM_CANDIDATES), seed)
     expected = _one_pass_per_candidate(data, model, test)
 
     sequences = RankingSequences(data, torch.device("cpu"))
-    with torch.no_grad():
-        joint = candidate_predictions(model, sequences.batch(test, MAX_HISTORY, model.max_seq_len), NUM_CANDIDATES)
-    torch.testing.assert_close(torch.logit(joint.liked_prob.double()).float(), expected, rtol=1e-4, atol=1e-4)
+    evaluator = RankingEvaluator(model, sequences, MAX_HISTORY, 3)
+    for path in evaluator.paths():
+        joint = evaluator.predictions(test, path)
+        torch.testing.assert_close(torch.logit(joint.liked_prob.double()).float(), expected, rtol=1e-4, atol=1e-4,
+                                   msg=path)
 
     history_samples = test.copy()
     history_samples[:, 2] = 0

@@ -75,3 +75,48 @@ def test_undefined_metrics_are_null_in_strict_json_and_empty_cells(tmp_path):
     assert written["best"]["eval"]["ndcg@10"] is None and written["sessions"] == 3
     row = next(line for line in table([written]).splitlines() if line.startswith("| HSTU | sampled softmax n128 | best"))
     assert row.split(" | ")[3:5] == ["0.2000", ""] and " | 593 (3 sessions) | cpu |" in row
+
+
+def _ranking_run(module: str, seed: int, auc: float, holdout: int = 10, per_user: bool = True) -> Dict:
+    metrics = {"auc": auc, "ne": 0.8, "rmse": 0.9, "accuracy": 0.45, "users_averaged": 2900.0 if per_user else 0.0,
+               "liked_rate": 0.57, "candidates": 29600.0}
+    if per_user:
+        metrics.update({"user_auc": auc - 0.1, "ndcg@10": 0.8})
+    record = {"epoch": 3, "full_eval": True, "valid": metrics, "test": metrics}
+    config = (f"train_fn.ranking_holdout = {holdout}\ntrain_fn.random_seed = {seed}\n"
+              "ranking_objective.liked_weight = 1.0\nranking_objective.rating_weight = 0.0\n"
+              "ranking_objective.next_item_weight = 0.0")
+    run = {"run_name": f"{module.lower()}-seed{seed}", "task": "ranking", "dataset": "ml-1m", "protocol": "paper",
+           "main_module": module, "config": config, "wall_seconds": 30.0, "device": "gpu", "per_epoch": [record],
+           "best": {"selected_by": "valid/auc", **record}, "last": record,
+           "baselines": {"test": {"user+item-bias": {**metrics, "auc": 0.75}}}}
+    if not per_user:
+        run["undefined_metrics"] = {m: "no user has two candidates of different labels" for m in ("user_auc", "ndcg@10")}
+    return run
+
+
+def test_ranking_report_spread_differences_timing_and_left_out_metrics():
+    from generative_recommenders.report import differences, ranking_notes, seed_spread, timing_table
+
+    runs = [_ranking_run("HSTU", 1, 0.80), _ranking_run("HSTU", 2, 0.82), _ranking_run("SASRec", 1, 0.79),
+            _ranking_run("SASRec", 2, 0.79), _ranking_run("HSTU", 1, 0.7, holdout=1, per_user=False)]
+    runs[0]["evaluation_timing"] = {"users": 2960, "candidates": 29600,
+                                    "per_candidate": {"seconds": 1.0, "candidates_per_second": 29600.0},
+                                    "m_falcon": {"seconds": 0.1, "candidates_per_second": 296000.0, "speedup": 10.0,
+                                                 "max_abs_diff_liked_prob": 2e-7}}
+    one, ten = groups(runs)  # one held-out candidate, then ten: separate tables
+    assert len(one) == 1 and len(ten) == 4
+    assert "NDCG@10" not in table(one) and "USER_AUC" not in table(one) and "nan" not in table(one).lower()
+    notes = ranking_notes(one).splitlines()
+    assert notes[1:] == ["USER_AUC is left out: no user has two candidates of different labels.",
+                         "NDCG@10 is left out: no user has two candidates of different labels."]
+    assert "| USER_AUC | NDCG@10 |" in table(ten)
+    assert "average over the 2,900 users" in ranking_notes(ten)
+    spread = seed_spread(ten)
+    assert "| HSTU | liked x1.0 | 2 runs | 0.8100 ± 0.0141 |" in spread
+    diff = differences(ten).splitlines()
+    # HSTU - SASRec: 0.81 - 0.79, standard error sqrt(0.0002 / 2 + 0 / 2) = 0.01.
+    assert [l for l in diff if l.startswith("| HSTU − SASRec | +0.0200 ± 0.0100 |")], diff
+    assert [l for l in diff if l.startswith("| SASRec − user+item-bias baseline | +0.0400 ± 0.0000 |")], diff
+    rates = timing_table(ten)
+    assert "| HSTU (hstu-seed1) | 2,960 | 29,600 | 29,600 | 296,000 (10.0x) |  | 2.0e-07 | gpu |" in rates

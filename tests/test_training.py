@@ -210,6 +210,48 @@ def test_generative_ranking_trains_and_reports_auc_beside_its_baselines(tmp_path
     assert np.isfinite(results["per_epoch"][-1]["train_loss"])
 
 
+RANKING = ["train_fn.task = 'ranking'", "train_fn.dataset_name = 'synthetic-ratings'",
+           "synthetic_ratings.num_users = 200", "train_fn.num_epochs = 1"]
+
+
+def _metric_records(results: dict) -> list:
+    records = [e[s] for e in results["per_epoch"] for s in ("valid", "test")]
+    return records + [m for split in results["baselines"].values() for m in split.values()]
+
+
+def test_ranking_results_leave_undefined_metrics_out_and_say_why_once(tmp_path):
+    """One candidate per user: no per-user metric is defined; results.json leaves them out (no NaN, no null)
+    and gives the reason once; selecting by one of them is refused."""
+    from generative_recommenders.config import ConfigError
+
+    train_tiny(tmp_path, RANKING)
+
+    def no_constants(token: str):
+        raise AssertionError(f"non-strict JSON token {token}")
+
+    saved = json.loads((tmp_path / "exps/synthetic-ratings-l20/run/results.json").read_text(),
+                       parse_constant=no_constants)
+    assert set(saved["undefined_metrics"]) == {"user_auc", "ndcg@10"}
+    assert "no user has two candidates of different labels" in saved["undefined_metrics"]["ndcg@10"]
+    for record in _metric_records(saved):
+        assert "ndcg@10" not in record and "user_auc" not in record and record["users_averaged"] == 0
+        assert all(isinstance(v, float) and np.isfinite(v) for v in record.values())
+    with pytest.raises(ConfigError, match="'ndcg@10' is undefined here"):
+        train_tiny(tmp_path / "b", RANKING + ["train_fn.selection_metric = 'ndcg@10'"])
+
+
+def test_ranking_holdout_reports_per_user_metrics_and_the_evaluation_timing(tmp_path):
+    results = train_tiny(tmp_path, RANKING + ["train_fn.ranking_holdout = 3", "train_fn.ranking_timing_users = 50",
+                                              "train_fn.selection_metric = 'user_auc'"])
+    assert "undefined_metrics" not in results and results["best"]["selected_by"] == "valid/user_auc"
+    for record in _metric_records(results):
+        assert 0 <= record["user_auc"] <= 1 and 0 < record["ndcg@10"] <= 1
+        assert 0 < record["users_averaged"] <= record["candidates"] / 3
+    timing = results["evaluation_timing"]
+    assert timing["users"] == 50 and timing["candidates"] == 150
+    assert timing["m_falcon"]["speedup"] > 0 and timing["m_falcon"]["max_abs_diff_liked_prob"] < 1e-5
+
+
 def test_report_tables_of_every_kind_of_run(tmp_path):
     from generative_recommenders.report import groups, seed_spread, table
 

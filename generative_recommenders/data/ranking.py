@@ -9,21 +9,24 @@ items without their actions, which are the labels ("liked" = rating >= 4, and
 the rating). Candidates are M-FALCON targets (ops/targets.py): each is
 encoded as if it alone followed the history.
 
-Protocol, k = num_holdout: a user's last k interactions are the test
-candidates and the k before them the validation candidates, chronologically.
-The validation history ends before its candidates; the test history includes
-the validation interactions. The training sample is the sequence before the
-validation candidates with every item position a target-aware candidate: under
-the causal mask item x_i's position sees x_0, a_0, ..., x_i but never a_i or
-anything later. Next-item labels (for an optional retrieval loss) sit at item
-positions only, and the last history item has none (its next item is held out).
+Protocol, k = num_holdout (train_fn.ranking_holdout): a user's last k
+interactions are the test candidates and the k before them the validation
+candidates, chronologically. The validation history (context) ends before its
+candidates; the test history includes the validation interactions, with their
+ratings as actions. The training sample is the sequence before the validation
+candidates with every item position a target-aware candidate: under the causal
+mask item x_i's position sees x_0, a_0, ..., x_i but never a_i or anything
+later. So training never sees a validation or test interaction, and the k
+candidates of a split are never context for each other. Next-item labels (for
+an optional retrieval loss) sit at item positions only, and the last history
+item has none (its next item is held out).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -120,6 +123,17 @@ class RankingSequences:
         on_device = torch.as_tensor(samples, device=self.offsets.device)
         return self.gather(on_device, max_history, padded_len, int(sample_lengths(samples, max_history).sum()),
                            bool(samples[:, 2].any()))
+
+    def candidates(self, samples: torch.Tensor, num_slots: int) -> Tuple[torch.Tensor, ...]:
+        """(B, num_slots) item ids, timestamps and ratings of the (B, 3) samples' candidates, and which slots
+        are real (those past a sample's num_candidates hold item 0, its last candidate's time, rating 0)."""
+        users, ends, counts = samples[:, 0], samples[:, 1], samples[:, 2]
+        slots = torch.arange(num_slots, device=samples.device)[None, :]
+        valid = slots < counts[:, None]
+        first = self.offsets[users] + ends
+        row = first[:, None] + torch.minimum(slots, (counts[:, None] - 1).clamp(min=0))
+        return (torch.where(valid, self.item_ids[row], 0), self.timestamps[row],
+                torch.where(valid, self.ratings[row], 0.0), valid)
 
     def gather(self, samples: torch.Tensor, max_history: int, padded_len: int, total: int,
                with_targets: bool) -> RankingBatch:

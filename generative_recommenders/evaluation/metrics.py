@@ -9,16 +9,20 @@ Ranking:
   entropy of the base rate (the fraction of positives) of the same examples;
   below 1 means better than always predicting the base rate.
 - RMSE of the predicted rating; accuracy of the predicted rating class.
-- NDCG@10 per user of the held-out candidates ranked among each other by the
-  "liked" score, with the liked label as the gain; averaged over users with
-  at least two candidates and at least one liked one (otherwise undefined).
+- Per user, over the held-out candidates ranked among each other by the
+  "liked" score: the user's AUC (user_auc) and NDCG@10 with the liked label
+  as the gain, averaged over the users they are defined for, those with
+  candidates of both labels (`users_averaged` of them).
+A metric undefined on the candidates' labels (AUC and NE with one label only,
+the per-user metrics without a user of both labels) is left out of the
+results, never NaN; `undefined_ranking_metrics` gives the reason.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Tuple
 
 import torch
 
@@ -142,22 +146,60 @@ class RankingPredictions:
         return RankingPredictions(*(torch.cat([getattr(p, f.name) for p in parts]) for f in fields))
 
 
+PER_USER_METRICS = ("user_auc", f"ndcg@{NDCG_K}")
+_PAIR_CHUNK = 1 << 22  # score pairs compared at once by user_aucs
+
+
+def user_aucs(scores: torch.Tensor, liked: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(S,) AUC of each row's valid entries (ties: 1/2); NaN for a row without both labels."""
+    pos, neg = valid & liked, valid & ~liked
+    step = max(1, _PAIR_CHUNK // max(scores.shape[1] ** 2, 1))
+    wins = []
+    for start in range(0, scores.shape[0], step):  # (rows, K, K) comparisons, a chunk of rows at a time
+        s = scores[start:start + step].double()
+        beats = (s[:, :, None] > s[:, None, :]).double() + 0.5 * (s[:, :, None] == s[:, None, :]).double()
+        pairs = pos[start:start + step, :, None] & neg[start:start + step, None, :]
+        wins.append((beats * pairs).sum((1, 2)))
+    num_pairs = pos.sum(1).double() * neg.sum(1).double()
+    return torch.where(num_pairs > 0, torch.cat(wins) / num_pairs.clamp(min=1), math.nan)
+
+
+def _label_mix(ratings: torch.Tensor, valid: torch.Tensor) -> Tuple[torch.Tensor, bool, torch.Tensor]:
+    """(liked labels, whether the valid candidates have both labels, (S,) rows with both labels)."""
+    liked = ratings >= LIKED_RATING
+    positives = (liked & valid).sum(1)
+    negatives = (~liked & valid).sum(1)
+    return liked, bool(positives.sum() > 0 and negatives.sum() > 0), (positives > 0) & (negatives > 0)
+
+
+def undefined_ranking_metrics(ratings: torch.Tensor, valid: torch.Tensor) -> Dict[str, str]:
+    """Metric -> why ranking_metrics leaves it out for candidates with these (S, K) labels (nothing: all defined)."""
+    _, both_labels, mixed_users = _label_mix(ratings, valid)
+    reasons = {}
+    if not both_labels:
+        reasons.update(dict.fromkeys(("auc", "ne"), "the candidates are all liked or all not liked"))
+    if not bool(mixed_users.any()):
+        reasons.update(dict.fromkeys(PER_USER_METRICS, "no user has two candidates of different labels"))
+    return reasons
+
+
 def ranking_metrics(pred: RankingPredictions) -> Dict[str, float]:
-    """auc, ne, rmse, accuracy (of "liked" and of the rating over all valid candidates), ndcg@10 per user."""
+    """auc, ne, rmse, accuracy over all valid candidates; user_auc, ndcg@10 averaged over users_averaged users.
+
+    Metrics undefined on these labels are left out (undefined_ranking_metrics says why).
+    """
     valid = pred.valid
-    liked = (pred.ratings >= LIKED_RATING)[valid]
-    probs = pred.liked_prob[valid]
-    ratings = pred.ratings[valid]
-    metrics = {
-        "auc": auc(probs, liked),
-        "ne": normalized_entropy(probs, liked),
+    liked_all, both_labels, mixed_users = _label_mix(pred.ratings, valid)
+    liked, probs, ratings = liked_all[valid], pred.liked_prob[valid], pred.ratings[valid]
+    metrics = {"auc": auc(probs, liked), "ne": normalized_entropy(probs, liked)} if both_labels else {}
+    metrics.update({
         "rmse": rmse(pred.expected_rating[valid], ratings),
         "accuracy": accuracy(pred.rating_class[valid], ratings.floor().long()),
-        "liked_rate": float(liked.double().mean()),
-        "candidates": float(valid.sum()),
-    }
-    per_user = ndcg_at_k(pred.liked_prob, (pred.ratings >= LIKED_RATING).double(), valid)
-    defined = ~torch.isnan(per_user) & (valid.sum(1) > 1)
-    metrics[f"ndcg@{NDCG_K}"] = float(per_user[defined].mean()) if defined.any() else math.nan
-    metrics["ndcg_users"] = float(defined.sum())
+    })
+    if bool(mixed_users.any()):
+        scores, gains = pred.liked_prob[mixed_users], liked_all[mixed_users]
+        metrics["user_auc"] = float(user_aucs(scores, gains, valid[mixed_users]).mean())
+        metrics[f"ndcg@{NDCG_K}"] = float(ndcg_at_k(scores, gains.double(), valid[mixed_users]).mean())
+    metrics.update({"users_averaged": float(mixed_users.sum()), "liked_rate": float(liked.double().mean()),
+                    "candidates": float(valid.sum())})
     return metrics

@@ -4,8 +4,11 @@ A user's history (items and their ratings as actions, interleaved) is followed
 by candidate items under the M-FALCON mask; task heads predict "liked" (rating
 >= 4) and the rating at candidate positions. Training supervises every history
 item of the sequence before the validation candidates (target-aware, causal);
-validation and test score the held-out candidates (data/ranking.py). The
-best epoch maximises validation AUC of "liked" by default.
+validation and test score the held-out candidates (data/ranking.py) through
+M-FALCON (evaluation/ranking.py). The best epoch maximises validation AUC of
+"liked" by default. Metrics undefined on a split's labels (evaluation/metrics.py)
+are known before training: they are left out of every record, and the reason is
+written once in results.json ("undefined_metrics").
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from generative_recommenders.config import TrainConfig, check_one_of
+from generative_recommenders.config import ConfigError, TrainConfig, check_one_of
 from generative_recommenders.data.candidates import CandidateIndex
 from generative_recommenders.data.ranking import (
     RankingSequences, padded_length, ranking_splits, sample_lengths, users_in_id_range,
@@ -26,16 +29,16 @@ from generative_recommenders.objectives.losses import RetrievalLoss
 from generative_recommenders.objectives.ranking import RankingObjective, ranking_losses
 from generative_recommenders.evaluation.baselines import bias_baseline_predictions
 from generative_recommenders.evaluation.ranking import RankingEvaluator
-from generative_recommenders.evaluation.metrics import ranking_metrics
+from generative_recommenders.evaluation.metrics import ranking_metrics, undefined_ranking_metrics
 
 
-SELECTABLE = ("auc", "accuracy", "ndcg@10")
+SELECTABLE = ("auc", "accuracy", "user_auc", "ndcg@10")
+SHOWN = ("auc", "ne", "rmse", "user_auc", "ndcg@10")
 
 
 class RankingTask:
     shards_evaluation = False  # AUC is no sum over samples: every rank evaluates the whole split
     selection_split = "valid"
-    shown_metrics = ("auc", "ne", "rmse", "ndcg@10")
 
     def __init__(self, config: TrainConfig, data: SequenceData, device: torch.device) -> None:
         self.config, self.data = config, data
@@ -57,6 +60,26 @@ class RankingTask:
                                                 config.bpr_max_regularization)
         self.evaluator = RankingEvaluator(self.model, self.sequences, config.max_sequence_length,
                                           config.eval_batch_size, config.mixed_precision)
+        self.undefined_metrics = self._undefined_metrics()
+        self.shown_metrics = tuple(m for m in SHOWN if m not in self.undefined_metrics)
+        if self.selection_metric in self.undefined_metrics:
+            raise ConfigError(f"train_fn.selection_metric = {self.selection_metric!r} is undefined here: "
+                              f"{self.undefined_metrics[self.selection_metric]}; choose another one")
+
+    def _undefined_metrics(self) -> Dict[str, str]:
+        """Metric -> why it is undefined on some evaluation split's labels (the same every epoch)."""
+        where: Dict[str, Dict[str, List[str]]] = {}
+        for name in self.eval_splits:
+            samples = self.splits[name]
+            if samples.shape[0] == 0:
+                continue  # no users: the trainer says so
+            on_device = torch.as_tensor(samples, device=self.sequences.offsets.device)
+            _, _, ratings, valid = self.sequences.candidates(on_device, int(samples[:, 2].max()))
+            for metric, reason in undefined_ranking_metrics(ratings, valid).items():
+                where.setdefault(metric, {}).setdefault(reason, []).append(name)
+        return {metric: "; ".join(f"{reason} ({' and '.join(splits)} split, train_fn.ranking_holdout = "
+                                  f"{self.config.ranking_holdout})" for reason, splits in reasons.items())
+                for metric, reasons in where.items()}
 
     def describe(self) -> str:
         users = self.splits["test"].shape[0]
@@ -83,6 +106,18 @@ class RankingTask:
         if not bool(torch.isfinite(scores).all()):
             raise FloatingPointError("non-finite predictions at evaluation")
         return ranking_metrics(predictions)
+
+    def metric_notes(self) -> Dict[str, Dict[str, str]]:
+        """For results.json, once: the metrics left out of every record, and why."""
+        return {"undefined_metrics": self.undefined_metrics} if self.undefined_metrics else {}
+
+    def final_measurements(self) -> Dict[str, Dict]:
+        """With train_fn.ranking_timing_users = n > 0: the scoring rates of the first n test users along each
+        M-FALCON path and one pass per candidate (RankingEvaluator.timing), for results.json."""
+        users = self.config.ranking_timing_users
+        if not users:
+            return {}
+        return {"evaluation_timing": self.evaluator.timing(self.splits["test"][:users])}
 
     def baselines(self, samples: np.ndarray) -> Dict[str, Dict[str, float]]:
         """The non-sequential baselines, fit on the training interactions: item mean, and user + item bias."""

@@ -80,6 +80,12 @@ class RetrievalTask:
     def evaluate(self, samples: np.ndarray, max_batches: Optional[int] = None) -> Dict[str, float]:
         return self.evaluator(samples, max_batches)
 
+    def metric_notes(self) -> Dict[str, Dict[str, str]]:
+        return {}  # every retrieval metric is defined on any split
+
+    def final_measurements(self) -> Dict[str, Dict]:
+        return {}  # nothing measured after training
+
     @functools.cached_property
     def baseline_evaluators(self) -> Dict[str, Evaluator]:
         """Fit on first use (seconds): recommendations and exports never need them."""
