@@ -54,6 +54,9 @@ class TrainConfig:
     l2_norm_eps: float = 1e-6
     bpr_max_regularization: float = 1.0
     mask_prob: float = 0.2  # BERT4Rec's cloze objective
+    # Stochastic Length (HSTU paper eq. 4, README): training histories longer than
+    # max_sequence_length^(alpha/2) are randomly shortened to that length; None = off.
+    stochastic_length_alpha: Optional[float] = None
     # Generative ranking (task "ranking", REFERENCE.md section 14; loss weights: ranking_objective.*).
     ranking_holdout: int = 1  # a user's last k interactions are test candidates, the k before them validation
     ranking_user_range: Optional[Tuple[int, int]] = None  # (first, last) user ids; ml-1m's exact ratings: (1, 2999)
@@ -109,6 +112,7 @@ class TrainConfig:
         check_rate("train_fn", dropout_rate=self.dropout_rate)
         if not 0.0 < self.mask_prob < 1.0:
             raise ConfigError(f"train_fn.mask_prob must be in (0, 1), got {self.mask_prob}")
+        self._check_stochastic_length()
         check_one_of("train_fn.protocol", self.protocol, PROTOCOLS)
         check_one_of("train_fn.task", self.task, TASKS)
         check_one_of("train_fn.rating_head", self.rating_head, ("classification", "regression"))
@@ -124,6 +128,16 @@ class TrainConfig:
             raise ConfigError("train_fn.early_stopping_patience needs a validation split: the paper protocol has "
                               "none (stopping on test metrics would select on test); use protocol leave_one_out")
 
+    def _check_stochastic_length(self) -> None:
+        alpha = self.stochastic_length_alpha
+        if alpha is None:
+            return
+        if not (math.isfinite(alpha) and 1.0 < alpha <= 2.0):  # the paper's range
+            raise ConfigError(f"train_fn.stochastic_length_alpha must be in (1, 2] (or None: off), got {alpha}")
+        if self.task != "retrieval":
+            raise ConfigError(f"train_fn.stochastic_length_alpha applies to task retrieval, not {self.task!r}; "
+                              f"leave it None")
+
     def check_batch_fits(self, num_train_samples: int, world_size: int) -> None:
         """Raises ConfigError when one step would take more than the whole training split (known once data is loaded)."""
         if num_train_samples == 0:
@@ -137,7 +151,7 @@ class TrainConfig:
 
 
 _EXPECTED = {bool: "True or False", int: "an integer", float: "a number", str: "a string",
-             Optional[str]: "a string or None"}
+             Optional[str]: "a string or None", Optional[float]: "a number or None"}
 
 
 def _check_type(name: str, value, hint) -> None:
@@ -151,6 +165,8 @@ def _check_type(name: str, value, hint) -> None:
         ok = isinstance(value, (int, float))
     elif hint == Optional[str]:
         ok = value is None or isinstance(value, str)
+    elif hint == Optional[float]:
+        ok = value is None or isinstance(value, (int, float))
     else:
         ok = isinstance(value, hint)
     if not ok:

@@ -299,7 +299,8 @@ def run_summary(config: TrainConfig, run_name: str, run_dir: Path, data: Sequenc
     """results.json's description of the run, before any epoch (the trainer adds the baselines)."""
     return {
         "run_name": run_name, "task": config.task, "dataset": config.dataset_name, "protocol": config.protocol,
-        "main_module": config.main_module, "loss_module": config.loss_module, "config": gin.config_str(),
+        "main_module": config.main_module, "loss_module": config.loss_module,
+        "stochastic_length_alpha": config.stochastic_length_alpha, "config": gin.config_str(),
         "device": device_name(device), "world_size": world_size, "cuda_graph": cuda_graph,
         "versions": versions(), "data": data.summary(), "run_dir": str(run_dir),
         "selected_by": selected_by, "process_start": process_start,

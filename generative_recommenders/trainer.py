@@ -199,13 +199,16 @@ class Trainer:
     # ---------------------------------------------------------------------------------------------
     # One epoch
 
-    def _train_epoch(self, epoch: int) -> float:
-        """Runs the epoch's steps; returns the mean training loss over all ranks."""
+    def _train_epoch(self, epoch: int) -> Tuple[float, int, int]:
+        """Runs the epoch's steps; returns the mean training loss and the history positions trained over all
+        ranks, and the steps of each rank."""
         config, samples = self.config, self.task.splits["train"]
         shard = samples[_shard(samples.shape[0], epoch, config.random_seed, self.rank, self.world_size)]
+        shard = self.task.train_samples(shard, epoch, self.rank)
         # One upload per epoch: a host-to-device copy per step would wait for the GPU to go idle.
         shard_on_device = torch.as_tensor(shard, device=self.device)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        tokens = 0
         starts = range(0, shard.shape[0], config.local_batch_size)
         progress = Progress(f"epoch {epoch + 1}/{config.num_epochs}", len(starts), self._log)
         for i, start in enumerate(starts):
@@ -215,7 +218,9 @@ class Trainer:
                 for group in self.optimizer.param_groups:
                     group["lr"] = warmup_lr(config, self.state.step)
             end = start + config.local_batch_size
-            loss_sum += self.step(shard_on_device[start:end], self.task.batch_total(shard[start:end]))
+            total = self.task.batch_total(shard[start:end])
+            loss_sum += self.step(shard_on_device[start:end], total)
+            tokens += total
             self.state.step += 1
             progress.update(i + 1, self.device)
         if faults.poison_loss(epoch, self.rank):
@@ -223,7 +228,10 @@ class Trainer:
         if faults.poison_weights(epoch, self.rank):
             with torch.no_grad():
                 next(self.model.parameters()).view(-1)[0] = float("nan")
-        return float(_all_reduce(loss_sum).item()) / max(len(starts) * self.world_size, 1)
+        # Token counts stay exact in float64 up to 2^53.
+        sums = _all_reduce(torch.stack([loss_sum, torch.tensor(float(tokens), dtype=torch.float64,
+                                                                 device=self.device)]))
+        return float(sums[0].item()) / max(len(starts) * self.world_size, 1), int(sums[1].item()), len(starts)
 
     def _stop_non_finite(self, what: str, epoch: int) -> None:
         kept = (f"the last good checkpoint ({self.ckpt_dir / 'last.pt'}, after epoch {self.state.epochs_done}) is kept"
@@ -255,15 +263,17 @@ class Trainer:
         epoch_start = time.time()
         torch.manual_seed(self.config.random_seed * 1_000_003 + epoch * 101 + self.rank)
         self.model.train()
-        train_loss = self._train_epoch(epoch)
+        train_loss, train_tokens, train_steps = self._train_epoch(epoch)
         self._check_finite(train_loss, epoch)
         if dist.is_initialized() and not ranks_agree(self.model, self.world_size):
             raise RuntimeError(f"the {self.world_size} processes hold different weights after epoch {epoch + 1}")
         train_seconds = time.time() - epoch_start  # train_loss waited for the last step
         faults.kill_if("eval", epoch, self.rank)
         full = is_full_eval(epoch, self.config)
+        # train_tokens: history positions trained (Stochastic Length lowers it), before padding to token buckets.
         record = {"epoch": epoch, "train_loss": train_loss, "lr": self.optimizer.param_groups[0]["lr"],
-                  "full_eval": full, "train_seconds": train_seconds, **self._evaluate(epoch, full)}
+                  "full_eval": full, "train_seconds": train_seconds, "train_steps": train_steps,
+                  "train_tokens": train_tokens, **self._evaluate(epoch, full)}
         record["seconds"] = time.time() - epoch_start
         return record
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from typing import Dict
 
 import numpy as np
@@ -84,8 +85,51 @@ def make_splits(data: SequenceData, protocol: str) -> Dict[str, np.ndarray]:
 
 
 def history_total(samples: np.ndarray, max_history: int) -> int:
-    """Number of history positions of (user, end) samples: the jagged length of their batch."""
+    """Number of history positions of (user, end[, kept]) samples: the jagged length of their batch."""
+    if samples.shape[1] == 3:
+        return int(samples[:, 2].sum())
     return int(np.minimum(samples[:, 1] - 1, max_history).sum())
+
+
+def stochastic_length_cap(max_len: int, alpha: float) -> int:
+    """N^(alpha/2), the length a shortened history keeps (rounded down: positions are whole)."""
+    return int(math.floor(max_len ** (alpha / 2) + 1e-9))  # 1024 ** 0.8 is 256 up to rounding
+
+
+def stochastic_lengths(lengths: np.ndarray, max_len: int, alpha: float, rng: np.random.Generator) -> np.ndarray:
+    """Kept lengths of histories of `lengths` (each <= max_len = N) under Stochastic Length.
+
+    A history of n <= N^(alpha/2) positions is kept whole; a longer one is
+    shortened to N^(alpha/2) positions with probability 1 - N^alpha / n^2 and
+    kept whole otherwise, so its expected attention cost stays O(N^alpha).
+    One uniform number is drawn per history, used or not.
+    """
+    cap = stochastic_length_cap(max_len, alpha)
+    keep_whole = np.minimum(1.0, float(max_len) ** alpha / np.maximum(lengths, 1).astype(np.float64) ** 2)
+    shorten = (lengths > cap) & (rng.random(lengths.shape[0]) >= keep_whole)
+    return np.where(shorten, cap, lengths).astype(np.int64)
+
+
+def with_stochastic_lengths(samples: np.ndarray, max_history: int, alpha: float,
+                            rng: np.random.Generator) -> np.ndarray:
+    """(S, 3) samples (user, end, kept history length) from (S, 2) ones, N being max_history."""
+    lengths = np.minimum(samples[:, 1] - 1, max_history)
+    kept = stochastic_lengths(lengths, max_history, alpha, rng)
+    return np.concatenate([samples, kept[:, None]], axis=1)
+
+
+def kept_offsets(lengths: torch.Tensor, kept: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, width): the first kept[b] entries of row b are a uniformly random kept[b]-subset of
+    0..lengths[b]-1 in increasing order (the rest is `width`). Drawn with torch's generator on
+    the device, without a host sync (so inside a CUDA graph too)."""
+    pos = torch.arange(width, device=lengths.device)
+    # Float64 keys: ties (which would favour low positions) are then practically impossible.
+    keys = torch.rand(lengths.shape[0], width, dtype=torch.float64, device=lengths.device)
+    keys = torch.where(pos[None, :] < lengths[:, None], keys, 2.0)  # positions past the history rank last
+    order = keys.argsort(dim=1)
+    rank = torch.empty_like(order).scatter_(1, order, pos.expand_as(order).contiguous())
+    chosen = rank < kept[:, None]
+    return torch.where(chosen, pos[None, :], width).sort(dim=1).values
 
 
 @dataclasses.dataclass
@@ -111,15 +155,26 @@ class DeviceSequences:
         return self.gather(on_device, max_history, padded_len, history_total(samples, max_history))
 
     def gather(self, samples: torch.Tensor, max_history: int, padded_len: int, total: int) -> Batch:
-        """Builds the batch of (B, 2) (user, end) samples already on the device; no host sync."""
+        """Builds the batch of (B, 2) (user, end) samples already on the device; no host sync.
+
+        (B, 3) samples (user, end, kept) keep `kept` random positions of their
+        history (kept_offsets) and are trained on as if that were the history:
+        each kept position's label is the next kept item, the last one's the target.
+        """
         if max_history + 1 > padded_len:
             raise ValueError(f"padded length {padded_len} cannot hold {max_history} history items and a target")
         users, ends = samples[:, 0], samples[:, 1]
-        lengths = (ends - 1).clamp(max=max_history)
+        full = (ends - 1).clamp(max=max_history)
         target_index = self.offsets[users] + ends - 1
         pos = torch.arange(padded_len, device=samples.device)
+        if samples.shape[1] == 3:
+            lengths = samples[:, 2]
+            within = kept_offsets(full, lengths, padded_len)
+            within = torch.where(pos[None, :] == lengths[:, None], full[:, None], within)  # the target
+        else:
+            lengths, within = full, pos[None, :]
         valid = pos[None, :] <= lengths[:, None]
-        index = torch.where(valid, (target_index - lengths)[:, None] + pos[None, :], 0)
+        index = torch.where(valid, (target_index - full)[:, None] + within, 0)
         ids = torch.where(valid, self.item_ids[index], 0)
         timestamps = torch.where(valid, self.timestamps[index], 0)
         return Batch(ids, timestamps, lengths, self.item_ids[target_index], total)

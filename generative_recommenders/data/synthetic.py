@@ -20,23 +20,32 @@ SYNTHETIC = "synthetic"  # the data set names the generated sets are loaded by (
 SYNTHETIC_RATINGS = "synthetic-ratings"  # the same sequences with learnable ratings (generative ranking)
 
 
-def _pick_unseen(rng: np.random.Generator, pool: np.ndarray, weights: np.ndarray, seen: set) -> int:
+def _pick_unseen(rng: np.random.Generator, pool: np.ndarray, cdf: np.ndarray, seen: np.ndarray) -> int:
+    """A popular item of `pool` not yet `seen` (a mask over item ids); any unseen one after 20 misses.
+
+    The draw is `rng.choice(pool, p=weights)` written out (the same uniform
+    number and search on the weights' normalised cumulative sum, so the same
+    data), with the cumulative sum made once per user: long histories make
+    millions of draws.
+    """
     for _ in range(20):
-        item = int(rng.choice(pool, p=weights))
-        if item not in seen:
+        item = int(pool[cdf.searchsorted(rng.random(), side="right")])
+        if not seen[item]:
             return item
-    unseen = [i for i in pool if i not in seen]
-    return int(rng.choice(unseen)) if unseen else int(rng.choice(pool))
+    unseen = pool[~seen[pool]]
+    return int(rng.choice(unseen)) if unseen.size else int(rng.choice(pool))
 
 
 def _check_settings(num_users: int, num_items: int, num_topics: int, min_length: int, max_length: int,
-                    follow_prob: float, seed: int) -> None:
+                    median_length: float, follow_prob: float, seed: int) -> None:
     check_positive("synthetic_data", num_users=num_users, num_items=num_items, num_topics=num_topics,
                    min_length=min_length, max_length=max_length)
     if num_topics < 2:  # every user likes two distinct topics
         raise ConfigError(f"synthetic_data.num_topics must be >= 2, got {num_topics}")
     if min_length > max_length:
         raise ConfigError(f"synthetic_data.min_length ({min_length}) must be <= max_length ({max_length})")
+    if isinstance(median_length, bool) or not isinstance(median_length, (int, float)) or not median_length > 0:
+        raise ConfigError(f"synthetic_data.median_length must be a positive number, got {median_length!r}")
     if not 0.0 <= follow_prob <= 1.0:
         raise ConfigError(f"synthetic_data.follow_prob must be in [0, 1], got {follow_prob}")
     if seed < 0:
@@ -50,10 +59,12 @@ def generate_synthetic(
     num_topics: int = 16,
     min_length: int = 8,
     max_length: int = 60,
+    median_length: float = 20.0,
     follow_prob: float = 0.7,
     seed: int = 0,
 ) -> SequenceData:
-    _check_settings(num_users, num_items, num_topics, min_length, max_length, follow_prob, seed)
+    """Lengths are log-normal around `median_length`, clipped to [min_length, max_length]."""
+    _check_settings(num_users, num_items, num_topics, min_length, max_length, median_length, follow_prob, seed)
     rng = np.random.default_rng(seed)
     items = np.arange(1, num_items + 1)
     topic = rng.integers(0, num_topics, num_items + 1)
@@ -66,16 +77,18 @@ def generate_synthetic(
     for _ in range(num_users):
         liked = rng.choice(num_topics, size=2, replace=False)
         pool = items[np.isin(topic[1:], liked)]
-        weights = popularity[pool] / popularity[pool].sum()
-        length = int(np.clip(rng.lognormal(np.log(20), 0.6), min_length, max_length))
-        seq = [_pick_unseen(rng, pool, weights, set())]
-        seen = set(seq)
+        cdf = np.cumsum(popularity[pool] / popularity[pool].sum())
+        cdf /= cdf[-1]
+        length = int(np.clip(rng.lognormal(np.log(median_length), 0.6), min_length, max_length))
+        seen = np.zeros(num_items + 1, dtype=bool)
+        seq = [_pick_unseen(rng, pool, cdf, seen)]
+        seen[seq[0]] = True
         while len(seq) < length:
             nxt = int(successor[seq[-1]])
-            if rng.random() >= follow_prob or nxt in seen:
-                nxt = _pick_unseen(rng, pool, weights, seen)
+            if rng.random() >= follow_prob or seen[nxt]:
+                nxt = _pick_unseen(rng, pool, cdf, seen)
             seq.append(nxt)
-            seen.add(nxt)
+            seen[nxt] = True
         sequences.append(np.asarray(seq, dtype=np.int32))
         gaps = rng.lognormal(np.log(3600.0), 2.0, size=length).astype(np.int64)
         stamps.append(978_300_000 + np.cumsum(gaps))

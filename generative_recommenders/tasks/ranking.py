@@ -91,6 +91,10 @@ class RankingTask:
     def use_cuda_graphs(self, device: torch.device) -> bool:
         return False  # candidates end each sequence: no padded layout yet
 
+    def train_samples(self, samples: np.ndarray, epoch: int, rank: int) -> np.ndarray:
+        """The epoch's samples as its steps gather them: unchanged (Stochastic Length is retrieval's)."""
+        return samples
+
     def batch_total(self, samples: np.ndarray) -> int:
         return int(sample_lengths(samples, self.config.max_sequence_length).sum())
 

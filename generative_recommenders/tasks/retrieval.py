@@ -15,7 +15,8 @@ import torch
 
 from generative_recommenders.config import TrainConfig, check_one_of
 from generative_recommenders.data.candidates import CandidateIndex
-from generative_recommenders.data.samples import SESSIONS, DeviceSequences, history_total, make_splits, selection_split
+from generative_recommenders.data.samples import (SESSIONS, DeviceSequences, history_total, make_splits,
+                                                  selection_split, stochastic_length_cap, with_stochastic_lengths)
 from generative_recommenders.data.sequence_store import SequenceData
 from generative_recommenders.evaluation.metrics import metric_names
 from generative_recommenders.evaluation.next_item_baselines import fit_baselines
@@ -23,6 +24,9 @@ from generative_recommenders.evaluation.retrieval import RANK_CAP, Baseline, Eva
 from generative_recommenders.modeling.recommender import SequentialRecommender
 from generative_recommenders.objectives import make_objective
 from generative_recommenders.objectives.losses import RetrievalLoss
+
+
+STOCHASTIC_LENGTH_STREAM = 26  # keys the kept-length draws' generator apart from the trainer's others
 
 
 class RetrievalTask:
@@ -68,6 +72,20 @@ class RetrievalTask:
     def use_cuda_graphs(self, device: torch.device) -> bool:
         """Switches the model to the padded layout when the whole step can be a CUDA graph."""
         return self.loss_fn.graph_safe and self.model.use_padded_layout(device)
+
+    def train_samples(self, samples: np.ndarray, epoch: int, rank: int) -> np.ndarray:
+        """The epoch's (shuffled) samples of this rank as its steps gather them.
+
+        With train_fn.stochastic_length_alpha each gets its kept history length,
+        drawn from a generator of (seed, epoch, rank): a resumed run draws the same.
+        At alpha = 2 (N^(alpha/2) = N, the longest history) nothing can be shortened
+        and the samples stay as they are.
+        """
+        alpha, max_history = self.config.stochastic_length_alpha, self.config.max_sequence_length
+        if alpha is None or stochastic_length_cap(max_history, alpha) >= max_history:
+            return samples
+        rng = np.random.default_rng([self.config.random_seed, epoch, rank, STOCHASTIC_LENGTH_STREAM])
+        return with_stochastic_lengths(samples, max_history, alpha, rng)
 
     def batch_total(self, samples: np.ndarray) -> int:
         return history_total(samples, self.config.max_sequence_length)
