@@ -9,7 +9,8 @@
 # capped by the step's wall time: FUXI_SECONDS (default 260), BERT_SECONDS (170), ABLATION_SECONDS (400).
 # A capped run keeps every finished epoch (results.json and last.pt are written each epoch). To go on in a
 # later call, bring back $OUT/ckpts as ./ckpts (carry it) and run the same step again.
-# Writes $OUT/results/ml-1m/<protocol>/<config>.{json,log} and $OUT/ckpts/ (the BERT4Rec checkpoints).
+# Writes $OUT/results/ml-1m/<protocol>/<config>.{json,log} and $OUT/ckpts/ (last.pt and best.pt of every run,
+# about 5 MB each: what a later call resumes from).
 # SMOKE=1 (CPU check of this script): no wheel install, synthetic data, SMOKE_EPOCHS (2) epochs.
 if [ -z "${SMOKE:-}" ]; then python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl; fi
 export PYTHONPATH=/tmp/site:$PWD
@@ -56,7 +57,8 @@ for step in $steps; do
           start "${FUXI_SECONDS:-260}" "$protocol" "$config" "$config"
         done
       done
-      wait ;;
+      wait
+      save_ckpts "fuxi-*" ;;
     bert4rec)
       for config in bert4rec-sampled-softmax-n128-converged bert4rec-full-softmax-converged; do
         start "${BERT_SECONDS:-170}" leave_one_out "$config" "$config"
