@@ -60,7 +60,7 @@ FULL_SOFTMAX_PAPER = {
     ("ml-20m", "GRU4Rec"): (0.2813, 0.1730),
     ("ml-20m", "SASRec"): (0.2983, 0.1833),
 }
-MODEL_ORDER = {"SASRec": 0, "HSTU": 1, "HSTU-large": 2, "GRU4Rec": 3, "BERT4Rec": 4}
+MODEL_ORDER = {"SASRec": 0, "HSTU": 1, "HSTU-large": 2, "FuXi": 3, "GRU4Rec": 4, "BERT4Rec": 5}
 LOSS_LABELS = {"SampledSoftmaxLoss": "sampled softmax", "FullSoftmaxLoss": "full softmax", "BCELoss": "BCE",
                "BPRLoss": "BPR", "BPRMaxLoss": "BPR-max"}
 

@@ -41,7 +41,7 @@ def _tasks(module: str):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("module", ["HSTU", "SASRec", "GRU4Rec", "BERT4Rec"])
+@pytest.mark.parametrize("module", ["HSTU", "SASRec", "GRU4Rec", "BERT4Rec", "FuXi"])
 def test_graph_and_eager_paths_evaluate_alike(module):
     graphed, eager = _tasks(module)
     samples = graphed.splits["eval"]
@@ -54,7 +54,7 @@ def test_graph_and_eager_paths_evaluate_alike(module):
 
 @pytest.mark.gpu
 # BERT4Rec is left out here: its cloze mask is random, and replays draw from other generator offsets.
-@pytest.mark.parametrize("module", ["HSTU", "SASRec", "GRU4Rec"])
+@pytest.mark.parametrize("module", ["HSTU", "SASRec", "GRU4Rec", "FuXi"])
 def test_graph_and_eager_paths_take_the_same_training_step(module):
     graphed, eager = _tasks(module)
     torch.backends.cuda.matmul.allow_tf32 = False

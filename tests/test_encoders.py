@@ -1,4 +1,4 @@
-"""GRU4Rec and BERT4Rec encoders, and causality of the SASRec and HSTU encoders.
+"""GRU4Rec and BERT4Rec encoders, and causality of the SASRec, HSTU and FuXi-alpha encoders.
 
 Ragged batches are drawn by hypothesis: each row has a valid prefix (the
 outputs the encoder returns) and possibly more non-zero ids after it (a target,
@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from generative_recommenders.modeling.bert4rec import BERT4RecEncoder, attention_bias
+from generative_recommenders.modeling.fuxi import FuXiEncoder
 from generative_recommenders.modeling.gru4rec import GRU4RecEncoder
 from generative_recommenders.modeling.hstu import HSTUEncoder
 from generative_recommenders.modeling.sasrec import SASRecEncoder
@@ -399,7 +400,7 @@ def test_bert4rec_initialisation():
             assert bool((module.weight == 1).all()) and bool((module.bias == 0).all())
 
 
-# ----------------------------------------------------------------------------- SASRec and HSTU causality
+# ----------------------------------------------------------------------------- SASRec, HSTU and FuXi causality
 
 
 # dim >= 4: the layer norm of a 2-vector is its sign pattern, so a moved input may not show.
@@ -426,3 +427,27 @@ def test_hstu_never_sees_the_future(num_heads, dqk, dv, data):
                           attention_kernel="torch").eval()
     with torch.no_grad():
         _assert_causal(encoder, batch, position)
+
+
+@SETTINGS
+@given(num_heads=st.integers(1, 2), dqk=st.integers(1, 5), dv=st.integers(1, 5), data=st.data())
+def test_fuxi_never_sees_the_future(num_heads, dqk, dv, data):
+    dim = 6
+    batch = data.draw(batches(dim))
+    position = data.draw(st.integers(0, batch.x.shape[1] - 1))
+    torch.manual_seed(0)
+    encoder = FuXiEncoder(dim, batch.x.shape[1], num_blocks=2, num_heads=num_heads, dqk=dqk, dv=dv,
+                          ffn_hidden_dim=dim + 2, attention_kernel="torch").eval()
+    with torch.no_grad():
+        for layer in encoder.layers:  # bias weights large enough that a leak through the bias channels shows
+            layer.ts_w.normal_(0.0, 1.0)
+            layer.pos_w.normal_(0.0, 1.0)
+        _assert_causal(encoder, batch, position)
+
+
+def test_fuxi_every_parameter_gets_a_gradient():
+    batch = make_batch([5, 1, 7], [1, 0, 1], 8, 6, seed=3)
+    torch.manual_seed(0)
+    encoder = FuXiEncoder(6, 8, num_blocks=2, num_heads=2, dqk=3, dv=2, ffn_hidden_dim=8, linear_dropout_rate=0.1,
+                          attention_kernel="torch")
+    _assert_every_parameter_gets_a_gradient(encoder, batch)

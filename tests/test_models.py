@@ -1,7 +1,7 @@
 """Encoders and the full recommender (REFERENCE.md sections 4-6).
 
 Shapes, padding invariance, causality, initialisation statistics, input/output
-processing, and a from-scratch recomputation of both encoders' forward passes.
+processing, and from-scratch recomputations of the HSTU, SASRec and FuXi-alpha forward passes.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from generative_recommenders.cuda_graph import TOKEN_BUCKETS, token_bucket
 from generative_recommenders.modeling.embeddings import InputPreprocessor, ItemEmbedding, normalize_output
+from generative_recommenders.modeling.fuxi import FuXiLayer
 from generative_recommenders.modeling.hstu import HSTUEncoder, HSTULayer
 from generative_recommenders.modeling.recommender import SequentialRecommender, pad_lengths
 from generative_recommenders.modeling.sasrec import SASRecEncoder
@@ -24,7 +25,7 @@ from generative_recommenders.modeling.sasrec import SASRecEncoder
 D = 16
 N = 10  # padded length
 MAX_ITEM = 40
-ENCODERS = ["HSTU", "SASRec"]
+ENCODERS = ["HSTU", "SASRec", "FuXi"]
 GIN = [
     "hstu_encoder.num_blocks = 2",
     "hstu_encoder.num_heads = 2",
@@ -35,6 +36,12 @@ GIN = [
     "sasrec_encoder.num_heads = 2",
     "sasrec_encoder.ffn_hidden_dim = 12",
     "sasrec_encoder.ffn_dropout_rate = 0.3",
+    "fuxi_encoder.num_blocks = 2",
+    "fuxi_encoder.num_heads = 2",
+    "fuxi_encoder.dqk = 4",
+    "fuxi_encoder.dv = 3",
+    "fuxi_encoder.ffn_hidden_dim = 12",
+    "fuxi_encoder.linear_dropout_rate = 0.3",
 ]
 
 
@@ -50,7 +57,7 @@ def _model(encoder_type, seed=0, padded_layout=False, **kwargs):
     torch.manual_seed(seed)
     model = SequentialRecommender(encoder_type, MAX_ITEM, N, D, dropout_rate=0.3, **kwargs)
     model.padded_layout = padded_layout  # a test-only switch: use_padded_layout turns it on only on CUDA
-    if encoder_type == "HSTU":
+    if encoder_type in ("HSTU", "FuXi"):
         # Larger relative-bias weights than the N(0, 0.02) init so that timestamp effects are visible.
         with torch.no_grad():
             for layer in model.encoder.layers:
@@ -415,6 +422,70 @@ def test_hstu_forward_recomputed_from_reference(normalization):
             x = model.item_embedding.table.weight[ids[b, :n]] * math.sqrt(D) + model.input_preproc.position.weight[:n]
             for layer in model.encoder.layers:
                 x = _naive_hstu_layer(layer, x, n, ts[b], normalization)
+            expected.append(x / x.norm(dim=-1, keepdim=True).clamp(min=1e-6))
+    torch.testing.assert_close(out, torch.cat(expected), rtol=1e-4, atol=1e-5)
+
+
+def _rms(x):
+    return x / torch.sqrt((x**2).mean(-1, keepdim=True) + 1e-6)
+
+
+def _naive_fuxi_channels(layer, x, n, ts):
+    """One sequence x (n, D), timestamps ts (N,): u and the three channel outputs (n, h * dv), loops and dense masks."""
+    h, dqk, dv, big_n = layer.num_heads, layer.dqk, layer.dv, layer.max_seq_len
+    proj = F.silu(_rms(x) @ layer.uvqk)
+    u = proj[:, : 3 * h * dv]
+    v = proj[:, 3 * h * dv : 4 * h * dv].view(n, h, dv)
+    q = proj[:, 4 * h * dv : 4 * h * dv + h * dqk].view(n, h, dqk)
+    k = proj[:, 4 * h * dv + h * dqk :].view(n, h, dqk)
+    semantic, temporal, positional = (torch.zeros(n, n, h) for _ in range(3))
+    for i in range(n):
+        for j in range(i + 1):  # causal: keys up to the query
+            d = int(ts[min(i + 1, big_n - 1)]) - int(ts[j])
+            bucket = min(128, max(0, math.floor(math.log(max(abs(d), 1)) / 0.301)))
+            semantic[i, j] = F.silu((q[i] * k[j]).sum(-1)) / big_n
+            temporal[i, j] = F.silu(layer.ts_w[bucket]) / big_n
+            positional[i, j] = F.silu(layer.pos_w[big_n - 1 + j - i]) / big_n
+    return u, [torch.einsum("ijh,jhd->ihd", a, v).reshape(n, h * dv) for a in (semantic, temporal, positional)]
+
+
+def _naive_fuxi_layer(layer, x, n, ts):
+    u, outputs = _naive_fuxi_channels(layer, x, n, ts)
+    x = x + layer.stage1(u * torch.cat([_rms(o) for o in outputs], dim=-1))
+    z = _rms(x)
+    return x + layer.down(F.silu(layer.gate(z)) * layer.up(z))
+
+
+def test_fuxi_channels_equal_the_dense_formula():
+    torch.manual_seed(3)
+    layer = FuXiLayer(D, num_heads=2, dqk=4, dv=3, ffn_hidden_dim=12, max_seq_len=N, linear_dropout_rate=0.0)
+    with torch.no_grad():
+        layer.ts_w.normal_(0.0, 1.0)
+        layer.pos_w.normal_(0.0, 1.0)
+    ids, ts, lengths = _batch()
+    offsets = F.pad(lengths.cumsum(0), (1, 0))
+    x = torch.randn(int(lengths.sum()), D)
+    with torch.no_grad():
+        u, *outputs = layer.channels(x, offsets, ts)
+        for b, (start, n) in enumerate(zip(offsets.tolist(), lengths.tolist())):
+            want_u, want = _naive_fuxi_channels(layer, x[start : start + n], n, ts[b])
+            torch.testing.assert_close(u[start : start + n], want_u)
+            for got, expected in zip(outputs, want):
+                torch.testing.assert_close(got[start : start + n].reshape(n, -1), expected, rtol=1e-4, atol=1e-6)
+    # The bias channels differ from each other and from the semantic one (none is silently dropped).
+    assert min((a - b).abs().max() for a, b in [(outputs[0], outputs[1]), (outputs[1], outputs[2])]) > 1e-3
+
+
+def test_fuxi_forward_recomputed_from_formula():
+    model = _model("FuXi")
+    ids, ts, lengths = _batch()
+    with torch.no_grad():
+        out, _ = model(ids, ts, lengths)
+        expected = []
+        for b, n in enumerate(lengths.tolist()):
+            x = model.item_embedding.table.weight[ids[b, :n]] * math.sqrt(D) + model.input_preproc.position.weight[:n]
+            for layer in model.encoder.layers:
+                x = _naive_fuxi_layer(layer, x, n, ts[b])
             expected.append(x / x.norm(dim=-1, keepdim=True).clamp(min=1e-6))
     torch.testing.assert_close(out, torch.cat(expected), rtol=1e-4, atol=1e-5)
 

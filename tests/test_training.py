@@ -171,7 +171,7 @@ def test_loading_a_checkpoint_never_runs_code_from_it(tmp_path):
 
 
 @pytest.mark.parametrize("loss", ["SampledSoftmaxLoss", "BCELoss", "FullSoftmaxLoss", "BPRLoss", "BPRMaxLoss"])
-@pytest.mark.parametrize("module", ["HSTU", "SASRec", "GRU4Rec", "BERT4Rec"])
+@pytest.mark.parametrize("module", ["HSTU", "SASRec", "GRU4Rec", "BERT4Rec", "FuXi"])
 def test_every_encoder_trains_and_evaluates_with_every_loss(tmp_path, module, loss):
     extra = ["train_fn.temperature = 1.0"] if loss == "BCELoss" else []
     results = train_tiny(tmp_path, [f"train_fn.main_module = '{module}'", f"train_fn.loss_module = '{loss}'",

@@ -25,6 +25,11 @@ TINY = [
     "bert4rec_encoder.num_blocks = 1",
     "bert4rec_encoder.num_heads = 2",
     "bert4rec_encoder.ffn_hidden_dim = 32",
+    "fuxi_encoder.num_blocks = 1",
+    "fuxi_encoder.num_heads = 2",
+    "fuxi_encoder.dqk = 8",
+    "fuxi_encoder.dv = 8",
+    "fuxi_encoder.ffn_hidden_dim = 32",
 ]
 
 

@@ -18,12 +18,14 @@ from torch import nn
 from generative_recommenders.config import ConfigError
 from generative_recommenders.modeling.bert4rec import BERT4RecEncoder
 from generative_recommenders.modeling.embeddings import InputPreprocessor, ItemEmbedding, ItemTable, normalize_output
+from generative_recommenders.modeling.fuxi import FuXiEncoder
 from generative_recommenders.modeling.gru4rec import GRU4RecEncoder
 from generative_recommenders.modeling.hstu import HSTUEncoder
 from generative_recommenders.modeling.sasrec import SASRecEncoder
 from ops.jagged import complete_cumsum
 
-ENCODERS = {"HSTU": HSTUEncoder, "SASRec": SASRecEncoder, "GRU4Rec": GRU4RecEncoder, "BERT4Rec": BERT4RecEncoder}
+ENCODERS = {"HSTU": HSTUEncoder, "SASRec": SASRecEncoder, "GRU4Rec": GRU4RecEncoder, "BERT4Rec": BERT4RecEncoder,
+            "FuXi": FuXiEncoder}
 
 
 def _build_encoder(encoder_type: str, encoder_class, dim: int, max_seq_len: int) -> nn.Module:
@@ -48,9 +50,9 @@ def build_backbone(encoder_type: str, max_item_id: int, max_seq_len: int, dim: i
     input_preproc = InputPreprocessor(max_seq_len, dim, dropout_rate,
                                       positions=getattr(encoder_class, "USES_POSITIONS", True))
     encoder = _build_encoder(encoder_type, encoder_class, dim, max_seq_len)
-    if encoder_type == "HSTU":
+    if encoder_type in ("HSTU", "FuXi"):
         # The release re-initialises everything outside the HSTU stack and the
-        # item table (i.e. the position table) with Xavier normal.
+        # item table (i.e. the position table) with Xavier normal; FuXi-alpha follows HSTU here.
         nn.init.xavier_normal_(input_preproc.position.weight)
     return item_embedding, input_preproc, encoder
 
