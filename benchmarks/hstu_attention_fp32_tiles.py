@@ -22,7 +22,7 @@ import torch
 import triton
 
 import hstu_attention as bench
-from ops.triton.hstu_attention import _backward, _forward, _time_prep
+from ops.triton.hstu_attention import _backward, _forward
 
 FWD = [(64, 32, 4, 2), (64, 32, 4, 3), (64, 64, 4, 2), (128, 32, 8, 2), (32, 32, 4, 2), (128, 64, 8, 2), (64, 16, 4, 2)]
 BWD = [(64, 16, 16, 4, 1), (64, 16, 16, 4, 2), (64, 32, 32, 4, 2), (64, 64, 32, 8, 2), (32, 16, 16, 4, 2),
@@ -52,7 +52,6 @@ def main() -> None:
     for name, n, h, d in SHAPES:
         b = bench.make_batch(128, n, h, d, d, ragged=False)
         args = [b[x].detach() for x in ("q", "k", "v")] + [b["offsets"], n, b["ts"], b["ts_w"].detach(), b["pos_w"].detach()]
-        args.append(_time_prep(b["ts"], b["offsets"], n, b["ts_w"].numel() - 1))
         reference = _forward(*args, config=FWD[0])
         for f in FWD:
             _time(f"{name} h{h} d{d} fwd {f}", lambda: _forward(*args, config=f), reference)

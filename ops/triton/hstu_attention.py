@@ -130,8 +130,9 @@ def _time_bucket(tq, tk, NUM_BUCKETS: tl.constexpr, HW_MATH: tl.constexpr):
 
 
 @triton.jit
-def _pos_bias(qpos, kpos, PosW, max_seq_len, mask, MASKED: tl.constexpr):
-    """pos_w[N - 1 + j - i] for broadcastable (query, key) positions, fp32.
+def _rel_bias(qpos, kpos, tq, tk, TsW, PosW, max_seq_len, mask,
+              NUM_BUCKETS: tl.constexpr, MASKED: tl.constexpr, HW_MATH: tl.constexpr):
+    """rab for broadcastable (query, key) index tensors; also returns the time bucket.
 
     qpos is clamped to N - 1 by the caller, so unmasked tiles (keys strictly
     before the queries) always index inside pos_w; masked tiles mask the load.
@@ -141,43 +142,9 @@ def _pos_bias(qpos, kpos, PosW, max_seq_len, mask, MASKED: tl.constexpr):
         pos = tl.load(PosW + pos_idx, mask=mask, other=0.0)
     else:
         pos = tl.load(PosW + pos_idx)
-    return pos.to(tl.float32)
-
-
-@triton.jit
-def _two_bucket_plan(ordered, tq_lo, tq_hi, tk_lo, tk_hi, Thr,
-                     NUM_BUCKETS: tl.constexpr, HW_MATH: tl.constexpr):
-    """Scalars deciding whether a tile's time bias is a step between two buckets.
-
-    For a time-ordered sequence and a tile whose keys all come before its
-    queries, dt = tq - tk >= 0 grows down the rows and shrinks along the
-    columns, so its smallest and largest values sit at two corners: query
-    times tq_lo..tq_hi, key times tk_lo..tk_hi. The bucket function is monotone,
-    so if the corner buckets (near, far) differ by at most one, every score is
-    in `far` exactly when dt >= Thr[far], i.e. tk - tk_lo <= tq - cut with
-    cut = Thr[far] + tk_lo: one int32 compare per score instead of a
-    conversion and a log. `use` also needs the key block's time span to fit
-    int32. No reductions: a few scalar loads and two scalar buckets. (Callers
-    branch on `use` for the bucket arithmetic only and gather ts_w after the
-    branch: Triton 3.6's software pipeliner fails on loads inside a branch.)
-    """
-    near = _time_bucket(tq_lo, tk_hi, NUM_BUCKETS, HW_MATH)
-    far = _time_bucket(tq_hi, tk_lo, NUM_BUCKETS, HW_MATH)
-    use = (ordered != 0) & (far - near <= 1) & (tk_hi - tk_lo < 2147483647)
-    cut = tl.load(Thr + far) + tk_lo
-    return use, near, far, cut
-
-
-@triton.jit
-def _key_offsets(tk, tk_lo):
-    """Key times relative to the block's first key, int32 (the plan checked that they fit)."""
-    return (tk - tk_lo).to(tl.int32)
-
-
-@triton.jit
-def _query_limits(tq, cut):
-    """tq - cut clamped into int32: a key is `far` when its relative time is <= this."""
-    return tl.minimum(tl.maximum(tq - cut, -1), 2147483647).to(tl.int32)
+    bucket = _time_bucket(tq, tk, NUM_BUCKETS, HW_MATH)
+    ts = tl.load(TsW + bucket)  # bucket is always in [0, NUM_BUCKETS]
+    return pos.to(tl.float32) + ts.to(tl.float32), bucket
 
 
 @triton.jit
@@ -202,13 +169,12 @@ def _load_tile(ptrs, rows_ok, cols_ok, MASK_ROWS: tl.constexpr, MASK_COLS: tl.co
 
 
 @triton.jit
-def _fwd_tile(acc, q, qpos, kmax, tq, tq_lo, tq_hi, ordered, K, V, TS, TsW, PosW, Thr,
-              k_base, v_base, ts_base, start_n, seq_len, max_seq_len, stride_km, stride_vm,
-              offs_qk, offs_v,
+def _fwd_tile(acc, q, qpos, kmax, tq, K, V, TS, TsW, PosW, k_base, v_base, ts_base,
+              start_n, seq_len, max_seq_len, stride_km, stride_vm, offs_qk, offs_v,
               DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
               BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_BUCKETS: tl.constexpr,
-              DOT_PREC: tl.constexpr, MASKED: tl.constexpr, CORNERS: tl.constexpr,
-              HW_MATH: tl.constexpr, FAST_SILU: tl.constexpr):
+              DOT_PREC: tl.constexpr, MASKED: tl.constexpr, HW_MATH: tl.constexpr,
+              FAST_SILU: tl.constexpr):
     offs_n = start_n + tl.arange(0, BLOCK_N)
     kv_ok = offs_n < seq_len
     k = _load_tile(K + k_base + offs_n[:, None] * stride_km + offs_qk[None, :], kv_ok,
@@ -219,20 +185,9 @@ def _fwd_tile(acc, q, qpos, kmax, tq, tq_lo, tq_hi, ordered, K, V, TS, TsW, PosW
     causal = offs_n[None, :] <= kmax[:, None]
     if HAS_BIAS:
         tk = tl.load(TS + ts_base + tl.minimum(offs_n, max_seq_len - 1))
-        s += _pos_bias(qpos[:, None], offs_n[None, :], PosW, max_seq_len, causal, MASKED)
-        if CORNERS:  # keys strictly before the queries, all inside the sequence
-            tk_lo = tl.load(TS + ts_base + start_n)
-            use, near, far, cut = _two_bucket_plan(ordered, tq_lo, tq_hi, tk_lo,
-                                                   tl.load(TS + ts_base + start_n + BLOCK_N - 1), Thr,
-                                                   NUM_BUCKETS, HW_MATH)
-            if use:
-                in_far = _key_offsets(tk, tk_lo)[None, :] <= _query_limits(tq, cut)[:, None]
-                bucket = tl.where(in_far, far, near)
-            else:
-                bucket = _time_bucket(tq[:, None], tk[None, :], NUM_BUCKETS, HW_MATH)
-        else:
-            bucket = _time_bucket(tq[:, None], tk[None, :], NUM_BUCKETS, HW_MATH)
-        s += tl.load(TsW + bucket).to(tl.float32)  # bucket is always in [0, NUM_BUCKETS]
+        rab, _ = _rel_bias(qpos[:, None], offs_n[None, :], tq[:, None], tk[None, :], TsW, PosW,
+                           max_seq_len, causal, NUM_BUCKETS, MASKED, HW_MATH)
+        s += rab
     p = s * _sigmoid(s, FAST_SILU)  # SiLU; the 1/N is applied to the accumulator at the end
     if MASKED:
         p = tl.where(causal, p, 0.0)
@@ -259,7 +214,7 @@ def _target_self_term(acc, q, offs_m, is_target, K, V, TsW, PosW, k_base, v_base
 
 @triton.jit
 def _hstu_fwd_kernel(
-    Q, K, V, Out, SeqOffsets, TS, TsW, PosW, NumTargets, Ordered, Thr,
+    Q, K, V, Out, SeqOffsets, TS, TsW, PosW, NumTargets,
     stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, stride_om, stride_oh,
     stride_tb, num_heads, max_seq_len, inv_n,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -306,30 +261,22 @@ def _hstu_fwd_kernel(
         diag_end = tl.minimum(start_m + BLOCK_M, seq_len)
     if HAS_BIAS:
         tq = tl.load(TS + ts_base + tl.minimum(tq_index, max_seq_len - 1))
-        # Query-time corners of the block (its first and last rows inside the sequence) and
-        # whether the sequence is time-ordered: inputs of the two-bucket plan (no targets).
-        tq_lo = tl.load(TS + ts_base + tl.minimum(start_m + 1, max_seq_len - 1))
-        tq_hi = tl.load(TS + ts_base + tl.minimum(tl.minimum(start_m + BLOCK_M, seq_len), max_seq_len - 1))
-        ordered = tl.load(Ordered + off_b)
     else:
         tq = qpos
-        tq_lo = 0
-        tq_hi = 0
-        ordered = 0
 
     acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
     # Key blocks every row of the block sees entirely: no masks.
     for start_n in range(0, full_end, BLOCK_N):
-        acc = _fwd_tile(acc, q, qpos, kmax, tq, tq_lo, tq_hi, ordered, K, V, TS, TsW, PosW, Thr,
-                        k_base, v_base, ts_base, start_n, seq_len, max_seq_len, stride_km, stride_vm,
-                        offs_qk, offs_v, DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N, HAS_BIAS, NUM_BUCKETS,
-                        DOT_PREC, False, not HAS_TARGETS, HW_MATH, FAST_SILU)
+        acc = _fwd_tile(acc, q, qpos, kmax, tq, K, V, TS, TsW, PosW, k_base, v_base, ts_base,
+                        start_n, seq_len, max_seq_len, stride_km, stride_vm, offs_qk, offs_v,
+                        DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N, HAS_BIAS, NUM_BUCKETS, DOT_PREC,
+                        False, HW_MATH, FAST_SILU)
     # Diagonal key blocks (and the prefix's ragged end): masked.
     for start_n in range(full_end, diag_end, BLOCK_N):
-        acc = _fwd_tile(acc, q, qpos, kmax, tq, tq_lo, tq_hi, ordered, K, V, TS, TsW, PosW, Thr,
-                        k_base, v_base, ts_base, start_n, seq_len, max_seq_len, stride_km, stride_vm,
-                        offs_qk, offs_v, DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N, HAS_BIAS, NUM_BUCKETS,
-                        DOT_PREC, True, False, HW_MATH, FAST_SILU)
+        acc = _fwd_tile(acc, q, qpos, kmax, tq, K, V, TS, TsW, PosW, k_base, v_base, ts_base,
+                        start_n, seq_len, max_seq_len, stride_km, stride_vm, offs_qk, offs_v,
+                        DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N, HAS_BIAS, NUM_BUCKETS, DOT_PREC,
+                        True, HW_MATH, FAST_SILU)
     if HAS_TARGETS:
         if start_m + BLOCK_M > n_hist:
             acc = _target_self_term(acc, q, offs_m, rows_ok & (offs_m >= n_hist), K, V, TsW, PosW,
@@ -346,16 +293,8 @@ def _hstu_fwd_kernel(
 
 
 @triton.jit
-def _silu_grad(s, dp, FAST_SILU: tl.constexpr):
-    """dS = dP * SiLU'(s) with SiLU'(s) = sig * (1 + s * (1 - sig)); also returns sig."""
-    sig = _sigmoid(s, FAST_SILU)
-    return dp * sig * (1.0 + s * (1.0 - sig)), sig
-
-
-@triton.jit
-def _dkdv_tile(dk, dv, k, v, offs_n, tk, tk_lo, tk_hi, ordered, Q, DO, TS, TsW, PosW, Thr,
-               q_base, do_base, ts_base, start_m, seq_len, max_seq_len, stride_qm, stride_dom,
-               offs_qk, offs_v,
+def _dkdv_tile(dk, dv, k, v, offs_n, tk, Q, DO, TS, TsW, PosW, q_base, do_base, ts_base,
+               start_m, seq_len, max_seq_len, stride_qm, stride_dom, offs_qk, offs_v,
                DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
                BLOCK_M: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_BUCKETS: tl.constexpr,
                DOT_PREC: tl.constexpr, MASKED: tl.constexpr, HW_MATH: tl.constexpr,
@@ -373,22 +312,13 @@ def _dkdv_tile(dk, dv, k, v, offs_n, tk, tk_lo, tk_hi, ordered, Q, DO, TS, TsW, 
     causal = offs_n[:, None] <= qpos[None, :]
     if HAS_BIAS:
         tq = tl.load(TS + ts_base + tl.minimum(offs_m + 1, max_seq_len - 1))
-        s_t += _pos_bias(qpos[None, :], offs_n[:, None], PosW, max_seq_len, causal, MASKED)
-        if MASKED:
-            bucket = _time_bucket(tq[None, :], tk[:, None], NUM_BUCKETS, HW_MATH)
-        else:  # queries strictly after the keys: the two-bucket plan applies
-            tq_lo = tl.load(TS + ts_base + tl.minimum(start_m + 1, max_seq_len - 1))
-            tq_hi = tl.load(TS + ts_base + tl.minimum(tl.minimum(start_m + BLOCK_M, seq_len), max_seq_len - 1))
-            use, near, far, cut = _two_bucket_plan(ordered, tq_lo, tq_hi, tk_lo, tk_hi, Thr, NUM_BUCKETS, HW_MATH)
-            if use:
-                in_far = _key_offsets(tk, tk_lo)[:, None] <= _query_limits(tq, cut)[None, :]
-                bucket = tl.where(in_far, far, near)
-            else:
-                bucket = _time_bucket(tq[None, :], tk[:, None], NUM_BUCKETS, HW_MATH)
-        s_t += tl.load(TsW + bucket).to(tl.float32)
-    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-    ds_t, sig = _silu_grad(s_t, dp_t, FAST_SILU)
+        rab, _ = _rel_bias(qpos[None, :], offs_n[:, None], tq[None, :], tk[:, None], TsW, PosW,
+                           max_seq_len, causal, NUM_BUCKETS, MASKED, HW_MATH)
+        s_t += rab
+    sig = _sigmoid(s_t, FAST_SILU)
     p_t = s_t * sig
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+    ds_t = dp_t * sig * (1.0 + s_t * (1.0 - sig))  # SiLU'(s) = sig * (1 + s * (1 - sig))
     if MASKED:
         p_t = tl.where(causal, p_t, 0.0)
         ds_t = tl.where(causal, ds_t, 0.0)
@@ -424,7 +354,7 @@ def _pos_grad_tile(ds, start_m, start_n, PosPart, max_seq_len,
 
 
 @triton.jit
-def _ts_grad_tile(ds, bucket, offs_m, offs_n, qpos, rows_ok, tq, tq_prev, tk_left, tk_last, TsPart,
+def _ts_grad_tile(ds, bucket, offs_m, offs_n, qpos, rows_ok, tq, tq_prev, TS, ts_base, TsPart,
                   start_n, seq_len, max_seq_len,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_BUCKETS: tl.constexpr,
                   HW_MATH: tl.constexpr):
@@ -435,14 +365,14 @@ def _ts_grad_tile(ds, bucket, offs_m, offs_n, qpos, rows_ok, tq, tq_prev, tk_lef
     bucket on its left (closing the previous run) and -ecs[s] to its own bucket;
     the row total closes the last run. Row totals are then reduced the same way
     down the tile. Invalid elements (j > i, rows past the sequence) get bucket
-    -1 and zero dS, so runs of them cost no atomics. tk_left: the times of keys
-    offs_n - 1; tk_last: the time of the tile's last key (loaded by the caller).
+    -1 and zero dS, so runs of them cost no atomics.
     """
     cols = tl.arange(0, BLOCK_N)[None, :]
     valid = rows_ok[:, None] & (offs_n[None, :] <= qpos[:, None])
     here = tl.where(valid, bucket, -1)
-    # Bucket of the left neighbour (r, c - 1), recomputed from its timestamp tk_left
+    # Bucket of the left neighbour (r, c - 1), recomputed from its timestamp
     # (same inputs, same arithmetic, so equal buckets compare equal).
+    tk_left = tl.load(TS + ts_base + tl.minimum(tl.maximum(offs_n - 1, 0), max_seq_len - 1))
     left_ok = (cols > 0) & rows_ok[:, None] & ((offs_n - 1)[None, :] <= qpos[:, None])
     left = tl.where(left_ok, _time_bucket(tq[:, None], tk_left[None, :], NUM_BUCKETS, HW_MATH), -1)
     cs = tl.cumsum(ds, axis=1)
@@ -454,6 +384,7 @@ def _ts_grad_tile(ds, bucket, offs_m, offs_n, qpos, rows_ok, tq, tq_prev, tk_lef
     # Row totals belong to the bucket of each row's last element; reduce them down the column.
     rowtot = tl.sum(ds, axis=1)
     j_last = start_n + BLOCK_N - 1
+    tk_last = tl.load(TS + ts_base + tl.minimum(j_last, max_seq_len - 1))
     last = tl.where(rows_ok & (j_last <= qpos), _time_bucket(tq, tk_last, NUM_BUCKETS, HW_MATH), -1)
     r = tl.arange(0, BLOCK_M)
     prev_ok = (r > 0) & (offs_m - 1 < seq_len) & (j_last <= tl.minimum(offs_m - 1, max_seq_len - 1))
@@ -467,9 +398,9 @@ def _ts_grad_tile(ds, bucket, offs_m, offs_n, qpos, rows_ok, tq, tq_prev, tk_lef
 
 
 @triton.jit
-def _dq_tile(dq, q, do, offs_m, qpos, rows_ok, tq, tq_prev, tq_lo, tq_hi, ordered, K, V, TS, TsW, PosW,
-             Thr, TsPart, PosPart, k_base, v_base, ts_base, start_m, start_n, seq_len, max_seq_len,
-             stride_km, stride_vm, offs_qk, offs_v,
+def _dq_tile(dq, q, do, offs_m, qpos, rows_ok, tq, tq_prev, K, V, TS, TsW, PosW, TsPart, PosPart,
+             k_base, v_base, ts_base, start_m, start_n, seq_len, max_seq_len, stride_km, stride_vm,
+             offs_qk, offs_v,
              DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
              POS_GRAD: tl.constexpr, TS_GRAD: tl.constexpr, NUM_BUCKETS: tl.constexpr,
@@ -483,53 +414,30 @@ def _dq_tile(dq, q, do, offs_m, qpos, rows_ok, tq, tq_prev, tq_lo, tq_hi, ordere
     v = _load_tile(V + v_base + offs_n[:, None] * stride_vm + offs_v[None, :], kv_ok,
                    offs_v < DV, MASKED, DV != BLOCK_DV)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
     causal = offs_n[None, :] <= qpos[:, None]
     if HAS_BIAS:
         tk = tl.load(TS + ts_base + tl.minimum(offs_n, max_seq_len - 1))
-        s += _pos_bias(qpos[:, None], offs_n[None, :], PosW, max_seq_len, causal, MASKED)
-        if TS_GRAD:  # inputs of the general d ts_w, loaded here: no loads inside the branches below
-            tk_left = tl.load(TS + ts_base + tl.minimum(tl.maximum(offs_n - 1, 0), max_seq_len - 1))
-            tk_last = tl.load(TS + ts_base + tl.minimum(start_n + BLOCK_N - 1, max_seq_len - 1))
-        if MASKED:
-            bucket = _time_bucket(tq[:, None], tk[None, :], NUM_BUCKETS, HW_MATH)
-            ds = tl.where(causal, _silu_grad(s + tl.load(TsW + bucket).to(tl.float32), dp, FAST_SILU)[0], 0.0)
-            if TS_GRAD:
-                _ts_grad_tile(ds, bucket, offs_m, offs_n, qpos, rows_ok, tq, tq_prev, tk_left, tk_last, TsPart,
-                              start_n, seq_len, max_seq_len, BLOCK_M, BLOCK_N, NUM_BUCKETS, HW_MATH)
-        else:  # keys strictly before the queries: the two-bucket plan applies
-            tk_lo = tl.load(TS + ts_base + start_n)
-            use, near, far, cut = _two_bucket_plan(ordered, tq_lo, tq_hi, tk_lo,
-                                                   tl.load(TS + ts_base + start_n + BLOCK_N - 1), Thr,
-                                                   NUM_BUCKETS, HW_MATH)
-            if use:
-                bucket = tl.where(_key_offsets(tk, tk_lo)[None, :] <= _query_limits(tq, cut)[:, None], far, near)
-            else:
-                bucket = _time_bucket(tq[:, None], tk[None, :], NUM_BUCKETS, HW_MATH)
-            ds = _silu_grad(s + tl.load(TsW + bucket).to(tl.float32), dp, FAST_SILU)[0]
-            if TS_GRAD:
-                if use:  # two buckets: two sums, two atomics
-                    ds_far = tl.sum(tl.sum(tl.where(bucket == far, ds, 0.0), axis=1), axis=0)
-                    ds_all = tl.sum(tl.sum(ds, axis=1), axis=0)
-                    tl.atomic_add(TsPart + far, ds_far, sem="relaxed")
-                    tl.atomic_add(TsPart + near, ds_all - ds_far, mask=near != far, sem="relaxed")
-                else:
-                    _ts_grad_tile(ds, bucket, offs_m, offs_n, qpos, rows_ok, tq, tq_prev, tk_left, tk_last,
-                                  TsPart, start_n, seq_len, max_seq_len, BLOCK_M, BLOCK_N, NUM_BUCKETS, HW_MATH)
-    else:
-        ds = _silu_grad(s, dp, FAST_SILU)[0]
-        if MASKED:
-            ds = tl.where(causal, ds, 0.0)
+        rab, bucket = _rel_bias(qpos[:, None], offs_n[None, :], tq[:, None], tk[None, :], TsW, PosW,
+                                max_seq_len, causal, NUM_BUCKETS, MASKED, HW_MATH)
+        s += rab
+    sig = _sigmoid(s, FAST_SILU)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    ds = dp * sig * (1.0 + s * (1.0 - sig))
+    if MASKED:
+        ds = tl.where(causal, ds, 0.0)
     dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
     # Rows past the sequence have dO = 0, hence dS = 0 exactly: no extra mask needed.
     if POS_GRAD:
         _pos_grad_tile(ds, start_m, start_n, PosPart, max_seq_len, BLOCK_M, BLOCK_N)
+    if TS_GRAD:
+        _ts_grad_tile(ds, bucket, offs_m, offs_n, qpos, rows_ok, tq, tq_prev, TS, ts_base, TsPart,
+                      start_n, seq_len, max_seq_len, BLOCK_M, BLOCK_N, NUM_BUCKETS, HW_MATH)
     return dq
 
 
 @triton.jit
 def _hstu_bwd_kernel(
-    Q, K, V, DO, GradQ, GradK, GradV, SeqOffsets, TS, TsW, PosW, Ordered, Thr, TsGradPart, PosGradPart,
+    Q, K, V, DO, GradQ, GradK, GradV, SeqOffsets, TS, TsW, PosW, TsGradPart, PosGradPart,
     stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, stride_dom, stride_doh,
     stride_dqm, stride_dqh, stride_dkm, stride_dkh, stride_dvm, stride_dvh,
     stride_tb, num_heads, max_seq_len, inv_n,
@@ -567,26 +475,20 @@ def _hstu_bwd_kernel(
                    offs_v < DV, True, DV != BLOCK_DV)
     if HAS_BIAS:
         tk = tl.load(TS + ts_base + tl.minimum(offs, max_seq_len - 1))
-        tk_lo = tl.load(TS + ts_base + start)  # key-time corners of the block, inside the sequence
-        tk_hi = tl.load(TS + ts_base + tl.minimum(end_diag, max_seq_len) - 1)
-        ordered = tl.load(Ordered + off_b)
     else:
         tk = offs
-        tk_lo = 0
-        tk_hi = 0
-        ordered = 0
     dk = tl.zeros((BLOCK, BLOCK_DQK), dtype=tl.float32)
     dv = tl.zeros((BLOCK, BLOCK_DV), dtype=tl.float32)
     for start_m in range(start, end_diag, BLOCK_M1):
-        dk, dv = _dkdv_tile(dk, dv, k, v, offs, tk, tk_lo, tk_hi, ordered, Q, DO, TS, TsW, PosW, Thr,
-                            q_base, do_base, ts_base, start_m, seq_len, max_seq_len, stride_qm, stride_dom,
-                            offs_qk, offs_v, DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M1, HAS_BIAS, NUM_BUCKETS,
-                            DOT_PREC, True, HW_MATH, FAST_SILU)
+        dk, dv = _dkdv_tile(dk, dv, k, v, offs, tk, Q, DO, TS, TsW, PosW, q_base, do_base, ts_base,
+                            start_m, seq_len, max_seq_len, stride_qm, stride_dom, offs_qk, offs_v,
+                            DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M1, HAS_BIAS, NUM_BUCKETS, DOT_PREC,
+                            True, HW_MATH, FAST_SILU)
     for start_m in range(start + BLOCK, seq_len, BLOCK_M1):
-        dk, dv = _dkdv_tile(dk, dv, k, v, offs, tk, tk_lo, tk_hi, ordered, Q, DO, TS, TsW, PosW, Thr,
-                            q_base, do_base, ts_base, start_m, seq_len, max_seq_len, stride_qm, stride_dom,
-                            offs_qk, offs_v, DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M1, HAS_BIAS, NUM_BUCKETS,
-                            DOT_PREC, False, HW_MATH, FAST_SILU)
+        dk, dv = _dkdv_tile(dk, dv, k, v, offs, tk, Q, DO, TS, TsW, PosW, q_base, do_base, ts_base,
+                            start_m, seq_len, max_seq_len, stride_qm, stride_dom, offs_qk, offs_v,
+                            DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M1, HAS_BIAS, NUM_BUCKETS, DOT_PREC,
+                            False, HW_MATH, FAST_SILU)
     dk_ptrs = GradK + seq_start * stride_dkm + off_h * stride_dkh + offs[:, None] * stride_dkm + offs_qk[None, :]
     tl.store(dk_ptrs, (dk * inv_n).to(GradK.dtype.element_ty), mask=blk_ok[:, None] & (offs_qk < DQK)[None, :])
     dv_ptrs = GradV + seq_start * stride_dvm + off_h * stride_dvh + offs[:, None] * stride_dvm + offs_v[None, :]
@@ -601,27 +503,23 @@ def _hstu_bwd_kernel(
     if HAS_BIAS:
         tq = tl.load(TS + ts_base + tl.minimum(offs + 1, max_seq_len - 1))
         tq_prev = tl.load(TS + ts_base + qpos)  # query i - 1 uses t[i]
-        tq_lo = tl.load(TS + ts_base + tl.minimum(start + 1, max_seq_len - 1))
-        tq_hi = tl.load(TS + ts_base + tl.minimum(end_diag, max_seq_len - 1))
     else:
         tq = qpos
         tq_prev = qpos
-        tq_lo = 0
-        tq_hi = 0
     # Private gradient copies (see module docstring): per program for ts_w, per (b, h) for pos_w.
     ts_part = TsGradPart + (pid_bh.to(tl.int64) * tl.num_programs(1) + pid_blk) * TS_PART_STRIDE
     pos_part = PosGradPart + pid_bh.to(tl.int64) * max_seq_len
     dq = tl.zeros((BLOCK, BLOCK_DQK), dtype=tl.float32)
     for start_n in range(0, start, BLOCK_N2):
-        dq = _dq_tile(dq, q, do, offs, qpos, blk_ok, tq, tq_prev, tq_lo, tq_hi, ordered, K, V, TS, TsW,
-                      PosW, Thr, ts_part, pos_part, k_base, v_base, ts_base, start, start_n, seq_len,
-                      max_seq_len, stride_km, stride_vm, offs_qk, offs_v, DQK, DV, BLOCK_DQK, BLOCK_DV,
+        dq = _dq_tile(dq, q, do, offs, qpos, blk_ok, tq, tq_prev, K, V, TS, TsW, PosW, ts_part,
+                      pos_part, k_base, v_base, ts_base, start, start_n, seq_len, max_seq_len,
+                      stride_km, stride_vm, offs_qk, offs_v, DQK, DV, BLOCK_DQK, BLOCK_DV,
                       BLOCK, BLOCK_N2, HAS_BIAS, POS_GRAD, TS_GRAD, NUM_BUCKETS, DOT_PREC, False,
                       HW_MATH, FAST_SILU)
     for start_n in range(start, end_diag, BLOCK_N2):
-        dq = _dq_tile(dq, q, do, offs, qpos, blk_ok, tq, tq_prev, tq_lo, tq_hi, ordered, K, V, TS, TsW,
-                      PosW, Thr, ts_part, pos_part, k_base, v_base, ts_base, start, start_n, seq_len,
-                      max_seq_len, stride_km, stride_vm, offs_qk, offs_v, DQK, DV, BLOCK_DQK, BLOCK_DV,
+        dq = _dq_tile(dq, q, do, offs, qpos, blk_ok, tq, tq_prev, K, V, TS, TsW, PosW, ts_part,
+                      pos_part, k_base, v_base, ts_base, start, start_n, seq_len, max_seq_len,
+                      stride_km, stride_vm, offs_qk, offs_v, DQK, DV, BLOCK_DQK, BLOCK_DV,
                       BLOCK, BLOCK_N2, HAS_BIAS, POS_GRAD, TS_GRAD, NUM_BUCKETS, DOT_PREC, True,
                       HW_MATH, FAST_SILU)
     dq_ptrs = GradQ + seq_start * stride_dqm + off_h * stride_dqh + offs[:, None] * stride_dqm + offs_qk[None, :]
@@ -679,7 +577,7 @@ def _prepare(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _forward(q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w, prep, config=None, num_targets=None):
+def _forward(q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w, config=None, num_targets=None):
     total, heads, dqk = q.shape
     dv = v.shape[-1]
     batch = seq_offsets.numel() - 1
@@ -693,7 +591,7 @@ def _forward(q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w, prep, c
     _hstu_fwd_kernel[grid](
         q, k, v, out, seq_offsets,
         timestamps if has_bias else dummy, ts_w if has_bias else dummy, pos_w if has_bias else dummy,
-        num_targets if num_targets is not None else dummy, *(prep if has_bias else (dummy, dummy)),
+        num_targets if num_targets is not None else dummy,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1), timestamps.stride(0) if has_bias else 0,
         heads, max_seq_len, 1.0 / max_seq_len,
@@ -705,7 +603,7 @@ def _forward(q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w, prep, c
     return out
 
 
-def _backward(do, q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w, prep,
+def _backward(do, q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w,
               need_ts_grad, need_pos_grad, config=None):
     total, heads, dqk = q.shape
     dv_dim = v.shape[-1]
@@ -728,7 +626,7 @@ def _backward(do, q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w, pr
     _hstu_bwd_kernel[grid](
         q, k, v, do, dq, dk, dv, seq_offsets,
         timestamps if has_bias else dummy, ts_w if has_bias else dummy, pos_w if has_bias else dummy,
-        *(prep if has_bias else (dummy, dummy)), ts_part, pos_part,
+        ts_part, pos_part,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1),
         dv.stride(0), dv.stride(1), timestamps.stride(0) if has_bias else 0,
@@ -746,51 +644,6 @@ def _backward(do, q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w, pr
         d_pos = torch.zeros_like(pos_w)
         d_pos[:max_seq_len] = (pos_part.sum(0) / max_seq_len).to(pos_w.dtype)  # j > i: no gradient
     return dq, dk, dv, d_ts, d_pos
-
-
-@triton.jit
-def _time_prep_kernel(TS, SeqOffsets, Prep, stride_tb, max_seq_len, batch,
-                      NUM_BUCKETS: tl.constexpr, HW_MATH: tl.constexpr, BLOCK: tl.constexpr,
-                      BLOCK_B: tl.constexpr):
-    """Inputs of the two-bucket plan, once per call (shared by the forward and both backward passes).
-
-    Programs b < batch: Prep[b] = 1 if sequence b's timestamps never decrease over the
-    positions the kernels read (0 .. min(length, N - 1); position `length` is the target's).
-    The last program: Prep[batch + c] = the smallest dt >= 0 whose bucket is >= c, by
-    binary search through the kernels' own bucket function (monotone in dt).
-    """
-    pid = tl.program_id(0)
-    if pid < batch:
-        last = tl.minimum(tl.load(SeqOffsets + pid + 1) - tl.load(SeqOffsets + pid), max_seq_len - 1)
-        base = TS + pid.to(tl.int64) * stride_tb
-        drops = tl.zeros([BLOCK], dtype=tl.int32)
-        for start in range(0, last, BLOCK):
-            p = start + tl.arange(0, BLOCK)
-            ok = p < last
-            drops += (tl.load(base + p, mask=ok, other=0) > tl.load(base + p + 1, mask=ok, other=0)).to(tl.int32)
-        tl.store(Prep + pid, (tl.sum(drops, axis=0) == 0).to(tl.int64))
-    else:
-        c = tl.arange(0, BLOCK_B)
-        lo = tl.zeros([BLOCK_B], dtype=tl.int64)
-        hi = tl.full([BLOCK_B], 1 << 62, dtype=tl.int64)  # bucket NUM_BUCKETS (saturated) for every c
-        for _ in range(63):
-            mid = lo + (hi - lo) // 2
-            ge = _time_bucket(mid, 0, NUM_BUCKETS, HW_MATH) >= c
-            hi = tl.where(ge, mid, hi)
-            lo = tl.where(ge, lo, mid + 1)
-        tl.store(Prep + batch + c, hi, mask=c <= NUM_BUCKETS)
-
-
-def _time_prep(timestamps: torch.Tensor, seq_offsets: torch.Tensor, max_seq_len: int,
-               num_buckets: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(per-sequence time-ordered flags (B,), bucket thresholds (num_buckets + 1,)), int64."""
-    batch = seq_offsets.numel() - 1
-    prep = torch.empty(batch + num_buckets + 1, dtype=torch.int64, device=timestamps.device)
-    _time_prep_kernel[(batch + 1,)](
-        timestamps, seq_offsets, prep, timestamps.stride(0), max_seq_len, batch,
-        NUM_BUCKETS=num_buckets, HW_MATH=_math_flags(timestamps)["HW_MATH"], BLOCK=256,
-        BLOCK_B=triton.next_power_of_2(num_buckets + 1))
-    return prep[:batch], prep[batch:]
 
 
 @triton.jit
@@ -822,9 +675,8 @@ class _HSTUAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w, fwd_config, bwd_config,
                 num_targets):
-        prep = () if ts_w is None else _time_prep(timestamps, seq_offsets, max_seq_len, ts_w.numel() - 1)
-        out = _forward(q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w, prep, fwd_config, num_targets)
-        ctx.save_for_backward(q, k, v, seq_offsets, timestamps, ts_w, pos_w, *prep)
+        out = _forward(q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w, fwd_config, num_targets)
+        ctx.save_for_backward(q, k, v, seq_offsets, timestamps, ts_w, pos_w)
         ctx.max_seq_len = max_seq_len
         ctx.bwd_config = bwd_config
         ctx.has_targets = num_targets is not None
@@ -835,10 +687,10 @@ class _HSTUAttentionFunction(torch.autograd.Function):
         if ctx.has_targets:
             raise NotImplementedError("the Triton kernel's backward does not take num_targets (M-FALCON is "
                                       "inference); train through targets with attention kernel 'torch'")
-        q, k, v, seq_offsets, timestamps, ts_w, pos_w, *prep = ctx.saved_tensors
+        q, k, v, seq_offsets, timestamps, ts_w, pos_w = ctx.saved_tensors
         has_bias = ts_w is not None
         dq, dk, dv, d_ts, d_pos = _backward(
-            _prepare(do), q, k, v, seq_offsets, ctx.max_seq_len, timestamps, ts_w, pos_w, prep,
+            _prepare(do), q, k, v, seq_offsets, ctx.max_seq_len, timestamps, ts_w, pos_w,
             need_ts_grad=has_bias and ctx.needs_input_grad[6],
             need_pos_grad=has_bias and ctx.needs_input_grad[7],
             config=ctx.bwd_config,
