@@ -40,7 +40,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 import ops.hstu_attention as hstu_module  # noqa: E402
 from ops.hstu_attention import BUCKET_INCREMENT, hstu_attention, hstu_attention_reference, time_buckets  # noqa: E402
-from ops.triton.hstu_attention import _hstu_attention, _time_prep, kernel_time_buckets, triton_hstu_attention  # noqa: E402
+from ops.triton.hstu_attention import _hstu_attention, kernel_time_buckets, triton_hstu_attention  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -163,68 +163,6 @@ def test_time_buckets_match_reference():
     assert not (differ & ~near).any(), delta.cpu()[differ & ~near][:10]
     assert ((got - want).abs() <= 1).all()
     assert differ.float().mean().item() < 1e-4
-
-
-def test_time_prep_thresholds_and_order_flags():
-    """Thresholds: the smallest |dt| of each bucket under the kernels' own bucket function;
-    flags: a sequence counts as time-ordered over positions 0..min(length, N - 1) only."""
-    n = 6
-    ts = torch.tensor([[1, 2, 2, 5, 9, 9],       # length 5 (target at 5): ordered, ties allowed
-                       [1, 3, 2, 4, 5, 6],       # a drop at position 2
-                       [1, 2, 3, 0, 0, 0],       # length 2: positions 0..2 ordered, padding after
-                       [7, 0, 0, 0, 0, 0],       # length 0
-                       [1, 2, 3, 4, 5, 4]])      # length 6 = N: position 5 is read (t[min(i + 1, N - 1)])
-    offsets = torch.nn.functional.pad(torch.tensor([5, 5, 2, 0, 6]).cumsum(0), (1, 0))
-    ordered, thr = _time_prep(ts.to(DEVICE), offsets.to(DEVICE), n, NUM_BUCKETS)
-    assert ordered.cpu().tolist() == [1, 0, 1, 1, 0]
-    c = torch.arange(NUM_BUCKETS + 1)
-    at = kernel_time_buckets(thr).cpu()
-    below = kernel_time_buckets((thr - 1).clamp(min=0)).cpu()
-    assert thr[0].item() == 0 and (at >= c).all() and (below[1:] < c[1:]).all()
-
-
-def _boundary_timestamps(length: int, block: int, gen: torch.Generator) -> torch.Tensor:
-    """Time-ordered timestamps: the first half in groups of `block` keys, the second half (the
-    queries) all at one time, so each key's time difference is a bucket threshold, or one below
-    or above it (two buckets per key group: the two-bucket plan's tiles, exact boundaries)."""
-    _, thr = _time_prep(torch.zeros(1, 1, dtype=torch.int64, device=DEVICE),
-                        torch.zeros(2, dtype=torch.int64, device=DEVICE), 1, NUM_BUCKETS)
-    thr = thr.cpu()
-    end = 10**12
-    ts = torch.full((length,), end, dtype=torch.int64)
-    for g, start in enumerate(range(0, length // 2, block)):
-        c = 40 - 3 * g  # groups three buckets apart keep the whole sequence ordered
-        choices = torch.stack([thr[c], thr[c + 1] - 1, thr[c + 1], thr[c + 1] + 1])
-        size = min(block, length // 2 - start)
-        d = choices[torch.randint(0, 4, (size,), generator=gen)]
-        ts[start:start + size] = end - torch.sort(d, descending=True).values
-    return ts
-
-
-def _two_bucket_tiles(ts: torch.Tensor, length: int, block_m: int, block_n: int) -> int:
-    """How many unmasked (query block, key block) tiles the two-bucket plan takes for one sequence."""
-    tau = ts[torch.clamp(torch.arange(length) + 1, max=len(ts) - 1)]
-    count = 0
-    for m in range(0, length, block_m):
-        last = min(m + block_m, length) - 1
-        for j in range(0, m - block_n + 1, block_n):
-            near, far = kernel_time_buckets(torch.stack([tau[m] - ts[j + block_n - 1], tau[last] - ts[j]]))
-            count += int(far - near <= 1)
-    return count
-
-
-@settings(max_examples=6 if not CUDA else 10, deadline=None)
-@given(seed=st.integers(0, 2**16), length=st.integers(64, 80 if not CUDA else 700))
-def test_two_bucket_tiles_at_exact_thresholds(seed, length):
-    """Ordered histories whose time differences land on bucket thresholds (and one off): the
-    tiles that take the two-bucket plan (counted here, at least one) give the general path's values."""
-    gen = torch.Generator().manual_seed(seed)
-    q, k, v, offsets, n, extra = _make_inputs([length, length // 2], 1, 16, 16, torch.float32, seed, True,
-                                              max_seq_len=length)
-    block = 16 if not CUDA else 64
-    ts = torch.stack([_boundary_timestamps(length, block, gen) for _ in range(2)]).to(DEVICE)
-    assert _two_bucket_tiles(ts[0].cpu(), length, block, block) > 0
-    _check(q, k, v, offsets, n, (ts,) + extra[1:], torch.float32)
 
 
 def test_empty_and_single_sequences():
