@@ -413,7 +413,13 @@ def _naive_hstu_layer(layer, x, n, ts, normalization):
 @pytest.mark.parametrize("normalization", ["silu", "softmax"])
 def test_hstu_forward_recomputed_from_reference(normalization):
     gin.bind_parameter("hstu_encoder.normalization", normalization)
-    model = _model("HSTU")
+    _assert_forward_recomputed("HSTU", lambda layer, x, n, ts: _naive_hstu_layer(layer, x, n, ts, normalization))
+
+
+def _assert_forward_recomputed(main_module, naive_layer):
+    """The model's outputs equal its input (item embedding x sqrt(D) + position) run through
+    `naive_layer(layer, x, n, ts)` per layer and sequence, then L2-normalised."""
+    model = _model(main_module)
     ids, ts, lengths = _batch()
     with torch.no_grad():
         out, _ = model(ids, ts, lengths)
@@ -421,7 +427,7 @@ def test_hstu_forward_recomputed_from_reference(normalization):
         for b, n in enumerate(lengths.tolist()):
             x = model.item_embedding.table.weight[ids[b, :n]] * math.sqrt(D) + model.input_preproc.position.weight[:n]
             for layer in model.encoder.layers:
-                x = _naive_hstu_layer(layer, x, n, ts[b], normalization)
+                x = naive_layer(layer, x, n, ts[b])
             expected.append(x / x.norm(dim=-1, keepdim=True).clamp(min=1e-6))
     torch.testing.assert_close(out, torch.cat(expected), rtol=1e-4, atol=1e-5)
 
@@ -477,17 +483,7 @@ def test_fuxi_channels_equal_the_dense_formula():
 
 
 def test_fuxi_forward_recomputed_from_formula():
-    model = _model("FuXi")
-    ids, ts, lengths = _batch()
-    with torch.no_grad():
-        out, _ = model(ids, ts, lengths)
-        expected = []
-        for b, n in enumerate(lengths.tolist()):
-            x = model.item_embedding.table.weight[ids[b, :n]] * math.sqrt(D) + model.input_preproc.position.weight[:n]
-            for layer in model.encoder.layers:
-                x = _naive_fuxi_layer(layer, x, n, ts[b])
-            expected.append(x / x.norm(dim=-1, keepdim=True).clamp(min=1e-6))
-    torch.testing.assert_close(out, torch.cat(expected), rtol=1e-4, atol=1e-5)
+    _assert_forward_recomputed("FuXi", _naive_fuxi_layer)
 
 
 def test_hstu_softmax_differs_from_silu():
