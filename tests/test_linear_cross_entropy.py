@@ -95,7 +95,12 @@ def _check_kernel(query, items, targets, grad, temperature, blocks=None, tol=KER
     expected = torch.autograd.grad(want, [q, i], grad.double())
     for name, a, b, x in zip(("grad_query", "grad_items"), got, expected, (query, items)):
         assert a.shape == x.shape and a.dtype == x.dtype, name
-        assert _rel_err(a, b) <= grad_tol, (name, _rel_err(a, b))
+        # Measured against the gradient of O(1) logit gradients (the other operand / T, times dL):
+        # p - onehot rounded in fp32 errs by ~2^-24 absolutely, which is a large relative error of
+        # a gradient whose probabilities are all nearly 0 or 1 (seen 1.4e-5 with p = 0.9987).
+        other = items if name == "grad_query" else query
+        unit = other.abs().max().item() * grad.abs().max().item() / temperature if other.numel() else 0.0
+        assert _rel_err(a, b, unit) <= grad_tol, (name, _rel_err(a, b, unit))
     assert not got[0][targets < 0].any()  # ignored rows get no gradient
 
 
