@@ -65,9 +65,15 @@ Layout (kernels, then the autograd Function, then the public function):
   (benchmarks/hstu_attention.py --tune), not autotuning: trials would need the
   rab-gradient buffers reset, and a table never re-tunes on a new length.
 
-Measured on an H100 (bf16, B=8, h=2, d=128, N=4096, full lengths; see
-benchmarks/hstu_attention.md): without the relative bias 0.22 ms forward and
-0.84 ms forward+backward; with it (and both weight gradients) 0.77 / 3.85 ms.
+* Key times are loaded one key block ahead in the forward's unmasked loop. A
+  profile (ncu, H200) showed the forward stalled mostly on the int64 delta
+  waiting for that block's timestamps, loaded right before use (Triton's
+  pipeliner prefetches only the loads that feed a dot); the prefetch took the
+  forward from 0.78 to 0.52 ms at N=4096.
+
+Measured on an H200 (bf16, B=8, h=2, d=128, N=4096, full lengths; see
+benchmarks/hstu_attention.md): without the relative bias 0.23 ms forward and
+0.84 ms forward+backward; with it (and both weight gradients) 0.52 / 3.65 ms.
 
 The module imports without a GPU; on CPU tensors the kernels run under
 TRITON_INTERPRET=1 (tests), with small blocks.
@@ -169,7 +175,18 @@ def _load_tile(ptrs, rows_ok, cols_ok, MASK_ROWS: tl.constexpr, MASK_COLS: tl.co
 
 
 @triton.jit
-def _fwd_tile(acc, q, qpos, kmax, tq, K, V, TS, TsW, PosW, k_base, v_base, ts_base,
+def _key_times(TS, ts_base, start_n, max_seq_len, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The key block's timestamps (clamped: rows past N read the last one), or nothing without bias."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    if HAS_BIAS:
+        tk = tl.load(TS + ts_base + tl.minimum(offs_n, max_seq_len - 1))
+    else:
+        tk = offs_n
+    return tk
+
+
+@triton.jit
+def _fwd_tile(acc, q, qpos, kmax, tq, tk, K, V, TsW, PosW, k_base, v_base,
               start_n, seq_len, max_seq_len, stride_km, stride_vm, offs_qk, offs_v,
               DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
               BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_BUCKETS: tl.constexpr,
@@ -184,7 +201,6 @@ def _fwd_tile(acc, q, qpos, kmax, tq, K, V, TS, TsW, PosW, k_base, v_base, ts_ba
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
     causal = offs_n[None, :] <= kmax[:, None]
     if HAS_BIAS:
-        tk = tl.load(TS + ts_base + tl.minimum(offs_n, max_seq_len - 1))
         rab, _ = _rel_bias(qpos[:, None], offs_n[None, :], tq[:, None], tk[None, :], TsW, PosW,
                            max_seq_len, causal, NUM_BUCKETS, MASKED, HW_MATH)
         s += rab
@@ -265,15 +281,20 @@ def _hstu_fwd_kernel(
         tq = qpos
 
     acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
-    # Key blocks every row of the block sees entirely: no masks.
+    # Key blocks every row of the block sees entirely: no masks. The key times of the next block are
+    # loaded one iteration ahead: waiting on them right before use was the forward's main stall.
+    tk = _key_times(TS, ts_base, 0, max_seq_len, BLOCK_N, HAS_BIAS)
     for start_n in range(0, full_end, BLOCK_N):
-        acc = _fwd_tile(acc, q, qpos, kmax, tq, K, V, TS, TsW, PosW, k_base, v_base, ts_base,
+        tk_next = _key_times(TS, ts_base, start_n + BLOCK_N, max_seq_len, BLOCK_N, HAS_BIAS)
+        acc = _fwd_tile(acc, q, qpos, kmax, tq, tk, K, V, TsW, PosW, k_base, v_base,
                         start_n, seq_len, max_seq_len, stride_km, stride_vm, offs_qk, offs_v,
                         DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N, HAS_BIAS, NUM_BUCKETS, DOT_PREC,
                         False, HW_MATH, FAST_SILU)
+        tk = tk_next
     # Diagonal key blocks (and the prefix's ragged end): masked.
     for start_n in range(full_end, diag_end, BLOCK_N):
-        acc = _fwd_tile(acc, q, qpos, kmax, tq, K, V, TS, TsW, PosW, k_base, v_base, ts_base,
+        tk = _key_times(TS, ts_base, start_n, max_seq_len, BLOCK_N, HAS_BIAS)
+        acc = _fwd_tile(acc, q, qpos, kmax, tq, tk, K, V, TsW, PosW, k_base, v_base,
                         start_n, seq_len, max_seq_len, stride_km, stride_vm, offs_qk, offs_v,
                         DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N, HAS_BIAS, NUM_BUCKETS, DOT_PREC,
                         True, HW_MATH, FAST_SILU)
@@ -542,10 +563,12 @@ def _math_flags(q: torch.Tensor) -> dict:
     return dict(HW_MATH=hw, FAST_SILU=hw and q.dtype in (torch.bfloat16, torch.float16))
 
 
-# Block sizes per padded head dim, bf16/fp16, timed on an H100 (benchmarks/hstu_attention.py --tune).
+# Block sizes per padded head dim, bf16/fp16, timed on an H100 (benchmarks/hstu_attention.py --tune); the
+# forward's d = 128 entry re-timed on an H200 with the key times loaded one block ahead (64 x 32 tiles: the
+# prefetched int64 times of a 64-wide key block need 64 more registers per thread and spilled).
 # Fixed tables rather than autotuning: the rab-gradient atomics would need resetting between
 # autotune trials, and a table never re-tunes when a batch brings a new total length.
-_FWD_TABLE = {16: (64, 32, 4, 3), 32: (64, 32, 4, 3), 64: (64, 32, 4, 2), 128: (64, 64, 4, 2)}
+_FWD_TABLE = {16: (64, 32, 4, 3), 32: (64, 32, 4, 3), 64: (64, 32, 4, 2), 128: (64, 32, 4, 2)}
 _BWD_TABLE = {16: (64, 64, 32, 8, 2), 32: (64, 64, 32, 8, 2), 64: (32, 16, 16, 4, 2), 128: (64, 16, 16, 4, 3)}
 # fp32 with TF32 dots (the trainer's default), timed at the trainer's padded shapes (B = 128,
 # N = 211 and 61, full length; benchmarks/hstu_attention_fp32_tiles.py): only head dim 64 gains
