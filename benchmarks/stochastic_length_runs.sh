@@ -7,7 +7,8 @@
 #   OUT=/tmp/out bash benchmarks/stochastic_length_runs.sh
 # Settings (environment): SL_BUDGET_S (default 390: seconds from the start after which no run starts, and
 # each run is cut at), SL_ML1M_EPOCHS (40), SL_SYNTH_EPOCHS (12), SL_ALPHAS ("off 1.6 1.7 1.8 1.9 2.0"),
-# SL_TINY=1 (a CPU check of the script: tiny models and data, 2 epochs), SL_ARCHIVE (.carry/ml-1m.zip).
+# SL_DATASETS ("ml-1m synthetic-long": which sweeps run), SL_TINY=1 (a CPU check of the script: tiny models
+# and data, 2 epochs), SL_ARCHIVE (.carry/ml-1m.zip).
 set -euo pipefail
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD
@@ -16,6 +17,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 START=$(date +%s)
 BUDGET=${SL_BUDGET_S:-390}
 ALPHAS=${SL_ALPHAS:-"off 1.6 1.7 1.8 1.9 2.0"}
+DATASETS=${SL_DATASETS:-"ml-1m synthetic-long"}
 ML1M_EPOCHS=${SL_ML1M_EPOCHS:-40}
 SYNTH_EPOCHS=${SL_SYNTH_EPOCHS:-12}
 RESULTS="$OUT/results/stochastic_length"
@@ -34,8 +36,10 @@ fi
 
 elapsed() { echo $(( $(date +%s) - START )); }
 
-python3 preprocess_public_data.py --dataset=ml-1m --archive="${SL_ARCHIVE:-.carry/ml-1m.zip}"
-echo "[$(elapsed)s] ml-1m ready"
+if [[ " $DATASETS " == *" ml-1m "* ]]; then
+  python3 preprocess_public_data.py --dataset=ml-1m --archive="${SL_ARCHIVE:-.carry/ml-1m.zip}"
+  echo "[$(elapsed)s] ml-1m ready"
+fi
 
 # run <data set dir> <config> <epochs> <alpha|off> [extra bindings...]
 run() {
@@ -66,9 +70,11 @@ run() {
 }
 
 for alpha in $ALPHAS; do
+  [[ " $DATASETS " == *" ml-1m "* ]] || break
   run ml-1m configs/ml-1m/hstu-sampled-softmax-n128-large-final.gin "$ML1M_EPOCHS" "$alpha" ${ML1M_EXTRA[@]+"${ML1M_EXTRA[@]}"}
 done
 for alpha in $ALPHAS; do
+  [[ " $DATASETS " == *" synthetic-long "* ]] || break
   run synthetic-long configs/synthetic/hstu-long-histories.gin "$SYNTH_EPOCHS" "$alpha" ${SYNTH_EXTRA[@]+"${SYNTH_EXTRA[@]}"}
 done
 
