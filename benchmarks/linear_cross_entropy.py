@@ -62,6 +62,9 @@ from ops.triton.linear_cross_entropy import Blocks, Tiles, default_blocks, trito
 
 SHAPES = [
     dict(name="amzn-books", rows=128 * 50, columns=695_762, dim=64),
+    # What a Books training step feeds the loss: the jagged positions of 128 users, padded to the CUDA-graph
+    # token bucket (1,952 = the larger of the two buckets benchmarks/train_throughput.py's batches reach).
+    dict(name="amzn-books-step", rows=1_952, columns=695_762, dim=64),
     dict(name="ml-20m", rows=128 * 200, columns=26_744, dim=256),
     dict(name="ml-1m", rows=128 * 200, columns=3_706, dim=50),
 ]

@@ -65,11 +65,14 @@ Layout (kernels, then the autograd Function, then the public function):
   (benchmarks/hstu_attention.py --tune), not autotuning: trials would need the
   rab-gradient buffers reset, and a table never re-tunes on a new length.
 
-* Key times are loaded one key block ahead in the forward's unmasked loop. A
-  profile (ncu, H200) showed the forward stalled mostly on the int64 delta
-  waiting for that block's timestamps, loaded right before use (Triton's
-  pipeliner prefetches only the loads that feed a dot); the prefetch took the
-  forward from 0.78 to 0.52 ms at N=4096.
+* Timestamps are loaded one block ahead in every unmasked loop: the key
+  block's in the forward and the dQ walk, the query block's in the dK/dV
+  walk. A profile (ncu, H200) showed the forward stalled mostly on the int64
+  delta waiting for that block's timestamps, loaded right before use
+  (Triton's pipeliner prefetches only the loads that feed a dot); the
+  prefetch took the forward from 0.78 to 0.52 ms at N=4096, the backward's
+  about 2% more (it spills a little more at its 64 x 16 tiles, and the
+  spill-free tiles were slower).
 
 Measured on an H200 (bf16, B=8, h=2, d=128, N=4096, full lengths; see
 benchmarks/hstu_attention.md): without the relative bias 0.23 ms forward and
@@ -314,8 +317,33 @@ def _hstu_fwd_kernel(
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, offs_n, tk, Q, DO, TS, TsW, PosW, q_base, do_base, ts_base,
-               start_m, seq_len, max_seq_len, stride_qm, stride_dom, offs_qk, offs_v,
+def _query_times(TS, ts_base, start_m, max_seq_len, BLOCK_M: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """t[min(i + 1, N - 1)] for the query block's rows i (the time each row's bias reads)."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    if HAS_BIAS:
+        tq = tl.load(TS + ts_base + tl.minimum(offs_m + 1, max_seq_len - 1))
+    else:
+        tq = offs_m
+    return tq
+
+
+@triton.jit
+def _dq_key_times(TS, ts_base, start_n, max_seq_len, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+                  TS_GRAD: tl.constexpr):
+    """The dQ walk's key times: t[j], t[j - 1] (the d ts_w runs' left neighbours) and the block's last."""
+    tk = _key_times(TS, ts_base, start_n, max_seq_len, BLOCK_N, HAS_BIAS)
+    if TS_GRAD:
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        tk_left = tl.load(TS + ts_base + tl.minimum(tl.maximum(offs_n - 1, 0), max_seq_len - 1))
+        tk_last = tl.load(TS + ts_base + tl.minimum(start_n + BLOCK_N - 1, max_seq_len - 1))
+    else:
+        tk_left = tk
+        tk_last = start_n
+    return tk, tk_left, tk_last
+
+
+@triton.jit
+def _dkdv_tile(dk, dv, k, v, offs_n, tk, tq, Q, DO, TsW, PosW, q_base, do_base, start_m, seq_len, max_seq_len, stride_qm, stride_dom, offs_qk, offs_v,
                DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
                BLOCK_M: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_BUCKETS: tl.constexpr,
                DOT_PREC: tl.constexpr, MASKED: tl.constexpr, HW_MATH: tl.constexpr,
@@ -332,7 +360,6 @@ def _dkdv_tile(dk, dv, k, v, offs_n, tk, Q, DO, TS, TsW, PosW, q_base, do_base, 
     s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # (keys, queries)
     causal = offs_n[:, None] <= qpos[None, :]
     if HAS_BIAS:
-        tq = tl.load(TS + ts_base + tl.minimum(offs_m + 1, max_seq_len - 1))
         rab, _ = _rel_bias(qpos[None, :], offs_n[:, None], tq[None, :], tk[:, None], TsW, PosW,
                            max_seq_len, causal, NUM_BUCKETS, MASKED, HW_MATH)
         s_t += rab
@@ -375,7 +402,7 @@ def _pos_grad_tile(ds, start_m, start_n, PosPart, max_seq_len,
 
 
 @triton.jit
-def _ts_grad_tile(ds, bucket, offs_m, offs_n, qpos, rows_ok, tq, tq_prev, TS, ts_base, TsPart,
+def _ts_grad_tile(ds, bucket, offs_m, offs_n, qpos, rows_ok, tq, tq_prev, tk_left, tk_last, TsPart,
                   start_n, seq_len, max_seq_len,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_BUCKETS: tl.constexpr,
                   HW_MATH: tl.constexpr):
@@ -392,8 +419,8 @@ def _ts_grad_tile(ds, bucket, offs_m, offs_n, qpos, rows_ok, tq, tq_prev, TS, ts
     valid = rows_ok[:, None] & (offs_n[None, :] <= qpos[:, None])
     here = tl.where(valid, bucket, -1)
     # Bucket of the left neighbour (r, c - 1), recomputed from its timestamp
-    # (same inputs, same arithmetic, so equal buckets compare equal).
-    tk_left = tl.load(TS + ts_base + tl.minimum(tl.maximum(offs_n - 1, 0), max_seq_len - 1))
+    # (same inputs, same arithmetic, so equal buckets compare equal); tk_left = t[j - 1], tk_last the
+    # block's last key time, loaded by the caller (`_dq_key_times`).
     left_ok = (cols > 0) & rows_ok[:, None] & ((offs_n - 1)[None, :] <= qpos[:, None])
     left = tl.where(left_ok, _time_bucket(tq[:, None], tk_left[None, :], NUM_BUCKETS, HW_MATH), -1)
     cs = tl.cumsum(ds, axis=1)
@@ -405,7 +432,6 @@ def _ts_grad_tile(ds, bucket, offs_m, offs_n, qpos, rows_ok, tq, tq_prev, TS, ts
     # Row totals belong to the bucket of each row's last element; reduce them down the column.
     rowtot = tl.sum(ds, axis=1)
     j_last = start_n + BLOCK_N - 1
-    tk_last = tl.load(TS + ts_base + tl.minimum(j_last, max_seq_len - 1))
     last = tl.where(rows_ok & (j_last <= qpos), _time_bucket(tq, tk_last, NUM_BUCKETS, HW_MATH), -1)
     r = tl.arange(0, BLOCK_M)
     prev_ok = (r > 0) & (offs_m - 1 < seq_len) & (j_last <= tl.minimum(offs_m - 1, max_seq_len - 1))
@@ -419,8 +445,8 @@ def _ts_grad_tile(ds, bucket, offs_m, offs_n, qpos, rows_ok, tq, tq_prev, TS, ts
 
 
 @triton.jit
-def _dq_tile(dq, q, do, offs_m, qpos, rows_ok, tq, tq_prev, K, V, TS, TsW, PosW, TsPart, PosPart,
-             k_base, v_base, ts_base, start_m, start_n, seq_len, max_seq_len, stride_km, stride_vm,
+def _dq_tile(dq, q, do, offs_m, qpos, rows_ok, tq, tq_prev, tk, tk_left, tk_last, K, V, TsW, PosW, TsPart, PosPart,
+             k_base, v_base, start_m, start_n, seq_len, max_seq_len, stride_km, stride_vm,
              offs_qk, offs_v,
              DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -437,7 +463,6 @@ def _dq_tile(dq, q, do, offs_m, qpos, rows_ok, tq, tq_prev, K, V, TS, TsW, PosW,
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
     causal = offs_n[None, :] <= qpos[:, None]
     if HAS_BIAS:
-        tk = tl.load(TS + ts_base + tl.minimum(offs_n, max_seq_len - 1))
         rab, bucket = _rel_bias(qpos[:, None], offs_n[None, :], tq[:, None], tk[None, :], TsW, PosW,
                                 max_seq_len, causal, NUM_BUCKETS, MASKED, HW_MATH)
         s += rab
@@ -451,7 +476,7 @@ def _dq_tile(dq, q, do, offs_m, qpos, rows_ok, tq, tq_prev, K, V, TS, TsW, PosW,
     if POS_GRAD:
         _pos_grad_tile(ds, start_m, start_n, PosPart, max_seq_len, BLOCK_M, BLOCK_N)
     if TS_GRAD:
-        _ts_grad_tile(ds, bucket, offs_m, offs_n, qpos, rows_ok, tq, tq_prev, TS, ts_base, TsPart,
+        _ts_grad_tile(ds, bucket, offs_m, offs_n, qpos, rows_ok, tq, tq_prev, tk_left, tk_last, TsPart,
                       start_n, seq_len, max_seq_len, BLOCK_M, BLOCK_N, NUM_BUCKETS, HW_MATH)
     return dq
 
@@ -494,22 +519,24 @@ def _hstu_bwd_kernel(
                    offs_qk < DQK, True, DQK != BLOCK_DQK)
     v = _load_tile(V + v_base + offs[:, None] * stride_vm + offs_v[None, :], blk_ok,
                    offs_v < DV, True, DV != BLOCK_DV)
-    if HAS_BIAS:
-        tk = tl.load(TS + ts_base + tl.minimum(offs, max_seq_len - 1))
-    else:
-        tk = offs
+    tk = _key_times(TS, ts_base, start, max_seq_len, BLOCK, HAS_BIAS)
     dk = tl.zeros((BLOCK, BLOCK_DQK), dtype=tl.float32)
     dv = tl.zeros((BLOCK, BLOCK_DV), dtype=tl.float32)
     for start_m in range(start, end_diag, BLOCK_M1):
-        dk, dv = _dkdv_tile(dk, dv, k, v, offs, tk, Q, DO, TS, TsW, PosW, q_base, do_base, ts_base,
+        tq = _query_times(TS, ts_base, start_m, max_seq_len, BLOCK_M1, HAS_BIAS)
+        dk, dv = _dkdv_tile(dk, dv, k, v, offs, tk, tq, Q, DO, TsW, PosW, q_base, do_base,
                             start_m, seq_len, max_seq_len, stride_qm, stride_dom, offs_qk, offs_v,
                             DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M1, HAS_BIAS, NUM_BUCKETS, DOT_PREC,
                             True, HW_MATH, FAST_SILU)
+    # As in the forward, the next block's times are loaded one iteration ahead (here the queries').
+    tq = _query_times(TS, ts_base, start + BLOCK, max_seq_len, BLOCK_M1, HAS_BIAS)
     for start_m in range(start + BLOCK, seq_len, BLOCK_M1):
-        dk, dv = _dkdv_tile(dk, dv, k, v, offs, tk, Q, DO, TS, TsW, PosW, q_base, do_base, ts_base,
+        tq_next = _query_times(TS, ts_base, start_m + BLOCK_M1, max_seq_len, BLOCK_M1, HAS_BIAS)
+        dk, dv = _dkdv_tile(dk, dv, k, v, offs, tk, tq, Q, DO, TsW, PosW, q_base, do_base,
                             start_m, seq_len, max_seq_len, stride_qm, stride_dom, offs_qk, offs_v,
                             DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M1, HAS_BIAS, NUM_BUCKETS, DOT_PREC,
                             False, HW_MATH, FAST_SILU)
+        tq = tq_next
     dk_ptrs = GradK + seq_start * stride_dkm + off_h * stride_dkh + offs[:, None] * stride_dkm + offs_qk[None, :]
     tl.store(dk_ptrs, (dk * inv_n).to(GradK.dtype.element_ty), mask=blk_ok[:, None] & (offs_qk < DQK)[None, :])
     dv_ptrs = GradV + seq_start * stride_dvm + off_h * stride_dvh + offs[:, None] * stride_dvm + offs_v[None, :]
@@ -531,15 +558,20 @@ def _hstu_bwd_kernel(
     ts_part = TsGradPart + (pid_bh.to(tl.int64) * tl.num_programs(1) + pid_blk) * TS_PART_STRIDE
     pos_part = PosGradPart + pid_bh.to(tl.int64) * max_seq_len
     dq = tl.zeros((BLOCK, BLOCK_DQK), dtype=tl.float32)
-    for start_n in range(0, start, BLOCK_N2):
-        dq = _dq_tile(dq, q, do, offs, qpos, blk_ok, tq, tq_prev, K, V, TS, TsW, PosW, ts_part,
-                      pos_part, k_base, v_base, ts_base, start, start_n, seq_len, max_seq_len,
+    tk, tk_left, tk_last = _dq_key_times(TS, ts_base, 0, max_seq_len, BLOCK_N2, HAS_BIAS, TS_GRAD)
+    for start_n in range(0, start, BLOCK_N2):  # key times one block ahead, as in the forward
+        tk_next, tk_left_next, tk_last_next = _dq_key_times(TS, ts_base, start_n + BLOCK_N2, max_seq_len,
+                                                            BLOCK_N2, HAS_BIAS, TS_GRAD)
+        dq = _dq_tile(dq, q, do, offs, qpos, blk_ok, tq, tq_prev, tk, tk_left, tk_last, K, V, TsW, PosW,
+                      ts_part, pos_part, k_base, v_base, start, start_n, seq_len, max_seq_len,
                       stride_km, stride_vm, offs_qk, offs_v, DQK, DV, BLOCK_DQK, BLOCK_DV,
                       BLOCK, BLOCK_N2, HAS_BIAS, POS_GRAD, TS_GRAD, NUM_BUCKETS, DOT_PREC, False,
                       HW_MATH, FAST_SILU)
+        tk, tk_left, tk_last = tk_next, tk_left_next, tk_last_next
     for start_n in range(start, end_diag, BLOCK_N2):
-        dq = _dq_tile(dq, q, do, offs, qpos, blk_ok, tq, tq_prev, K, V, TS, TsW, PosW, ts_part,
-                      pos_part, k_base, v_base, ts_base, start, start_n, seq_len, max_seq_len,
+        tk, tk_left, tk_last = _dq_key_times(TS, ts_base, start_n, max_seq_len, BLOCK_N2, HAS_BIAS, TS_GRAD)
+        dq = _dq_tile(dq, q, do, offs, qpos, blk_ok, tq, tq_prev, tk, tk_left, tk_last, K, V, TsW, PosW,
+                      ts_part, pos_part, k_base, v_base, start, start_n, seq_len, max_seq_len,
                       stride_km, stride_vm, offs_qk, offs_v, DQK, DV, BLOCK_DQK, BLOCK_DV,
                       BLOCK, BLOCK_N2, HAS_BIAS, POS_GRAD, TS_GRAD, NUM_BUCKETS, DOT_PREC, True,
                       HW_MATH, FAST_SILU)
