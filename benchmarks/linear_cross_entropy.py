@@ -15,6 +15,11 @@ memory of one forward+backward (benchmarks/timing.py), of
                  are computed in the forward, so its "fwd" already holds most of the work;
 * impl=fused:    ops.triton.linear_cross_entropy.triton_linear_cross_entropy and the mean over
                  the kept rows (the CUDA path of linear_cross_entropy), the kernel's default tiles;
+* impl=normalize+fused / fused_l2: the item vectors L2-normalised in the timed call, as the trainer's
+                 full softmax does every step (train_fn.item_l2_norm): F.normalize then the kernel
+                 (what FullSoftmaxLoss did before), and the kernel normalising the raw rows itself
+                 (its eps argument: no normalised copy of the table, gradients of the raw rows);
+                 their errors compare with the chunked loss of F.normalize(items);
 * impl=cce / cce_filtered: cut_cross_entropy.linear_cross_entropy of query / T (no temperature
                  argument), exact (filter_eps=None) and with its default gradient filtering, which
                  skips blocks whose softmax is below 2^-12 in bf16 (not our exact semantics);
@@ -69,7 +74,9 @@ SHAPES = [
     dict(name="ml-1m", rows=128 * 200, columns=3_706, dim=50),
 ]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-IMPLS = ("pytorch", "fused", "cce", "cce_filtered", "liger")
+IMPLS = ("pytorch", "fused", "normalize+fused", "fused_l2", "cce", "cce_filtered", "liger")
+NORMALIZING = ("normalize+fused", "fused_l2")  # impls that L2-normalise the item vectors themselves
+EPS = 1e-6  # the configs' train_fn.l2_norm_eps
 TEMPERATURE = 0.05
 IGNORED = 0.05
 TILES = [Tiles(*t) for t in [(32, 64, 4, 3), (32, 128, 4, 3), (64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 3),
@@ -90,6 +97,12 @@ def make_inputs(shape: Dict, dtype: torch.dtype, seed: int = 0) -> Dict[str, tor
 
 def _fused(query: torch.Tensor, items: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     losses, _ = triton_linear_cross_entropy(query, items, targets, TEMPERATURE)
+    kept = (targets >= 0).float()
+    return (losses * kept).sum() / kept.sum().clamp(min=1.0)
+
+
+def _fused_l2(query: torch.Tensor, items: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    losses, _ = triton_linear_cross_entropy(query, items, targets, TEMPERATURE, eps=EPS)
     kept = (targets >= 0).float()
     return (losses * kept).sum() / kept.sum().clamp(min=1.0)
 
@@ -121,6 +134,10 @@ def loss_fn(impl: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], t
         return lambda q, i, t: linear_cross_entropy_reference(q, i, t, TEMPERATURE)
     if impl == "fused":
         return _fused
+    if impl == "normalize+fused":
+        return lambda q, i, t: _fused(q, F.normalize(i, dim=-1, eps=EPS), t)
+    if impl == "fused_l2":
+        return _fused_l2
     if impl in ("cce", "cce_filtered"):
         return _cce(None if impl == "cce" else "high")
     if impl == "liger":
@@ -130,14 +147,16 @@ def loss_fn(impl: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], t
     raise ValueError(impl)
 
 
-def reference(b: Dict) -> Tuple[torch.Tensor, ...]:
-    """Loss, grad_query and grad_items of the chunked loss on the inputs' fp32 values, exact fp32 matmuls."""
+def reference(b: Dict, normalize: bool = False) -> Tuple[torch.Tensor, ...]:
+    """Loss, grad_query and grad_items of the chunked loss on the inputs' fp32 values, exact fp32 matmuls
+    (with normalize: of F.normalize(items), the gradient of the raw items)."""
     query = b["query"].detach().float().requires_grad_()
     items = b["items"].detach().float().requires_grad_()
     saved = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        loss = linear_cross_entropy_reference(query, items, b["targets"], TEMPERATURE)
+        scored = F.normalize(items, dim=-1, eps=EPS) if normalize else items
+        loss = linear_cross_entropy_reference(query, scored, b["targets"], TEMPERATURE)
         return (loss.detach(), *torch.autograd.grad(loss, [query, items]))
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved
@@ -207,12 +226,13 @@ def run(shapes: List[Dict], dtypes: Dict, impls: List[str]) -> List[Dict]:
         for dtype_name, dtype in dtypes.items():
             b = make_inputs(shape, dtype)
             want = reference(b)
+            want_l2 = reference(b, normalize=True) if any(impl in NORMALIZING for impl in impls) else None
             for impl in impls:
                 row = dict(impl=impl, **_row(shape, dtype_name), **common)
-                row.update(measure(impl, b, want))
+                row.update(measure(impl, b, want_l2 if impl in NORMALIZING else want))
                 print(json.dumps(row), flush=True)
                 rows.append(row)
-            del b, want
+            del b, want, want_l2
             torch.cuda.empty_cache()
     return rows
 
@@ -226,10 +246,10 @@ def _launches(b: Dict, blocks: Blocks) -> Dict[str, Callable[[], torch.Tensor]]:
     """Each launch of the kernel alone (its host-side combine included), on the prepared inputs."""
     query, items, targets = b["query"].detach(), b["items"].detach(), b["targets"]
     scale = 1.0 / TEMPERATURE
-    _, lse = kernel_module._forward(query, items, targets, scale, blocks)
+    _, lse = kernel_module._forward(query, items, None, targets, scale, blocks)
     grad_rows = (targets >= 0).float() / (targets >= 0).sum().clamp(min=1)
-    args = (grad_rows, query, items, targets, lse, scale, blocks)
-    return dict(forward=lambda: kernel_module._forward(query, items, targets, scale, blocks)[1],
+    args = (grad_rows, query, items, None, 0.0, targets, lse, scale, blocks)
+    return dict(forward=lambda: kernel_module._forward(query, items, None, targets, scale, blocks)[1],
                 grad_query=lambda: kernel_module._grad_query(*args),
                 grad_items=lambda: kernel_module._grad_items(*args))
 
@@ -250,7 +270,7 @@ def tune(shapes: List[Dict], dtypes: Dict) -> List[Dict]:
     for shape in shapes:
         for dtype_name, dtype in dtypes.items():
             b = make_inputs(shape, dtype)
-            default = default_blocks(b["query"].device, dtype, shape["dim"])
+            default = default_blocks(b["query"].device, dtype, shape["dim"], shape["columns"])
             wants = {name: fn() for name, fn in _launches(b, default).items()}
             best = {}
             for launch in ("forward", "grad_query", "grad_items"):

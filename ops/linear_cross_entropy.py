@@ -105,20 +105,23 @@ def triton_problem(query: torch.Tensor, items: torch.Tensor) -> Optional[str]:
 
 
 def linear_cross_entropy(query: torch.Tensor, items: torch.Tensor, targets: torch.Tensor, temperature: float,
-                         weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+                         weights: Optional[torch.Tensor] = None, eps: Optional[float] = None) -> torch.Tensor:
     """Weighted mean full-softmax cross-entropy (module docstring), differentiable in query and items.
 
     query (L, D), items (C, D) with C >= 1, targets (L,) columns of items (< 0: ignored), weights (L,) or
-    None (1 per row). Returns a scalar in at least fp32. On CUDA the fused kernel, whose gradients are
-    deterministic; elsewhere, for fp32 rows wider than FUSED_MAX_FP32_DIM (faster there), or when the
-    kernel cannot take the inputs, the chunked PyTorch path.
+    None (1 per row); with eps, the items are scored as F.normalize(items, dim=1, eps=eps) (the fused
+    kernel normalises the raw rows itself). Returns a scalar in at least fp32. On CUDA the fused kernel,
+    whose gradients are deterministic; elsewhere, for fp32 rows wider than FUSED_MAX_FP32_DIM (faster
+    there), or when the kernel cannot take the inputs, the chunked PyTorch path.
     """
     wide_fp32 = query.dtype == torch.float32 and query.shape[-1] > FUSED_MAX_FP32_DIM  # slower there
     if query.is_cuda and not wide_fp32 and kernel_usable(query.device, triton_problem(query, items),  # no Triton import off CUDA
                                        "the full-softmax cross-entropy runs on the chunked PyTorch path"):
         from ops.triton.linear_cross_entropy import triton_linear_cross_entropy
 
-        losses, _ = triton_linear_cross_entropy(query, items, targets, temperature)
+        losses, _ = triton_linear_cross_entropy(query, items, targets, temperature, eps=eps)
         w = _row_weights(targets, weights, torch.float32)
         return (losses * w).sum() / w.sum().clamp(min=1.0)
+    if eps is not None:
+        items = torch.nn.functional.normalize(items, dim=-1, eps=eps)
     return linear_cross_entropy_reference(query, items, targets, temperature, weights)

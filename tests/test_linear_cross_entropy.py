@@ -20,6 +20,7 @@ max |got - want| / max |want| per tensor:
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import pytest
 import torch
@@ -74,18 +75,21 @@ def _inputs(rows: int, columns: int, dim: int, seed: int, dtype=torch.float32, i
             targets.to(DEVICE), grad.to(DEVICE))
 
 
-def _dense(query: torch.Tensor, items: torch.Tensor, targets: torch.Tensor, temperature: float):
-    """fp64 leaves and the dense formula: (query, items, per-row losses (0 where ignored), lse, logits)."""
+def _dense(query: torch.Tensor, items: torch.Tensor, targets: torch.Tensor, temperature: float,
+           eps: Optional[float] = None):
+    """fp64 leaves and the dense formula: (query, items, per-row losses (0 where ignored), lse, logits);
+    with eps, of F.normalize(items, eps=eps)."""
     q = query.detach().double().requires_grad_()
     i = items.detach().double().requires_grad_()
-    logits = q @ i.T / temperature
+    logits = q @ (i if eps is None else F.normalize(i, dim=-1, eps=eps)).T / temperature
     log_p = F.log_softmax(logits, dim=1).gather(1, targets.clamp(min=0).unsqueeze(1)).squeeze(1)
     return q, i, torch.where(targets >= 0, -log_p, 0.0), logits.logsumexp(1), logits
 
 
-def _check_kernel(query, items, targets, grad, temperature, blocks=None, tol=KERNEL_TOL, grad_tol=KERNEL_TOL):
-    losses, lse = triton_linear_cross_entropy(query, items, targets, temperature, blocks)
-    q, i, want, want_lse, logits = _dense(query, items, targets, temperature)
+def _check_kernel(query, items, targets, grad, temperature, blocks=None, tol=KERNEL_TOL, grad_tol=KERNEL_TOL,
+                  eps=None):
+    losses, lse = triton_linear_cross_entropy(query, items, targets, temperature, blocks, eps)
+    q, i, want, want_lse, logits = _dense(query, items, targets, temperature, eps)
     assert losses.dtype == lse.dtype == torch.float32 and losses.shape == lse.shape == targets.shape
     logit_scale = logits.abs().max().item() if logits.numel() else 0.0
     assert _rel_err(losses, want, logit_scale) <= tol, ("loss", _rel_err(losses, want, logit_scale))
@@ -98,8 +102,12 @@ def _check_kernel(query, items, targets, grad, temperature, blocks=None, tol=KER
         # Measured against the gradient of O(1) logit gradients (the other operand / T, times dL):
         # p - onehot rounded in fp32 errs by ~2^-24 absolutely, which is a large relative error of
         # a gradient whose probabilities are all nearly 0 or 1 (seen 1.4e-5 with p = 0.9987).
-        other = items if name == "grad_query" else query
+        # With eps the scored rows are items / m, m = max(||item||, eps): dQ sees them, dItems is 1 / m larger.
+        scored = items if eps is None else F.normalize(items.detach().float(), dim=-1, eps=eps)
+        other = scored if name == "grad_query" else query
         unit = other.abs().max().item() * grad.abs().max().item() / temperature if other.numel() else 0.0
+        if eps is not None and name == "grad_items":
+            unit /= torch.linalg.vector_norm(items.detach().float(), dim=1).clamp_min(eps).min().item()
         assert _rel_err(a, b, unit) <= grad_tol, (name, _rel_err(a, b, unit))
     assert not got[0][targets < 0].any()  # ignored rows get no gradient
 
@@ -116,6 +124,20 @@ def test_kernel_matches_dense_log_softmax(rows, columns, dim, temperature, norma
     """Per-row losses, lse and both gradients (any upstream gradient per row): sizes off the tiles,
     padding rows, temperatures 0.05-1, normalised or raw vectors."""
     _check_kernel(*_inputs(rows, columns, dim, seed, normalised=normalised), temperature)
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(rows=st.integers(1, MAX_L), columns=st.integers(1, MAX_C), dim=st.sampled_from(DIMS),
+       temperature=TEMPERATURES, seed=st.integers(0, 2**16))
+def test_kernel_normalises_raw_rows_as_f_normalize(rows, columns, dim, temperature, seed):
+    """With eps the kernel scores F.normalize(items, eps=eps) and differentiates the raw rows: row norms
+    from 0 to 3 with eps = 0.5, so that some rows sit on the clamp (no gradient through their norm)."""
+    query, items, targets, grad = _inputs(rows, columns, dim, seed, normalised=False)
+    gen = torch.Generator().manual_seed(seed + 1)
+    norms = torch.rand(columns, 1, generator=gen) * 3.0
+    norms[torch.rand(columns, generator=gen) < 0.1] = 0.0  # all-zero rows: normalised to 0, gradient x / eps
+    raw = (F.normalize(items.detach().cpu(), dim=-1) * norms).to(DEVICE).requires_grad_()
+    _check_kernel(query, raw, targets, grad, temperature, eps=0.5)
 
 
 @settings(max_examples=EXAMPLES, deadline=None)
@@ -263,6 +285,25 @@ def test_cuda_dispatch_takes_the_kernel_and_falls_back_with_one_notice(monkeypat
 def test_kernel_at_training_shapes(rows, columns, dim):
     """Books (a tenth of its catalog), ml-20m and ml-1m shapes in fp32, temperature 0.05."""
     _check_kernel(*_inputs(rows, columns, dim, seed=8), 0.05)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_kernel_at_catalog_scale_normalising_raw_rows():
+    """A Books-sized step (its catalog halved, still above CATALOG_SCALE: the tuned tiles) with the kernel
+    normalising the raw rows, as FullSoftmaxLoss runs it."""
+    query, items, targets, grad = _inputs(1952, 350_000, 64, seed=10, normalised=False)
+    assert kernel_module.default_blocks(DEVICE, torch.float32, 64, 350_000) == kernel_module.CATALOG_FP32_BLOCKS
+    _check_kernel(query, items, targets, grad, 0.05, eps=1e-6)
+
+
+def test_catalog_blocks_only_where_they_were_timed():
+    """fp32 rows of D <= 64 against >= CATALOG_SCALE candidates get the tuned tiles; the rest the defaults."""
+    cuda, big = torch.device("cuda"), kernel_module.CATALOG_SCALE
+    assert kernel_module.default_blocks(cuda, torch.float32, 64, big) == kernel_module.CATALOG_FP32_BLOCKS
+    for dtype, dim, columns in [(torch.float32, 64, big - 1), (torch.float32, 50, 3706),
+                                (torch.bfloat16, 64, big), (torch.float32, 100, big)]:
+        assert kernel_module.default_blocks(cuda, dtype, dim, columns) != kernel_module.CATALOG_FP32_BLOCKS
+    assert kernel_module.default_blocks(torch.device("cpu"), torch.float32, 64, big) == kernel_module.INTERPRETER_BLOCKS
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")

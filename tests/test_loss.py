@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from generative_recommenders.config import ConfigError
 from generative_recommenders.data.candidates import CandidateIndex
-from generative_recommenders.modeling.embeddings import ItemEmbedding
+from generative_recommenders.modeling.embeddings import ItemEmbedding, ItemTable
 from generative_recommenders.objectives.losses import (
     consecutive_range,
     NEGATIVE_EQUALS_POSITIVE_LOGIT,
@@ -240,6 +240,22 @@ def test_full_softmax_loss_ranks_against_every_candidate():
     logits = query @ items.T / 0.1
     expected = F.cross_entropy(logits[[0, 2]], torch.tensor([0, 34]))
     assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("l2_norm", [True, False])
+def test_full_softmax_with_the_raw_table_equals_the_item_vectors_path(l2_norm):
+    """Given the item table, FullSoftmaxLoss scores its raw rows normalised inside the loss (the fused
+    kernel's eps on CUDA): the same loss and table gradient as through item_vectors."""
+    torch.manual_seed(7)
+    table = torch.nn.Embedding(40, 6)
+    candidates, query, pos_ids = torch.arange(1, 40), torch.randn(5, 6), torch.tensor([5, 0, 39, 1, 12])
+    loss = _loss("FullSoftmaxLoss", candidates, temperature=0.1)
+    got = loss(query, pos_ids, _vectors(table, l2_norm), item_table=ItemTable(table.weight, 1e-6 if l2_norm else None))
+    got_grad, = torch.autograd.grad(got, [table.weight])
+    want = loss(query, pos_ids, _vectors(table, l2_norm))
+    want_grad, = torch.autograd.grad(want, [table.weight])
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(got_grad, want_grad, rtol=1e-5, atol=1e-7)
 
 
 @settings(max_examples=30, deadline=None)

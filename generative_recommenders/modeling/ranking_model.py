@@ -88,7 +88,7 @@ class RankingModel(nn.Module):
         return F.normalize(self.item_embedding(ids), dim=-1, eps=ITEM_L2_NORM_EPS)
 
     def item_table(self) -> ItemTable:
-        """The raw table item_vectors reads, and its normalisation eps (for the sampled-negatives kernel)."""
+        """The raw table item_vectors reads, and its normalisation eps (for the loss kernels that normalise rows)."""
         return ItemTable(self.item_embedding.table.weight, ITEM_L2_NORM_EPS)
 
     @staticmethod

@@ -97,7 +97,7 @@ class SequentialRecommender(nn.Module):
         return F.normalize(embeddings, dim=-1, eps=self.l2_norm_eps) if self.item_l2_norm else embeddings
 
     def item_table(self) -> ItemTable:
-        """The raw table item_vectors reads, and its normalisation eps (for the sampled-negatives kernel)."""
+        """The raw table item_vectors reads, and its normalisation eps (for the loss kernels that normalise rows)."""
         return ItemTable(self.item_embedding.table.weight, self.l2_norm_eps if self.item_l2_norm else None)
 
     def use_padded_layout(self, device: torch.device) -> bool:

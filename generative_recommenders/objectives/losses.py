@@ -24,7 +24,9 @@ its sampled columns picked, a large one by gathering the sampled embeddings.
 - FullSoftmaxLoss ("SASRec+", REFERENCE.md section 12): cross-entropy over
   every candidate (ops/linear_cross_entropy.py): on CUDA a fused Triton kernel
   whose (L, C) logits never leave the chip, elsewhere in row chunks so they
-  never exist at once.
+  never exist at once. When the candidates are consecutive ids and the item
+  table is given, the loss gets its raw rows and normalises them itself (the
+  kernel folds the norms into the logits: no normalised copy of the table).
 - BPRLoss / BPRMaxLoss (GRU4Rec's pairwise losses, Hidasi et al.): mean of
   -log sigmoid(s+ - s-) over R negatives; BPR-max weights the pairs by the
   softmax of the negatives' scores and adds reg * sum softmax * s-^2.
@@ -177,9 +179,10 @@ def bpr_max_loss(positive_logits: torch.Tensor, negative_logits: torch.Tensor, p
 
 
 def full_softmax_loss(query: torch.Tensor, items: torch.Tensor, columns: torch.Tensor, weights: torch.Tensor,
-                      temperature: float) -> torch.Tensor:
-    """Weighted mean of -log softmax(query @ items.T / T)[positive column]; columns (L,), weights (L,)."""
-    return linear_cross_entropy(query, items, columns, temperature, weights)
+                      temperature: float, eps: Optional[float] = None) -> torch.Tensor:
+    """Weighted mean of -log softmax(query @ items.T / T)[positive column]; columns (L,), weights (L,);
+    with eps, items are raw rows scored as F.normalize(items, eps=eps) (ops/linear_cross_entropy.py)."""
+    return linear_cross_entropy(query, items, columns, temperature, weights, eps)
 
 
 def _fp32(call: Callable) -> Callable:
@@ -229,7 +232,11 @@ class RetrievalLoss:
         if self.name == "FullSoftmaxLoss":
             columns = self.candidates.columns(positive_ids)
             weights = weights * (columns >= 0).to(query.dtype)
-            items = item_vectors(self.sampler.candidate_range or self.candidates.candidate_ids)
+            rows = self.sampler.candidate_range
+            if rows is not None and item_table is not None:  # the raw rows, normalised inside the loss
+                return full_softmax_loss(query, item_table.weight[rows], columns, weights, self.temperature,
+                                         item_table.eps)
+            items = item_vectors(rows or self.candidates.candidate_ids)
             return full_softmax_loss(query, items, columns, weights, self.temperature)
         negative_ids, negatives = negative_logits(query, positive_ids, item_vectors, self.sampler,
                                                   self.num_negatives, generator, item_table)
