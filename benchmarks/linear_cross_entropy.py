@@ -17,8 +17,9 @@ memory of one forward+backward (benchmarks/timing.py), of
                  the kept rows (the CUDA path of linear_cross_entropy), the kernel's default tiles;
 * impl=normalize+fused / fused_l2: the item vectors L2-normalised in the timed call, as the trainer's
                  full softmax does every step (train_fn.item_l2_norm): F.normalize then the kernel
-                 (what FullSoftmaxLoss did before), and the kernel normalising the raw rows itself
-                 (its eps argument: no normalised copy of the table, gradients of the raw rows);
+                 (what FullSoftmaxLoss did before), and the kernel's eps argument (it normalises the
+                 raw rows once and returns their gradient from its dItems launch: no autograd
+                 backward of F.normalize);
                  their errors compare with the chunked loss of F.normalize(items);
 * impl=cce / cce_filtered: cut_cross_entropy.linear_cross_entropy of query / T (no temperature
                  argument), exact (filter_eps=None) and with its default gradient filtering, which
@@ -36,9 +37,9 @@ fp32 (TF32 matmuls on, as the trainer sets them) and bf16 (queries and item vect
 bf16). loss_rel_err and grad_*_rel_err (max |got - want| / max |want|) compare with the chunked
 loss on the fp32 values of the same inputs with exact fp32 matmuls.
 
-`--blocks` instead times tile configurations of each of the kernel's three launches alone
-(forward, dQ, dItems; the others at their defaults), then the number of candidate splits of the
-first two with the best tiles, checks each against the default tiles' results, and prints the
+`--blocks` instead times tile configurations of each of the kernel's two launches alone
+(the forward, which also accumulates dQ, and dItems; the other at its defaults), then the number
+of candidate splits of the forward with the best tiles, checks each against the default tiles' results, and prints the
 fastest as a `Blocks(...)` per shape and dtype (for ops/triton/linear_cross_entropy.default_blocks).
 """
 
@@ -243,15 +244,14 @@ def run(shapes: List[Dict], dtypes: Dict, impls: List[str]) -> List[Dict]:
 
 
 def _launches(b: Dict, blocks: Blocks) -> Dict[str, Callable[[], torch.Tensor]]:
-    """Each launch of the kernel alone (its host-side combine included), on the prepared inputs."""
+    """Each launch of the kernel alone (its host-side combine included), on the prepared inputs: the
+    forward with the query gradient's accumulation (as training runs it), and dItems."""
     query, items, targets = b["query"].detach(), b["items"].detach(), b["targets"]
     scale = 1.0 / TEMPERATURE
-    _, lse = kernel_module._forward(query, items, None, targets, scale, blocks)
+    _, lse, _ = kernel_module._forward(query, items, targets, scale, blocks)
     grad_rows = (targets >= 0).float() / (targets >= 0).sum().clamp(min=1)
-    args = (grad_rows, query, items, None, 0.0, targets, lse, scale, blocks)
-    return dict(forward=lambda: kernel_module._forward(query, items, None, targets, scale, blocks)[1],
-                grad_query=lambda: kernel_module._grad_query(*args),
-                grad_items=lambda: kernel_module._grad_items(*args))
+    return dict(forward=lambda: kernel_module._forward(query, items, targets, scale, blocks, grad_query=True)[2],
+                grad_items=lambda: kernel_module._grad_items(grad_rows, query, items, targets, lse, scale, blocks))
 
 
 def _time_launch(b: Dict, blocks: Blocks, launch: str, want: torch.Tensor) -> Tuple[Optional[float], str]:
@@ -273,7 +273,7 @@ def tune(shapes: List[Dict], dtypes: Dict) -> List[Dict]:
             default = default_blocks(b["query"].device, dtype, shape["dim"], shape["columns"])
             wants = {name: fn() for name, fn in _launches(b, default).items()}
             best = {}
-            for launch in ("forward", "grad_query", "grad_items"):
+            for launch in ("forward", "grad_items"):
                 timed = []
                 for tiles in TILES:
                     blocks = dataclasses.replace(default, **{launch: tiles})
@@ -285,20 +285,17 @@ def tune(shapes: List[Dict], dtypes: Dict) -> List[Dict]:
                     if status == "ok":
                         timed.append((ms, tiles))
                 best[launch] = min(timed, key=lambda t: t[0])[1] if timed else getattr(default, launch)
-            tuned = Blocks(best["forward"], best["grad_query"], best["grad_items"])
+            tuned = Blocks(best["forward"], best["grad_items"])
             split_times = []
             for splits in SPLITS:
                 blocks = dataclasses.replace(tuned, splits=splits)
-                times = [_time_launch(b, blocks, launch, wants[launch]) for launch in ("forward", "grad_query")]
-                ok = all(status == "ok" for _, status in times)
-                total = round(sum(ms for ms, _ in times), 4) if ok else None
-                status = "ok" if ok else f"{times[0][1]} / {times[1][1]}"
-                row = dict(kind="splits", splits=splits, forward_ms=times[0][0], grad_query_ms=times[1][0],
-                           status=status, **_row(shape, dtype_name), **common)
+                ms, status = _time_launch(b, blocks, "forward", wants["forward"])
+                row = dict(kind="splits", splits=splits, forward_ms=ms, status=status, **_row(shape, dtype_name),
+                           **common)
                 print(json.dumps(row), flush=True)
                 rows.append(row)
-                if ok:
-                    split_times.append((total, splits))
+                if status == "ok":
+                    split_times.append((ms, splits))
             tuned = dataclasses.replace(tuned, splits=min(split_times, key=lambda t: t[0])[1] if split_times else None)
             print(f"best {shape['name']} {dtype_name} D={shape['dim']}: {tuned}", flush=True)
             rows.append(dict(kind="best", blocks=repr(tuned), **_row(shape, dtype_name), **common))

@@ -147,7 +147,7 @@ def test_kernel_tiles_and_splits_do_not_change_the_result(splits, block_l, block
     """Any tiles and any number of candidate splits (more than there are tiles too): same results."""
     tiles = Tiles(block_l, block_c, 1 if not CUDA else 4, 1 if not CUDA else 2)
     query, items, targets, grad = _inputs(MAX_L // 2 + 3, MAX_C // 2 + 5, DIMS[-1], seed)
-    _check_kernel(query, items, targets, grad, 0.05, Blocks(tiles, tiles, tiles, splits))
+    _check_kernel(query, items, targets, grad, 0.05, Blocks(tiles, tiles, splits))
 
 
 def test_kernel_ignores_padding_rows():

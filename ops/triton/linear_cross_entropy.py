@@ -12,29 +12,32 @@ Layout (kernels, then the host side and the autograd Function):
 * `_forward_kernel`: grid (L tiles, splits). The C tiles are dealt to `splits`
   programs per query tile (a split-K over candidates), so a few dozen query
   tiles still fill the GPU. Each program walks its C tiles keeping a running
-  max and sum of exp (online log-sum-exp, fp32) and the target's logit, and
-  writes these three per row and split; the host combines the splits
-  (a logsumexp over a (splits, L) array).
-* `_grad_query_kernel`: grid (L tiles, splits). Recomputes the logits of its
-  tiles, dz = g * (softmax - one_hot(target)) * scale, and accumulates
-  dz @ items in registers; each split writes its partial dQ (fp32) and the
-  host sums the splits in a fixed order.
+  max and sum of exp (online log-sum-exp, fp32) and the target's logit, and,
+  when the queries need a gradient, the query gradient's direction the way
+  flash attention accumulates its output: the exp-weighted sum of the item
+  rows of every column but the target, rescaled at each new max, and those
+  columns' share of the sum. The host combines the splits (weights
+  exp(split max - row max)) into lse and d loss / d query = g * scale *
+  (sum_{c != t} e_c item_c - (sum_{c != t} e_c) item_t) / sum_c e_c, which
+  needs no lse in advance and no second walk over the candidates; the target
+  enters as the others' share, so p_t - 1 never cancels near p_t = 1.
 * `_grad_items_kernel`: grid (C tiles,). Owns its item rows and walks every
-  query tile, recomputing the same logits transposed and accumulating
-  dz.T @ query. No atomics anywhere, so both gradients are deterministic;
-  the price is that the backward computes the logits twice (5 matmuls of
-  L x C x D per step in all instead of 3).
+  query tile, recomputing the logits transposed, dz = g * (softmax -
+  one_hot(target)) * scale, and accumulating dz.T @ query. No atomics
+  anywhere, so both gradients are deterministic; 4 matmuls of L x C x D per
+  step in all (the logits twice, one per gradient).
 * Any D up to 256: BLOCK_D is the next power of two (at least 16, tl.dot's
   minimum) and the padding is masked to 0, which adds nothing to a dot product.
   C and L need no multiple of the tiles: masked columns get logit -inf.
   Rows with target < 0 are ignored: loss 0 and no gradient.
 * L2-normalised items (the trainer's default) come as the raw table rows with
-  an eps: the host computes m = max(||item||, eps) per row once (one read of
-  the table), the kernels multiply each logit column by 1 / m, dQ takes the
-  same factor with dz, and dItems turns its gradient g of the normalised row
-  n into the raw row's, (g - n (n . g)) / m (g / m where the clamp holds), on
-  the rows it owns. So F.normalize's copy of the table, its backward and
-  their five or so passes over 178 MB (Books) disappear from the step.
+  an eps: the forward normalises them once (a read and a write of the table,
+  keeping the fp32 norms m = max(||item||, eps)), and dItems turns the
+  gradient g of each normalised row n into the raw row's, (g - n (n . g)) / m
+  (g / m where the clamp holds), on the rows it owns: F.normalize's autograd
+  backward, several more passes over the table (178 MB on Books), is gone.
+  (Folding 1 / m into the logits instead, with no normalised copy, was slower:
+  the per-tile load of the norms is not software-pipelined like the items'.)
 * dtypes: fp32 or bf16/fp16 inputs (both cast to one dtype on the host).
   Matmuls accumulate in fp32; fp32 inputs follow torch's matmul precision
   (exact products under "highest", TF32 when the trainer enables it), as the
@@ -76,22 +79,11 @@ def _load_rows(Base, offs, stride, offs_d, rows_ok, d_ok):
 
 
 @triton.jit
-def _inverse_norms(Norms, offs_c, col_ok, NORMALIZE: tl.constexpr):
-    """1 / max(||item||, eps) per column when the items are raw rows normalised here (F.normalize's division,
-    folded into the logits), else 1."""
-    if NORMALIZE:
-        inv = 1.0 / tl.load(Norms + offs_c, mask=col_ok, other=1.0)
-    else:
-        inv = tl.full((offs_c.shape[0],), 1.0, dtype=tl.float32)
-    return inv
-
-
-@triton.jit
 def _forward_kernel(
-    Query, Items, Norms, Targets, PartMax, PartSum, PartTarget, L, C, tiles_per_split, scale,
+    Query, Items, Targets, PartMax, PartSum, PartTarget, PartOther, PartAcc, L, C, tiles_per_split, scale,
     stride_q, stride_i,
     D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PREC: tl.constexpr, NORMALIZE: tl.constexpr,
+    DOT_PREC: tl.constexpr, GRAD_QUERY: tl.constexpr,
 ):
     split = tl.program_id(1)
     offs_l = (tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)).to(tl.int64)
@@ -103,24 +95,35 @@ def _forward_kernel(
     run_max = tl.full((BLOCK_L,), float("-inf"), dtype=tl.float32)
     run_sum = tl.zeros((BLOCK_L,), dtype=tl.float32)
     target_logit = tl.zeros((BLOCK_L,), dtype=tl.float32)
+    other_sum = tl.zeros((BLOCK_L,), dtype=tl.float32)  # the sum of exp over the columns but the target's
+    acc = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)  # and those columns' item rows, weighted by it
     first = split * tiles_per_split
     last = tl.minimum(first + tiles_per_split, tl.cdiv(C, BLOCK_C))
     for tile in range(first, last):
         offs_c = tile * BLOCK_C + tl.arange(0, BLOCK_C)
         col_ok = offs_c < C
         items = _load_rows(Items, offs_c.to(tl.int64), stride_i, offs_d, col_ok, d_ok)
-        inv = _inverse_norms(Norms, offs_c, col_ok, NORMALIZE)
-        z = tl.dot(q, tl.trans(items), input_precision=DOT_PREC) * (inv * scale)[None, :]
+        z = tl.dot(q, tl.trans(items), input_precision=DOT_PREC) * scale
         z = tl.where(col_ok[None, :], z, float("-inf"))
         # Every tile has a real column, so new_max is finite and exp(-inf - new_max) = 0 on the first tile.
         new_max = tl.maximum(run_max, tl.max(z, axis=1))
-        run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
+        alpha = tl.exp(run_max - new_max)
+        e = tl.exp(z - new_max[:, None])
+        run_sum = run_sum * alpha + tl.sum(e, axis=1)
         run_max = new_max
-        target_logit += tl.sum(tl.where(offs_c[None, :] == target[:, None], z, 0.0), axis=1)
+        is_target = offs_c[None, :] == target[:, None]
+        target_logit += tl.sum(tl.where(is_target, z, 0.0), axis=1)
+        if GRAD_QUERY:  # online, as attention accumulates its output: rescaled by alpha at every new max
+            e_other = tl.where(is_target, 0.0, e)
+            other_sum = other_sum * alpha + tl.sum(e_other, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(e_other.to(items.dtype), items, input_precision=DOT_PREC)
     part = split * L + offs_l
     tl.store(PartMax + part, run_max, mask=row_ok)
     tl.store(PartSum + part, run_sum, mask=row_ok)
     tl.store(PartTarget + part, target_logit, mask=row_ok)
+    if GRAD_QUERY:
+        tl.store(PartOther + part, other_sum, mask=row_ok)
+        tl.store(PartAcc + part[:, None] * BLOCK_D + offs_d[None, :], acc, mask=row_ok[:, None])
 
 
 @triton.jit
@@ -131,39 +134,6 @@ def _logit_grads(z, offs_c, col_ok, target, lse, g_scale):
     """
     p = tl.exp(tl.where(col_ok, z, float("-inf")) - lse)  # masked before exp: a padded column's 0 may overflow
     return (p - tl.where(offs_c == target, 1.0, 0.0)) * g_scale
-
-
-@triton.jit
-def _grad_query_kernel(
-    Query, Items, Norms, Targets, Lse, GradRows, PartGradQuery, L, C, tiles_per_split, scale,
-    stride_q, stride_i,
-    D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PREC: tl.constexpr, NORMALIZE: tl.constexpr,
-):
-    split = tl.program_id(1)
-    offs_l = (tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_l < L
-    d_ok = offs_d < D
-    q = _load_rows(Query, offs_l, stride_q, offs_d, row_ok, d_ok)
-    target = tl.load(Targets + offs_l, mask=row_ok, other=-1)
-    lse = tl.load(Lse + offs_l, mask=row_ok, other=0.0)
-    g_scale = tl.where(target >= 0, tl.load(GradRows + offs_l, mask=row_ok, other=0.0), 0.0) * scale
-    acc = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
-    first = split * tiles_per_split
-    last = tl.minimum(first + tiles_per_split, tl.cdiv(C, BLOCK_C))
-    for tile in range(first, last):
-        offs_c = tile * BLOCK_C + tl.arange(0, BLOCK_C)
-        col_ok = offs_c < C
-        items = _load_rows(Items, offs_c.to(tl.int64), stride_i, offs_d, col_ok, d_ok)
-        inv = _inverse_norms(Norms, offs_c, col_ok, NORMALIZE)
-        z = tl.dot(q, tl.trans(items), input_precision=DOT_PREC) * (inv * scale)[None, :]
-        dz = _logit_grads(z, offs_c[None, :], col_ok[None, :], target[:, None], lse[:, None], g_scale[:, None])
-        if NORMALIZE:  # d z / d q = item / max(||item||, eps): the norm goes with dz (its 1/T is in g_scale)
-            dz = dz * inv[None, :]
-        acc += tl.dot(dz.to(items.dtype), items, input_precision=DOT_PREC)
-    part = (split * L + offs_l)[:, None] * BLOCK_D + offs_d[None, :]
-    tl.store(PartGradQuery + part, acc, mask=row_ok[:, None])
 
 
 @triton.jit
@@ -178,7 +148,6 @@ def _grad_items_kernel(
     col_ok = offs_c < C
     d_ok = offs_d < D
     items = _load_rows(Items, offs_c, stride_i, offs_d, col_ok, d_ok)
-    inv = _inverse_norms(Norms, offs_c, col_ok, NORMALIZE)
     acc = tl.zeros((BLOCK_C, BLOCK_D), dtype=tl.float32)
     for start in range(0, L, BLOCK_L):
         offs_l = (start + tl.arange(0, BLOCK_L)).to(tl.int64)
@@ -187,16 +156,17 @@ def _grad_items_kernel(
         target = tl.load(Targets + offs_l, mask=row_ok, other=-1)
         lse = tl.load(Lse + offs_l, mask=row_ok, other=0.0)
         g_scale = tl.where(target >= 0, tl.load(GradRows + offs_l, mask=row_ok, other=0.0), 0.0) * scale
-        z = tl.dot(items, tl.trans(q), input_precision=DOT_PREC) * (inv * scale)[:, None]  # (columns, rows)
+        z = tl.dot(items, tl.trans(q), input_precision=DOT_PREC) * scale  # (columns, rows)
         dz = _logit_grads(z, offs_c[:, None], col_ok[:, None], target[None, :], lse[None, :], g_scale[None, :])
         acc += tl.dot(dz.to(q.dtype), q, input_precision=DOT_PREC)
     if NORMALIZE:
-        # acc is the gradient of n = x / m, m = max(||x||, eps): d x = (acc - n (n . acc)) / m where
-        # ||x|| > eps (m = ||x||), acc / m where the clamp holds m at eps (no gradient through it).
+        # The items are n = x / m, m = max(||x||, eps), and acc is d n: the raw rows' gradient is
+        # d x = (acc - n (n . acc)) / m where ||x|| > eps (m = ||x||), acc / m where the clamp holds m at
+        # eps (no gradient through it).
         norm = tl.load(Norms + offs_c, mask=col_ok, other=1.0)
-        n = items.to(tl.float32) * inv[:, None]
+        n = items.to(tl.float32)
         radial = tl.where(norm > eps, tl.sum(n * acc, axis=1), 0.0)
-        acc = (acc - n * radial[:, None]) * inv[:, None]
+        acc = (acc - n * radial[:, None]) / norm[:, None]
     tl.store(GradItems + offs_c[:, None] * stride_gi + offs_d[None, :], acc.to(GradItems.dtype.element_ty),
              mask=col_ok[:, None] & d_ok[None, :])
 
@@ -218,16 +188,15 @@ class Tiles:
 
 @dataclasses.dataclass(frozen=True)
 class Blocks:
-    """The three kernels' tiles, and the C splits of the forward and dQ kernels (None: enough to fill
-    the GPU). Every field is a parameter so that benchmarks/linear_cross_entropy.py --blocks can sweep them."""
+    """The two kernels' tiles, and the C splits of the forward (None: enough to fill the GPU). Every field
+    is a parameter so that benchmarks/linear_cross_entropy.py --blocks can sweep them."""
 
     forward: Tiles
-    grad_query: Tiles
     grad_items: Tiles
     splits: Optional[int] = None
 
 
-INTERPRETER_BLOCKS = Blocks(Tiles(16, 16, 1, 1), Tiles(16, 16, 1, 1), Tiles(16, 16, 1, 1), splits=2)
+INTERPRETER_BLOCKS = Blocks(Tiles(16, 16, 1, 1), Tiles(16, 16, 1, 1), splits=2)
 
 
 # fp32 rows of D <= 64 against a catalog of at least CATALOG_SCALE candidates: the tiles timed fastest at the
@@ -235,7 +204,7 @@ INTERPRETER_BLOCKS = Blocks(Tiles(16, 16, 1, 1), Tiles(16, 16, 1, 1), Tiles(16, 
 # and 1,952 queries: results/linear_cross_entropy_blocks_books{,_step}_fp32_h200.jsonl), forward + backward
 # 9.27 -> 6.87 ms at the trainer's 1,952. Smaller catalogs (ml-1m's 3,706) keep the starting points.
 CATALOG_SCALE = 1 << 17
-CATALOG_FP32_BLOCKS = Blocks(Tiles(128, 64, 8, 3), Tiles(128, 64, 8, 3), Tiles(32, 128, 4, 3))
+CATALOG_FP32_BLOCKS = Blocks(Tiles(128, 64, 8, 3), Tiles(32, 128, 4, 3))
 
 
 def default_blocks(device: torch.device, dtype: torch.dtype, dim: int, columns: int = 0) -> Blocks:
@@ -254,7 +223,7 @@ def default_blocks(device: torch.device, dtype: torch.dtype, dim: int, columns: 
         tiles = Tiles(64, 64, 4, 2)
     else:  # fp32 D <= 256
         tiles = Tiles(32, 64, 8, 2)
-    return Blocks(tiles, tiles, tiles)
+    return Blocks(tiles, tiles)
 
 
 @functools.lru_cache(maxsize=None)
@@ -281,42 +250,45 @@ def _block_d(dim: int) -> int:
     return max(16, triton.next_power_of_2(dim))
 
 
-def _forward(query: torch.Tensor, items: torch.Tensor, norms: Optional[torch.Tensor], targets: torch.Tensor,
-             scale: float, blocks: Blocks) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(per-row losses, lse), both (L,) fp32."""
+def _forward(query: torch.Tensor, items: torch.Tensor, targets: torch.Tensor, scale: float, blocks: Blocks,
+             grad_query: bool = False) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """(per-row losses, lse, and with grad_query d loss_l / d query_l / scale, (L, D) fp32), all fp32."""
     rows, dim = query.shape
     t = blocks.forward
     splits, per_split = _split(query.device, rows, t.block_l, items.shape[0], t.block_c, blocks.splits)
-    part_max, part_sum, part_target = torch.empty((3, splits, rows), dtype=torch.float32, device=query.device)
-    _forward_kernel[(triton.cdiv(rows, t.block_l), splits)](
-        query, items, _or(norms, items), targets, part_max, part_sum, part_target, rows, items.shape[0], per_split, scale,
-        query.stride(0), items.stride(0),
-        D=dim, BLOCK_L=t.block_l, BLOCK_C=t.block_c, BLOCK_D=_block_d(dim), DOT_PREC=dot_precision(query.dtype),
-        NORMALIZE=norms is not None, num_warps=t.num_warps, num_stages=t.num_stages,
-    )
-    lse = torch.logsumexp(part_max + part_sum.log(), dim=0)  # every split's sum is >= 1 (its max's term)
-    losses = torch.where(targets >= 0, lse - part_target.sum(0), 0.0)
-    return losses, lse
-
-
-def _grad_query(grad_rows: torch.Tensor, query: torch.Tensor, items: torch.Tensor, norms: Optional[torch.Tensor],
-                eps: float, targets: torch.Tensor, lse: torch.Tensor, scale: float, blocks: Blocks) -> torch.Tensor:
-    rows, dim = query.shape
-    t = blocks.grad_query
-    splits, per_split = _split(query.device, rows, t.block_l, items.shape[0], t.block_c, blocks.splits)
     block_d = _block_d(dim)
-    partial = torch.empty((splits, rows, block_d), dtype=torch.float32, device=query.device)
-    _grad_query_kernel[(triton.cdiv(rows, t.block_l), splits)](
-        query, items, _or(norms, items), targets, lse, grad_rows, partial, rows, items.shape[0], per_split, scale,
-        query.stride(0), items.stride(0),
+    f32 = dict(dtype=torch.float32, device=query.device)
+    part_max, part_sum, part_target, part_other = torch.empty((4, splits, rows), **f32)
+    part_acc = torch.empty((splits, rows, block_d) if grad_query else (1,), **f32)
+    _forward_kernel[(triton.cdiv(rows, t.block_l), splits)](
+        query, items, targets, part_max, part_sum, part_target, part_other, part_acc, rows, items.shape[0],
+        per_split, scale, query.stride(0), items.stride(0),
         D=dim, BLOCK_L=t.block_l, BLOCK_C=t.block_c, BLOCK_D=block_d, DOT_PREC=dot_precision(query.dtype),
-        NORMALIZE=norms is not None, num_warps=t.num_warps, num_stages=t.num_stages,
+        GRAD_QUERY=grad_query, num_warps=t.num_warps, num_stages=t.num_stages,
     )
-    return partial[:, :, :dim].sum(0).to(query.dtype)
+    # Combine the splits: each one's sums are relative to its own max (finite: every split has a column).
+    row_max = part_max.max(0).values
+    weight = torch.exp(part_max - row_max)
+    total = (weight * part_sum).sum(0)
+    lse = row_max + total.log()
+    losses = torch.where(targets >= 0, lse - part_target.sum(0), 0.0)
+    direction = None
+    if grad_query:
+        # sum_c (softmax_c - onehot_c) item_c = (sum_{c != t} e_c item_c - (sum_{c != t} e_c) item_t) / sum_c e_c:
+        # the target's 1 - p_t as the others' share, without the cancellation of p_t - 1 near p_t = 1.
+        others = (weight[:, :, None] * part_acc).sum(0)[:, :dim]
+        other_total = (weight * part_other).sum(0)
+        target_items = items[targets.clamp(min=0)].float()
+        direction = (others - other_total[:, None] * target_items) / total[:, None]
+        direction = torch.where((targets >= 0)[:, None], direction, 0.0)
+    return losses, lse, direction
 
 
-def _grad_items(grad_rows: torch.Tensor, query: torch.Tensor, items: torch.Tensor, norms: Optional[torch.Tensor],
-                eps: float, targets: torch.Tensor, lse: torch.Tensor, scale: float, blocks: Blocks) -> torch.Tensor:
+def _grad_items(grad_rows: torch.Tensor, query: torch.Tensor, items: torch.Tensor, targets: torch.Tensor,
+                lse: torch.Tensor, scale: float, blocks: Blocks, norms: Optional[torch.Tensor] = None,
+                eps: float = 0.0) -> torch.Tensor:
+    """d loss / d items; with norms (items then the normalised rows x / m, norms m = max(||x||, eps)),
+    d loss / d x of the raw rows."""
     rows, dim = query.shape
     t = blocks.grad_items
     grad_items = torch.empty_like(items)
@@ -333,29 +305,36 @@ def _or(x: Optional[torch.Tensor], dummy: torch.Tensor) -> torch.Tensor:
     return dummy if x is None else x  # an unused pointer argument (its kernel branch is compiled out)
 
 
-def _norms(items: torch.Tensor, eps: Optional[float]) -> Optional[torch.Tensor]:
-    """max(||item||, eps) per row in fp32, F.normalize's denominator (None: no normalisation)."""
-    return None if eps is None else torch.linalg.vector_norm(items.float(), dim=1).clamp_min(eps)
+def _normalize(items: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """F.normalize(items, dim=1, eps=eps) in items' dtype, and its fp32 denominators max(||item||, eps)."""
+    norms = torch.linalg.vector_norm(items.float(), dim=1).clamp_min(eps)
+    return (items.float() / norms[:, None]).to(items.dtype), norms
 
 
 class _LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query: torch.Tensor, items: torch.Tensor, targets: torch.Tensor, scale: float,
                 blocks: Blocks, eps: Optional[float]) -> Tuple[torch.Tensor, torch.Tensor]:
-        norms = _norms(items, eps)
-        losses, lse = _forward(query, items, norms, targets, scale, blocks)
-        ctx.save_for_backward(query, items, norms, targets, lse)
+        norms = None
+        if eps is not None:  # scored: the normalised rows; the backward turns their gradient into the raw rows'
+            items, norms = _normalize(items, eps)
+        losses, lse, direction = _forward(query, items, targets, scale, blocks, grad_query=ctx.needs_input_grad[0])
+        ctx.save_for_backward(query, items, norms, targets, lse, direction)
         ctx.scale, ctx.blocks, ctx.eps = scale, blocks, eps
         ctx.mark_non_differentiable(lse)
         return losses, lse
 
     @staticmethod
     def backward(ctx, grad_rows: torch.Tensor, _grad_lse: torch.Tensor):
-        query, items, norms, targets, lse = ctx.saved_tensors
+        query, items, norms, targets, lse, direction = ctx.saved_tensors
         grad_rows = grad_rows.float().contiguous()
-        args = (grad_rows, query, items, norms, ctx.eps or 0.0, targets, lse, ctx.scale, ctx.blocks)
-        grad_query = _grad_query(*args) if ctx.needs_input_grad[0] else None
-        grad_items = _grad_items(*args) if ctx.needs_input_grad[1] else None
+        grad_query = None
+        if ctx.needs_input_grad[0]:  # computed in the forward, up to the upstream gradient of each row
+            grad_query = ((grad_rows * ctx.scale)[:, None] * direction).to(query.dtype)
+        grad_items = None
+        if ctx.needs_input_grad[1]:
+            grad_items = _grad_items(grad_rows, query, items, targets, lse, ctx.scale, ctx.blocks, norms,
+                                     ctx.eps or 0.0)
         return grad_query, grad_items, None, None, None, None
 
 
