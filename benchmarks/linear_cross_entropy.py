@@ -96,14 +96,9 @@ def make_inputs(shape: Dict, dtype: torch.dtype, seed: int = 0) -> Dict[str, tor
     return dict(query=query.to(dtype).requires_grad_(), items=items.to(dtype).requires_grad_(), targets=targets)
 
 
-def _fused(query: torch.Tensor, items: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    losses, _ = triton_linear_cross_entropy(query, items, targets, TEMPERATURE)
-    kept = (targets >= 0).float()
-    return (losses * kept).sum() / kept.sum().clamp(min=1.0)
-
-
-def _fused_l2(query: torch.Tensor, items: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    losses, _ = triton_linear_cross_entropy(query, items, targets, TEMPERATURE, eps=EPS)
+def _fused(query: torch.Tensor, items: torch.Tensor, targets: torch.Tensor,
+           eps: Optional[float] = None) -> torch.Tensor:
+    losses, _ = triton_linear_cross_entropy(query, items, targets, TEMPERATURE, eps=eps)
     kept = (targets >= 0).float()
     return (losses * kept).sum() / kept.sum().clamp(min=1.0)
 
@@ -138,7 +133,7 @@ def loss_fn(impl: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], t
     if impl == "normalize+fused":
         return lambda q, i, t: _fused(q, F.normalize(i, dim=-1, eps=EPS), t)
     if impl == "fused_l2":
-        return _fused_l2
+        return lambda q, i, t: _fused(q, i, t, EPS)
     if impl in ("cce", "cce_filtered"):
         return _cce(None if impl == "cce" else "high")
     if impl == "liger":

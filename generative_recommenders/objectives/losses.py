@@ -26,7 +26,7 @@ its sampled columns picked, a large one by gathering the sampled embeddings.
   whose (L, C) logits never leave the chip, elsewhere in row chunks so they
   never exist at once. When the candidates are consecutive ids and the item
   table is given, the loss gets its raw rows and normalises them itself (the
-  kernel folds the norms into the logits: no normalised copy of the table).
+  kernel returns the raw rows' gradient: no autograd backward of F.normalize).
 - BPRLoss / BPRMaxLoss (GRU4Rec's pairwise losses, Hidasi et al.): mean of
   -log sigmoid(s+ - s-) over R negatives; BPR-max weights the pairs by the
   softmax of the negatives' scores and adds reg * sum softmax * s-^2.

@@ -349,9 +349,9 @@ def triton_linear_cross_entropy(query: torch.Tensor, items: torch.Tensor, target
                                 eps: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(per-row losses, lse) of logits query (L, D) @ items (C, D).T / temperature; targets (L,) columns.
 
-    With eps, the logits are those of F.normalize(items, dim=1, eps=eps): the kernels divide each column
-    by its row's norm and return the gradient of the raw rows, so that no normalised copy of the items
-    is written, read or differentiated.
+    With eps, the logits are those of F.normalize(items, dim=1, eps=eps): the rows are normalised once
+    here and the dItems kernel returns the gradient of the raw rows, so that autograd never differentiates
+    the normalisation (several more passes over the items).
 
     Both outputs are (L,) fp32; the losses are lse - the target's logit, 0 where target < 0 (ignored rows,
     which get no gradient either), differentiable in query and items (lse is not). Targets must lie
