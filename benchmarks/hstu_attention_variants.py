@@ -29,11 +29,8 @@ SHAPES = [("N4096", 8, 4096, 2, 128, False, None), ("N4096r", 8, 4096, 2, 128, T
           ("N8192", 8, 8192, 2, 128, False, None), ("N8192r", 8, 8192, 2, 128, True, None),
           ("ml1m-h1d50", 128, 211, 1, 50, True, 200), ("ml1m-h2d25", 128, 211, 2, 25, True, 200),
           ("ml20m-h4d64", 128, 211, 4, 64, True, 200), ("ml20m-h8d32", 128, 211, 8, 32, True, 200)]
-# Forward (BLOCK_M, BLOCK_N, warps, stages[, heads per program]); the 5-tuples (grouped heads) only for files
-# whose forward takes them (ops/triton/hstu_attention.py since issue 20's head groups).
-LONG_CFGS = [None, (64, 32, 8, 2, 2), (64, 64, 8, 2, 2), (32, 32, 4, 2, 2), (32, 32, 4, 3, 2), (32, 64, 4, 2, 2)]
-SHORT_CFGS = [None, (64, 32, 4, 3, 8), (32, 32, 4, 2, 8), (64, 32, 4, 3, 4), (32, 32, 4, 2, 4),
-              (64, 32, 4, 3, 2)]
+LONG_CFGS = [None, (64, 64, 8, 2), (64, 32, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2)]
+SHORT_CFGS = [None, (64, 32, 4, 2), (64, 64, 8, 2)]
 # Backward (BLOCK, BLOCK_M1, BLOCK_N2, warps, stages): the d = 128 ones compile without spills (sm_90) with the
 # backward's key times loaded one block ahead.
 LONG_BWD_CFGS = [None, (64, 16, 16, 8, 2), (32, 16, 16, 4, 2), (32, 16, 16, 4, 3), (32, 32, 16, 4, 2)]
@@ -78,7 +75,7 @@ def main(out_path: str, variants: list, backward: bool = False) -> None:
     long_cfgs, short_cfgs = (LONG_BWD_CFGS, SHORT_BWD_CFGS) if backward else (LONG_CFGS, SHORT_CFGS)
     if os.environ.get("TINY"):
         shapes, device = [("tiny", 2, 300, 2, 16, True, None)], "cpu"
-        long_cfgs = [None, (16, 16, 16, 1, 1)] if backward else [None, (16, 16, 1, 1), (16, 16, 1, 1, 2)]
+        long_cfgs = [None, (16, 16, 16, 1, 1)] if backward else [None, (16, 16, 1, 1)]
         do_bench_cudagraph = lambda fn, rep=0: (fn(), 0.0)[1]
         do_bench = lambda fn, **kw: (fn(), 0.0)[1]
     with open(out_path, "w") as out:
@@ -94,10 +91,7 @@ def main(out_path: str, variants: list, backward: bool = False) -> None:
                     ref = main_mod._hstu_attention(*args).float()
                 ref_grads = [g.float() for g in _grads(main_mod, args, params, x["grad"], None)] if backward else None
                 for name, mod in mods.items():
-                    grouped = "HEADS" in mod._hstu_fwd_kernel.arg_names
                     for cfg in (short_cfgs if short else long_cfgs):
-                        if cfg is not None and len(cfg) == 5 and (not grouped or cfg[4] > h):
-                            continue
                         row = dict(shape=label, dtype=str(dtype)[6:], impl=name, cfg=cfg, backward=backward)
                         try:
                             if backward:

@@ -189,62 +189,46 @@ def _key_times(TS, ts_base, start_n, max_seq_len, BLOCK_N: tl.constexpr, HAS_BIA
 
 
 @triton.jit
-def _in_range(offs, limit, CHECK: tl.constexpr):
-    """offs < limit, or a constant all-true mask that the compiler folds away when CHECK is off."""
-    if CHECK:
-        ok = offs < limit
-    else:
-        ok = tl.full(offs.shape, 1, tl.int1)
-    return ok
-
-
-@triton.jit
-def _load_heads(Base, offs_h, stride_h, offs_r, stride_r, offs_c, heads_ok, rows_ok, cols_ok):
-    """A (heads, rows, cols) tile of a (tokens, heads, dim) tensor; masked entries read 0."""
-    ptrs = Base + offs_h[:, None, None] * stride_h + offs_r[None, :, None] * stride_r + offs_c[None, None, :]
-    mask = heads_ok[:, None, None] & rows_ok[None, :, None] & cols_ok[None, None, :]
-    return tl.load(ptrs, mask=mask, other=0.0)
-
-
-@triton.jit
-def _fwd_tile(acc, q, qpos, kmax, tq, tk, K, V, TsW, PosW, k_base, v_base, offs_h, heads_ok,
-              start_n, seq_len, max_seq_len, stride_km, stride_kh, stride_vm, stride_vh, offs_qk, offs_v,
+def _fwd_tile(acc, q, qpos, kmax, tq, tk, K, V, TsW, PosW, k_base, v_base,
+              start_n, seq_len, max_seq_len, stride_km, stride_vm, offs_qk, offs_v,
               DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
               BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_BUCKETS: tl.constexpr,
               DOT_PREC: tl.constexpr, MASKED: tl.constexpr, HW_MATH: tl.constexpr,
               FAST_SILU: tl.constexpr):
-    """One key block for every head of the program: (heads, queries, keys) scores, one bias tile."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    kv_ok = _in_range(offs_n, seq_len, MASKED)
-    k = _load_heads(K + k_base, offs_h, stride_kh, offs_n, stride_km, offs_qk, heads_ok, kv_ok,
-                    _in_range(offs_qk, DQK, DQK != BLOCK_DQK))
-    v = _load_heads(V + v_base, offs_h, stride_vh, offs_n, stride_vm, offs_v, heads_ok, kv_ok,
-                    _in_range(offs_v, DV, DV != BLOCK_DV))
-    s = tl.dot(q, tl.permute(k, (0, 2, 1)), input_precision=DOT_PREC)
+    kv_ok = offs_n < seq_len
+    k = _load_tile(K + k_base + offs_n[:, None] * stride_km + offs_qk[None, :], kv_ok,
+                   offs_qk < DQK, MASKED, DQK != BLOCK_DQK)
+    v = _load_tile(V + v_base + offs_n[:, None] * stride_vm + offs_v[None, :], kv_ok,
+                   offs_v < DV, MASKED, DV != BLOCK_DV)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
     causal = offs_n[None, :] <= kmax[:, None]
-    if HAS_BIAS:  # the bias depends on positions and times only: built once, shared by the heads
+    if HAS_BIAS:
         rab, _ = _rel_bias(qpos[:, None], offs_n[None, :], tq[:, None], tk[None, :], TsW, PosW,
                            max_seq_len, causal, NUM_BUCKETS, MASKED, HW_MATH)
-        s += rab[None, :, :]
+        s += rab
     p = s * _sigmoid(s, FAST_SILU)  # SiLU; the 1/N is applied to the accumulator at the end
     if MASKED:
-        p = tl.where(causal[None, :, :], p, 0.0)
+        p = tl.where(causal, p, 0.0)
     acc += tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
     return acc
 
 
 @triton.jit
-def _target_self_term(acc, q, offs_m, is_target, K, V, TsW, PosW, k_base, v_base, offs_h, heads_ok,
-                      max_seq_len, stride_km, stride_kh, stride_vm, stride_vh, offs_qk, offs_v,
-                      DQK: tl.constexpr, DV: tl.constexpr, HAS_BIAS: tl.constexpr, FAST_SILU: tl.constexpr):
+def _target_self_term(acc, q, offs_m, is_target, K, V, TsW, PosW, k_base, v_base, max_seq_len,
+                      stride_km, stride_vm, offs_qk, offs_v,
+                      DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, FAST_SILU: tl.constexpr):
     """Each target row's attention to its own key: a row-wise dot, relative position 0, bucket 0."""
-    k = _load_heads(K + k_base, offs_h, stride_kh, offs_m, stride_km, offs_qk, heads_ok, is_target, offs_qk < DQK)
-    v = _load_heads(V + v_base, offs_h, stride_vh, offs_m, stride_vm, offs_v, heads_ok, is_target, offs_v < DV)
-    s = tl.sum(q.to(tl.float32) * k.to(tl.float32), axis=2)
+    k = _load_tile(K + k_base + offs_m[:, None] * stride_km + offs_qk[None, :], is_target,
+                   offs_qk < DQK, True, DQK != BLOCK_DQK)
+    v = _load_tile(V + v_base + offs_m[:, None] * stride_vm + offs_v[None, :], is_target,
+                   offs_v < DV, True, DV != BLOCK_DV)
+    s = tl.sum(q.to(tl.float32) * k.to(tl.float32), axis=1)
     if HAS_BIAS:
         s += tl.load(PosW + max_seq_len - 1).to(tl.float32) + tl.load(TsW).to(tl.float32)
-    p = tl.where(is_target[None, :], s * _sigmoid(s, FAST_SILU), 0.0)
-    return acc + p[:, :, None] * v.to(tl.float32)
+    p = tl.where(is_target, s * _sigmoid(s, FAST_SILU), 0.0)
+    return acc + p[:, None] * v.to(tl.float32)
 
 
 @triton.jit
@@ -253,20 +237,16 @@ def _hstu_fwd_kernel(
     stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, stride_om, stride_oh,
     stride_tb, num_heads, max_seq_len, inv_n,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEADS: tl.constexpr, MASK_HEADS: tl.constexpr,
-    HAS_BIAS: tl.constexpr, NUM_BUCKETS: tl.constexpr, DOT_PREC: tl.constexpr, HW_MATH: tl.constexpr,
-    FAST_SILU: tl.constexpr, HAS_TARGETS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+    NUM_BUCKETS: tl.constexpr, DOT_PREC: tl.constexpr, HW_MATH: tl.constexpr, FAST_SILU: tl.constexpr,
+    HAS_TARGETS: tl.constexpr,
 ):
-    # Program (sequence, group of HEADS heads, query block): the bias tile of each key block is
-    # built once and added to every head's scores.
     pid_bh = tl.program_id(0)
     # Query blocks on grid axis 1, last block first: the longest (most keys)
     # programs start first, which shortens the tail of the causal grid.
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
-    groups = tl.cdiv(num_heads, HEADS)
-    off_b = pid_bh // groups
-    offs_h = (pid_bh % groups) * HEADS + tl.arange(0, HEADS)
-    heads_ok = _in_range(offs_h, num_heads, MASK_HEADS)
+    off_b = pid_bh // num_heads
+    off_h = pid_bh % num_heads
     seq_start = tl.load(SeqOffsets + off_b).to(tl.int64)
     seq_len = (tl.load(SeqOffsets + off_b + 1) - seq_start).to(tl.int32)
     start_m = pid_m * BLOCK_M
@@ -277,10 +257,10 @@ def _hstu_fwd_kernel(
     offs_qk = tl.arange(0, BLOCK_DQK)
     offs_v = tl.arange(0, BLOCK_DV)
     rows_ok = offs_m < seq_len
-    q = _load_heads(Q + seq_start * stride_qm, offs_h, stride_qh, offs_m, stride_qm, offs_qk, heads_ok, rows_ok,
-                    _in_range(offs_qk, DQK, DQK != BLOCK_DQK))
-    k_base = seq_start * stride_km
-    v_base = seq_start * stride_vm
+    q = _load_tile(Q + seq_start * stride_qm + off_h * stride_qh + offs_m[:, None] * stride_qm
+                   + offs_qk[None, :], rows_ok, offs_qk < DQK, True, DQK != BLOCK_DQK)
+    k_base = seq_start * stride_km + off_h * stride_kh
+    v_base = seq_start * stride_vm + off_h * stride_vh
     ts_base = off_b.to(tl.int64) * stride_tb
     if HAS_TARGETS:
         # M-FALCON (ops/targets.py): targets sit at position n_hist, see the prefix and themselves,
@@ -303,34 +283,32 @@ def _hstu_fwd_kernel(
     else:
         tq = qpos
 
-    acc = tl.zeros((HEADS, BLOCK_M, BLOCK_DV), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
     # Key blocks every row of the block sees entirely: no masks. The key times of the next block are
     # loaded one iteration ahead: waiting on them right before use was the forward's main stall.
     tk = _key_times(TS, ts_base, 0, max_seq_len, BLOCK_N, HAS_BIAS)
     for start_n in range(0, full_end, BLOCK_N):
         tk_next = _key_times(TS, ts_base, start_n + BLOCK_N, max_seq_len, BLOCK_N, HAS_BIAS)
-        acc = _fwd_tile(acc, q, qpos, kmax, tq, tk, K, V, TsW, PosW, k_base, v_base, offs_h, heads_ok,
-                        start_n, seq_len, max_seq_len, stride_km, stride_kh, stride_vm, stride_vh, offs_qk, offs_v,
+        acc = _fwd_tile(acc, q, qpos, kmax, tq, tk, K, V, TsW, PosW, k_base, v_base,
+                        start_n, seq_len, max_seq_len, stride_km, stride_vm, offs_qk, offs_v,
                         DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N, HAS_BIAS, NUM_BUCKETS, DOT_PREC,
                         False, HW_MATH, FAST_SILU)
         tk = tk_next
     # Diagonal key blocks (and the prefix's ragged end): masked.
     for start_n in range(full_end, diag_end, BLOCK_N):
         tk = _key_times(TS, ts_base, start_n, max_seq_len, BLOCK_N, HAS_BIAS)
-        acc = _fwd_tile(acc, q, qpos, kmax, tq, tk, K, V, TsW, PosW, k_base, v_base, offs_h, heads_ok,
-                        start_n, seq_len, max_seq_len, stride_km, stride_kh, stride_vm, stride_vh, offs_qk, offs_v,
+        acc = _fwd_tile(acc, q, qpos, kmax, tq, tk, K, V, TsW, PosW, k_base, v_base,
+                        start_n, seq_len, max_seq_len, stride_km, stride_vm, offs_qk, offs_v,
                         DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N, HAS_BIAS, NUM_BUCKETS, DOT_PREC,
                         True, HW_MATH, FAST_SILU)
     if HAS_TARGETS:
         if start_m + BLOCK_M > n_hist:
             acc = _target_self_term(acc, q, offs_m, rows_ok & (offs_m >= n_hist), K, V, TsW, PosW,
-                                    k_base, v_base, offs_h, heads_ok, max_seq_len, stride_km, stride_kh,
-                                    stride_vm, stride_vh, offs_qk, offs_v, DQK, DV, HAS_BIAS, FAST_SILU)
+                                    k_base, v_base, max_seq_len, stride_km, stride_vm, offs_qk, offs_v,
+                                    DQK, DV, BLOCK_DQK, BLOCK_DV, HAS_BIAS, FAST_SILU)
     acc = acc * inv_n
-    o_ptrs = (Out + seq_start * stride_om + offs_h[:, None, None] * stride_oh + offs_m[None, :, None] * stride_om
-              + offs_v[None, None, :])
-    tl.store(o_ptrs, acc.to(Out.dtype.element_ty),
-             mask=heads_ok[:, None, None] & rows_ok[None, :, None] & (offs_v < DV)[None, None, :])
+    o_ptrs = Out + seq_start * stride_om + off_h * stride_oh + offs_m[:, None] * stride_om + offs_v[None, :]
+    tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=rows_ok[:, None] & (offs_v < DV)[None, :])
 
 
 # --------------------------------------------------------------------------- #
@@ -632,10 +610,10 @@ _FWD_TABLE_FP32 = {64: (32, 32, 4, 2)}
 _BWD_TABLE_FP32 = {64: (32, 32, 32, 4, 2)}
 
 
-def _fwd_config(q: torch.Tensor, block_d: int) -> Tuple[int, ...]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages[, heads per program])."""
+def _fwd_config(q: torch.Tensor, block_d: int) -> Tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages)."""
     if not q.is_cuda:
-        return 16, 16, 1, 1, 2  # interpreter: small tiles keep numpy work low
+        return 16, 16, 1, 1  # interpreter: small tiles keep numpy work low
     if q.dtype == torch.float32:  # fp32 (exact or TF32 dots): small tiles
         return _FWD_TABLE_FP32.get(block_d, (64, 32, 4, 2))
     return _FWD_TABLE.get(block_d, (64, 32, 4, 2))
@@ -661,12 +639,10 @@ def _forward(q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w, config=
     out = torch.empty((total, heads, dv), dtype=q.dtype, device=q.device)
     has_bias = ts_w is not None
     block_dqk, block_dv = _pow2_dim(dqk), _pow2_dim(dv)
-    block_m, block_n, num_warps, num_stages, *group = config or _fwd_config(q, max(block_dqk, block_dv))
+    block_m, block_n, num_warps, num_stages = config or _fwd_config(q, max(block_dqk, block_dv))
     assert block_m % block_n == 0
-    # Heads per program: a power of two, no more than the heads there are.
-    group = min(group[0] if group else 1, triton.next_power_of_2(heads))
     dummy = q  # unused pointer arguments when there is no bias
-    grid = (batch * triton.cdiv(heads, group), triton.cdiv(max_seq_len, block_m))
+    grid = (batch * heads, triton.cdiv(max_seq_len, block_m))
     _hstu_fwd_kernel[grid](
         q, k, v, out, seq_offsets,
         timestamps if has_bias else dummy, ts_w if has_bias else dummy, pos_w if has_bias else dummy,
@@ -675,7 +651,6 @@ def _forward(q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w, config=
         out.stride(0), out.stride(1), timestamps.stride(0) if has_bias else 0,
         heads, max_seq_len, 1.0 / max_seq_len,
         DQK=dqk, DV=dv, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, BLOCK_M=block_m, BLOCK_N=block_n,
-        HEADS=group, MASK_HEADS=heads % group != 0,
         HAS_BIAS=has_bias, NUM_BUCKETS=(ts_w.numel() - 1) if has_bias else 0,
         DOT_PREC=dot_precision(q.dtype), **_math_flags(q), HAS_TARGETS=num_targets is not None,
         num_warps=num_warps, num_stages=num_stages,
