@@ -243,10 +243,10 @@ def _launches(b: Dict, blocks: Blocks) -> Dict[str, Callable[[], torch.Tensor]]:
     forward with the query gradient's accumulation (as training runs it), and dItems."""
     query, items, targets = b["query"].detach(), b["items"].detach(), b["targets"]
     scale = 1.0 / TEMPERATURE
-    _, lse, _ = kernel_module._forward(query, items, targets, scale, blocks)
+    _, _, lse_raw, _ = kernel_module._forward(query, items, targets, scale, blocks)
     grad_rows = (targets >= 0).float() / (targets >= 0).sum().clamp(min=1)
-    return dict(forward=lambda: kernel_module._forward(query, items, targets, scale, blocks, grad_query=True)[2],
-                grad_items=lambda: kernel_module._grad_items(grad_rows, query, items, targets, lse, scale, blocks))
+    return dict(forward=lambda: kernel_module._forward(query, items, targets, scale, blocks, grad_query=True)[3],
+                grad_items=lambda: kernel_module._grad_items(grad_rows, query, items, targets, lse_raw, scale, blocks))
 
 
 def _time_launch(b: Dict, blocks: Blocks, launch: str, want: torch.Tensor) -> Tuple[Optional[float], str]:

@@ -12,23 +12,31 @@ Layout (kernels, then the host side and the autograd Function):
 * `_forward_kernel`: grid (L tiles, splits). The C tiles are dealt to `splits`
   programs per query tile (a split-K over candidates), so a few dozen query
   tiles still fill the GPU. Each program walks its C tiles keeping a running
-  max and sum of exp (online log-sum-exp, fp32) and the target's logit, and,
-  when the queries need a gradient, the query gradient's direction the way
-  flash attention accumulates its output: the exp-weighted sum of the item
-  rows of every column but the target, rescaled at each new max, and those
-  columns' share of the sum. The host combines the splits (weights
-  exp(split max - row max)) into lse and d loss / d query = g * scale *
+  max and sum of exp over the columns but the target (online log-sum-exp,
+  fp32), the target's logit, and, when the queries need a gradient, the query
+  gradient's direction the way flash attention accumulates its output: the
+  exp-weighted sum of the item rows of the same columns, rescaled at each new
+  max. The host combines the splits (weights exp(split max - row max)), adds
+  the target's term, and forms lse and d loss / d query = g * scale *
   (sum_{c != t} e_c item_c - (sum_{c != t} e_c) item_t) / sum_c e_c, which
   needs no lse in advance and no second walk over the candidates; the target
   enters as the others' share, so p_t - 1 never cancels near p_t = 1.
+  The walk is the step's cost, so each logit gets as few operations as
+  possible: a max, a subtraction and a multiply (the scale and log2(e) in one
+  constant) before exp2, one int32 compare against the target, two sums; only
+  the last, partial tile masks its columns.
 * `_grad_items_kernel`: grid (C tiles,). Owns its item rows and walks every
   query tile, recomputing the logits transposed, dz = g * (softmax -
-  one_hot(target)) * scale, and accumulating dz.T @ query. No atomics
+  one_hot(target)) * scale, and accumulating dz.T @ query (no column mask:
+  a padded column only reaches its own row of the accumulator). No atomics
   anywhere, so both gradients are deterministic; 4 matmuls of L x C x D per
   step in all (the logits twice, one per gradient).
 * Any D up to 256: BLOCK_D is the next power of two (at least 16, tl.dot's
   minimum) and the padding is masked to 0, which adds nothing to a dot product.
   C and L need no multiple of the tiles: masked columns get logit -inf.
+  Logits are subtracted from the max (or lse) before they are scaled: near
+  the max the difference is exact, so large logits keep their probabilities'
+  bits; the host's per-row combine runs in fp64 (L numbers) for the same reason.
   Rows with target < 0 are ignored: loss 0 and no gradient.
 * L2-normalised items (the trainer's default) come as the raw table rows with
   an eps: the forward normalises them once (a read and a write of the table,
@@ -71,16 +79,49 @@ MAX_DIM = 256  # beyond it a 16-bit (64 x D) tile pair no longer fits shared mem
 # --------------------------------------------------------------------------- #
 
 
+LOG2E = tl.constexpr(1.4426950408889634)  # the kernels exponentiate with exp2, log2(e) folded into the scale
+
+
 @triton.jit
-def _load_rows(Base, offs, stride, offs_d, rows_ok, d_ok):
-    """A (rows, BLOCK_D) tile of a row-major matrix; rows and dims past the end read 0."""
-    return tl.load(Base + offs[:, None] * stride + offs_d[None, :], mask=rows_ok[:, None] & d_ok[None, :],
-                   other=0.0)
+def _load_rows(Base, offs, stride, offs_d, rows_ok, d_ok, MASK_ROWS: tl.constexpr):
+    """A (rows, BLOCK_D) tile of a row-major matrix; dims past D (and rows past the end, with MASK_ROWS)
+    read 0."""
+    mask = (rows_ok[:, None] & d_ok[None, :]) if MASK_ROWS else d_ok[None, :]
+    return tl.load(Base + offs[:, None] * stride + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _forward_tile(q, Items, stride_i, tile, target, offs_d, d_ok, run_max, other_sum, target_logit, acc, C, scale_log2,
+                  BLOCK_C: tl.constexpr, DOT_PREC: tl.constexpr, GRAD_QUERY: tl.constexpr, TAIL: tl.constexpr):
+    """One C tile of the forward walk: the running max of the raw dot products, the sum of exp over the
+    columns but the target's, the target's dot product, and (GRAD_QUERY) the other columns' exp-weighted
+    item rows, rescaled at every new max. Only the TAIL tile (the last, partial one) masks columns."""
+    offs = tl.arange(0, BLOCK_C)
+    first_col = tile * BLOCK_C
+    col_ok = first_col + offs < C
+    items = _load_rows(Items, (first_col + offs).to(tl.int64), stride_i, offs_d, col_ok, d_ok, TAIL)
+    z = tl.dot(q, tl.trans(items), input_precision=DOT_PREC)  # unscaled: scale > 0 keeps the max's place
+    if TAIL:
+        z = tl.where(col_ok[None, :], z, float("-inf"))
+    # Every tile has a real column, so new_max is finite and alpha = exp2(-inf) = 0 on the first tile.
+    new_max = tl.maximum(run_max, tl.max(z, axis=1))
+    # Subtracted before scaling: near the max the difference is exact, so large logits lose no bits.
+    alpha = tl.exp2((run_max - new_max) * scale_log2)
+    e = tl.exp2((z - new_max[:, None]) * scale_log2)
+    # The target's term is added on the host from its logit, taken from these products so that lse and
+    # the loss agree to the last bit with the probabilities dItems recomputes (TF32 included).
+    is_target = offs[None, :] == (target - first_col)[:, None]
+    target_logit += tl.sum(tl.where(is_target, z, 0.0), axis=1)
+    e = tl.where(is_target, 0.0, e)
+    other_sum = other_sum * alpha + tl.sum(e, axis=1)
+    if GRAD_QUERY:  # online, as attention accumulates its output
+        acc = acc * alpha[:, None] + tl.dot(e.to(items.dtype), items, input_precision=DOT_PREC)
+    return new_max, other_sum, target_logit, acc
 
 
 @triton.jit
 def _forward_kernel(
-    Query, Items, Targets, PartMax, PartSum, PartTarget, PartOther, PartAcc, L, C, tiles_per_split, scale,
+    Query, Items, Targets, PartMax, PartOther, PartTarget, PartAcc, L, C, tiles_per_split, scale_log2,
     stride_q, stride_i,
     D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PREC: tl.constexpr, GRAD_QUERY: tl.constexpr,
@@ -90,74 +131,60 @@ def _forward_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_l < L
     d_ok = offs_d < D
-    q = _load_rows(Query, offs_l, stride_q, offs_d, row_ok, d_ok)
-    target = tl.load(Targets + offs_l, mask=row_ok, other=-1)
+    q = _load_rows(Query, offs_l, stride_q, offs_d, row_ok, d_ok, True)
+    target = tl.load(Targets + offs_l, mask=row_ok, other=-1).to(tl.int32)  # C < 2^31
     run_max = tl.full((BLOCK_L,), float("-inf"), dtype=tl.float32)
-    run_sum = tl.zeros((BLOCK_L,), dtype=tl.float32)
+    other_sum = tl.zeros((BLOCK_L,), dtype=tl.float32)
     target_logit = tl.zeros((BLOCK_L,), dtype=tl.float32)
-    other_sum = tl.zeros((BLOCK_L,), dtype=tl.float32)  # the sum of exp over the columns but the target's
-    acc = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)  # and those columns' item rows, weighted by it
+    acc = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
     first = split * tiles_per_split
-    last = tl.minimum(first + tiles_per_split, tl.cdiv(C, BLOCK_C))
-    for tile in range(first, last):
-        offs_c = tile * BLOCK_C + tl.arange(0, BLOCK_C)
-        col_ok = offs_c < C
-        items = _load_rows(Items, offs_c.to(tl.int64), stride_i, offs_d, col_ok, d_ok)
-        z = tl.dot(q, tl.trans(items), input_precision=DOT_PREC) * scale
-        z = tl.where(col_ok[None, :], z, float("-inf"))
-        # Every tile has a real column, so new_max is finite and exp(-inf - new_max) = 0 on the first tile.
-        new_max = tl.maximum(run_max, tl.max(z, axis=1))
-        alpha = tl.exp(run_max - new_max)
-        e = tl.exp(z - new_max[:, None])
-        run_sum = run_sum * alpha + tl.sum(e, axis=1)
-        run_max = new_max
-        is_target = offs_c[None, :] == target[:, None]
-        target_logit += tl.sum(tl.where(is_target, z, 0.0), axis=1)
-        if GRAD_QUERY:  # online, as attention accumulates its output: rescaled by alpha at every new max
-            e_other = tl.where(is_target, 0.0, e)
-            other_sum = other_sum * alpha + tl.sum(e_other, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(e_other.to(items.dtype), items, input_precision=DOT_PREC)
+    stop = tl.minimum(first + tiles_per_split, tl.cdiv(C, BLOCK_C))
+    full = C // BLOCK_C
+    for tile in range(first, tl.minimum(stop, full)):
+        run_max, other_sum, target_logit, acc = _forward_tile(
+            q, Items, stride_i, tile, target, offs_d, d_ok, run_max, other_sum, target_logit, acc, C, scale_log2,
+            BLOCK_C, DOT_PREC, GRAD_QUERY, False)
+    if stop > full:  # this split holds the partial last tile
+        run_max, other_sum, target_logit, acc = _forward_tile(
+            q, Items, stride_i, full, target, offs_d, d_ok, run_max, other_sum, target_logit, acc, C, scale_log2,
+            BLOCK_C, DOT_PREC, GRAD_QUERY, True)
     part = split * L + offs_l
     tl.store(PartMax + part, run_max, mask=row_ok)
-    tl.store(PartSum + part, run_sum, mask=row_ok)
+    tl.store(PartOther + part, other_sum, mask=row_ok)
     tl.store(PartTarget + part, target_logit, mask=row_ok)
     if GRAD_QUERY:
-        tl.store(PartOther + part, other_sum, mask=row_ok)
         tl.store(PartAcc + part[:, None] * BLOCK_D + offs_d[None, :], acc, mask=row_ok[:, None])
 
 
 @triton.jit
-def _logit_grads(z, offs_c, col_ok, target, lse, g_scale):
-    """dz = g * scale * (softmax - one_hot(target)) of one (rows, columns) tile; masked columns 0.
-
-    Works on either orientation: the per-row vectors come shaped to broadcast along the columns.
-    """
-    p = tl.exp(tl.where(col_ok, z, float("-inf")) - lse)  # masked before exp: a padded column's 0 may overflow
-    return (p - tl.where(offs_c == target, 1.0, 0.0)) * g_scale
-
-
-@triton.jit
 def _grad_items_kernel(
-    Query, Items, Norms, Targets, Lse, GradRows, GradItems, L, C, scale, eps,
+    Query, Items, Norms, Targets, LseRaw, GradRows, GradItems, L, C, scale, eps,
     stride_q, stride_i, stride_gi,
     D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PREC: tl.constexpr, NORMALIZE: tl.constexpr,
 ):
-    offs_c = (tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    first_col = tl.program_id(0) * BLOCK_C
+    offs = tl.arange(0, BLOCK_C)
+    offs_c = (first_col + offs).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     col_ok = offs_c < C
     d_ok = offs_d < D
-    items = _load_rows(Items, offs_c, stride_i, offs_d, col_ok, d_ok)
+    items = _load_rows(Items, offs_c, stride_i, offs_d, col_ok, d_ok, True)
     acc = tl.zeros((BLOCK_C, BLOCK_D), dtype=tl.float32)
+    scale_log2 = scale * LOG2E
     for start in range(0, L, BLOCK_L):
         offs_l = (start + tl.arange(0, BLOCK_L)).to(tl.int64)
         row_ok = offs_l < L
-        q = _load_rows(Query, offs_l, stride_q, offs_d, row_ok, d_ok)
-        target = tl.load(Targets + offs_l, mask=row_ok, other=-1)
-        lse = tl.load(Lse + offs_l, mask=row_ok, other=0.0)
+        q = _load_rows(Query, offs_l, stride_q, offs_d, row_ok, d_ok, True)
+        target = tl.load(Targets + offs_l, mask=row_ok, other=-1).to(tl.int32)
         g_scale = tl.where(target >= 0, tl.load(GradRows + offs_l, mask=row_ok, other=0.0), 0.0) * scale
-        z = tl.dot(items, tl.trans(q), input_precision=DOT_PREC) * scale  # (columns, rows)
-        dz = _logit_grads(z, offs_c[:, None], col_ok[:, None], target[None, :], lse[None, :], g_scale[None, :])
+        target -= first_col  # its place in this tile
+        lse_raw = tl.load(LseRaw + offs_l, mask=row_ok, other=0.0)
+        z = tl.dot(items, tl.trans(q), input_precision=DOT_PREC)  # (columns, rows), unscaled
+        # No column mask: a column past C only ever reaches its own row of acc, which is never stored
+        # (and a padded row of queries has g_scale 0).
+        p = tl.exp2((z - lse_raw[None, :]) * scale_log2)  # lse in the products' units: see _forward_tile
+        dz = tl.where(offs[:, None] == target[None, :], p - 1.0, p) * g_scale[None, :]
         acc += tl.dot(dz.to(q.dtype), q, input_precision=DOT_PREC)
     if NORMALIZE:
         # The items are n = x / m, m = max(||x||, eps), and acc is d n: the raw rows' gradient is
@@ -251,41 +278,47 @@ def _block_d(dim: int) -> int:
 
 
 def _forward(query: torch.Tensor, items: torch.Tensor, targets: torch.Tensor, scale: float, blocks: Blocks,
-             grad_query: bool = False) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """(per-row losses, lse, and with grad_query d loss_l / d query_l / scale, (L, D) fp32), all fp32."""
+             grad_query: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """(per-row losses, lse, lse / scale (dItems' units), and with grad_query d loss_l / d query_l / scale,
+    (L, D)), all fp32."""
     rows, dim = query.shape
     t = blocks.forward
     splits, per_split = _split(query.device, rows, t.block_l, items.shape[0], t.block_c, blocks.splits)
     block_d = _block_d(dim)
     f32 = dict(dtype=torch.float32, device=query.device)
-    part_max, part_sum, part_target, part_other = torch.empty((4, splits, rows), **f32)
+    part_max, part_other, part_target = torch.empty((3, splits, rows), **f32)
     part_acc = torch.empty((splits, rows, block_d) if grad_query else (1,), **f32)
     _forward_kernel[(triton.cdiv(rows, t.block_l), splits)](
-        query, items, targets, part_max, part_sum, part_target, part_other, part_acc, rows, items.shape[0],
-        per_split, scale, query.stride(0), items.stride(0),
+        query, items, targets, part_max, part_other, part_target, part_acc, rows, items.shape[0], per_split,
+        scale * LOG2E.value, query.stride(0), items.stride(0),
         D=dim, BLOCK_L=t.block_l, BLOCK_C=t.block_c, BLOCK_D=block_d, DOT_PREC=dot_precision(query.dtype),
         GRAD_QUERY=grad_query, num_warps=t.num_warps, num_stages=t.num_stages,
     )
-    # Combine the splits: each one's sums are relative to its own max (finite: every split has a column).
+    # Combine the splits, each one's sum relative to its own max (finite: every split has a column), and add
+    # the target's term. The row numbers are few: fp64 keeps lse to one rounding, also in the raw products'
+    # units that dItems subtracts it in.
+    kept = targets >= 0
+    target_raw = part_target.sum(0)
     row_max = part_max.max(0).values
-    weight = torch.exp(part_max - row_max)
-    total = (weight * part_sum).sum(0)
-    lse = row_max + total.log()
-    losses = torch.where(targets >= 0, lse - part_target.sum(0), 0.0)
+    weight = torch.exp2((part_max - row_max) * (scale * LOG2E.value))
+    other_total = (weight * part_other).sum(0)
+    total = other_total + torch.where(kept, torch.exp((target_raw - row_max) * scale), 0.0)
+    lse_raw = row_max.double() + total.double().log() / scale
+    losses = torch.where(kept, (lse_raw - target_raw) * scale, 0.0).float()
+    lse = (lse_raw * scale).float()
     direction = None
     if grad_query:
         # sum_c (softmax_c - onehot_c) item_c = (sum_{c != t} e_c item_c - (sum_{c != t} e_c) item_t) / sum_c e_c:
         # the target's 1 - p_t as the others' share, without the cancellation of p_t - 1 near p_t = 1.
         others = (weight[:, :, None] * part_acc).sum(0)[:, :dim]
-        other_total = (weight * part_other).sum(0)
         target_items = items[targets.clamp(min=0)].float()
         direction = (others - other_total[:, None] * target_items) / total[:, None]
-        direction = torch.where((targets >= 0)[:, None], direction, 0.0)
-    return losses, lse, direction
+        direction = torch.where(kept[:, None], direction, 0.0)
+    return losses, lse, lse_raw.float(), direction
 
 
 def _grad_items(grad_rows: torch.Tensor, query: torch.Tensor, items: torch.Tensor, targets: torch.Tensor,
-                lse: torch.Tensor, scale: float, blocks: Blocks, norms: Optional[torch.Tensor] = None,
+                lse_raw: torch.Tensor, scale: float, blocks: Blocks, norms: Optional[torch.Tensor] = None,
                 eps: float = 0.0) -> torch.Tensor:
     """d loss / d items; with norms (items then the normalised rows x / m, norms m = max(||x||, eps)),
     d loss / d x of the raw rows."""
@@ -293,7 +326,7 @@ def _grad_items(grad_rows: torch.Tensor, query: torch.Tensor, items: torch.Tenso
     t = blocks.grad_items
     grad_items = torch.empty_like(items)
     _grad_items_kernel[(triton.cdiv(items.shape[0], t.block_c),)](
-        query, items, _or(norms, items), targets, lse, grad_rows, grad_items, rows, items.shape[0], scale, eps,
+        query, items, _or(norms, items), targets, lse_raw, grad_rows, grad_items, rows, items.shape[0], scale, eps,
         query.stride(0), items.stride(0), grad_items.stride(0),
         D=dim, BLOCK_L=t.block_l, BLOCK_C=t.block_c, BLOCK_D=_block_d(dim), DOT_PREC=dot_precision(query.dtype),
         NORMALIZE=norms is not None, num_warps=t.num_warps, num_stages=t.num_stages,
@@ -318,22 +351,23 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         norms = None
         if eps is not None:  # scored: the normalised rows; the backward turns their gradient into the raw rows'
             items, norms = _normalize(items, eps)
-        losses, lse, direction = _forward(query, items, targets, scale, blocks, grad_query=ctx.needs_input_grad[0])
-        ctx.save_for_backward(query, items, norms, targets, lse, direction)
+        losses, lse, lse_raw, direction = _forward(query, items, targets, scale, blocks,
+                                                    grad_query=ctx.needs_input_grad[0])
+        ctx.save_for_backward(query, items, norms, targets, lse_raw, direction)
         ctx.scale, ctx.blocks, ctx.eps = scale, blocks, eps
         ctx.mark_non_differentiable(lse)
         return losses, lse
 
     @staticmethod
     def backward(ctx, grad_rows: torch.Tensor, _grad_lse: torch.Tensor):
-        query, items, norms, targets, lse, direction = ctx.saved_tensors
+        query, items, norms, targets, lse_raw, direction = ctx.saved_tensors
         grad_rows = grad_rows.float().contiguous()
         grad_query = None
         if ctx.needs_input_grad[0]:  # computed in the forward, up to the upstream gradient of each row
             grad_query = ((grad_rows * ctx.scale)[:, None] * direction).to(query.dtype)
         grad_items = None
         if ctx.needs_input_grad[1]:
-            grad_items = _grad_items(grad_rows, query, items, targets, lse, ctx.scale, ctx.blocks, norms,
+            grad_items = _grad_items(grad_rows, query, items, targets, lse_raw, ctx.scale, ctx.blocks, norms,
                                      ctx.eps or 0.0)
         return grad_query, grad_items, None, None, None, None
 
