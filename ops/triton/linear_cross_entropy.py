@@ -25,14 +25,6 @@ Layout (kernels, then the host side and the autograd Function):
   possible: a max, a subtraction and a multiply (the scale and log2(e) in one
   constant) before exp2, one int32 compare against the target, two sums; only
   the last, partial tile masks its columns.
-  Bounded logits need no running max at all: with L2-normalised queries and
-  items (the trainer's full softmax) every logit of a row lies within
-  2 / temperature of the others, so exp can be taken against a fixed per-row
-  reference (`_references`: the midpoint of the target's logit and the
-  Cauchy-Schwarz bound) without overflow or underflow. A program whose rows
-  all have one walks without the max, the rescaling of its sums and of the
-  dQ accumulator (one decision per program, before the walk); any other
-  program walks with the running max.
 * `_grad_items_kernel`: grid (C tiles,). Owns its item rows and walks every
   query tile, recomputing the logits transposed, dz = g * (softmax -
   one_hot(target)) * scale, and accumulating dz.T @ query (no column mask:
@@ -100,12 +92,10 @@ def _load_rows(Base, offs, stride, offs_d, rows_ok, d_ok, MASK_ROWS: tl.constexp
 
 @triton.jit
 def _forward_tile(q, Items, stride_i, tile, target, offs_d, d_ok, run_max, other_sum, target_logit, acc, C, scale_log2,
-                  BLOCK_C: tl.constexpr, DOT_PREC: tl.constexpr, GRAD_QUERY: tl.constexpr, TAIL: tl.constexpr,
-                  FIXED: tl.constexpr):
+                  BLOCK_C: tl.constexpr, DOT_PREC: tl.constexpr, GRAD_QUERY: tl.constexpr, TAIL: tl.constexpr):
     """One C tile of the forward walk: the running max of the raw dot products, the sum of exp over the
     columns but the target's, the target's dot product, and (GRAD_QUERY) the other columns' exp-weighted
-    item rows, rescaled at every new max. FIXED: run_max is each row's fixed reference (`_references`), and
-    nothing is rescaled. Only the TAIL tile (the last, partial one) masks columns."""
+    item rows, rescaled at every new max. Only the TAIL tile (the last, partial one) masks columns."""
     offs = tl.arange(0, BLOCK_C)
     first_col = tile * BLOCK_C
     col_ok = first_col + offs < C
@@ -113,50 +103,25 @@ def _forward_tile(q, Items, stride_i, tile, target, offs_d, d_ok, run_max, other
     z = tl.dot(q, tl.trans(items), input_precision=DOT_PREC)  # unscaled: scale > 0 keeps the max's place
     if TAIL:
         z = tl.where(col_ok[None, :], z, float("-inf"))
-    if FIXED:
-        new_max = run_max
-    else:
-        # Every tile has a real column, so new_max is finite and alpha = exp2(-inf) = 0 on the first tile.
-        new_max = tl.maximum(run_max, tl.max(z, axis=1))
+    # Every tile has a real column, so new_max is finite and alpha = exp2(-inf) = 0 on the first tile.
+    new_max = tl.maximum(run_max, tl.max(z, axis=1))
     # Subtracted before scaling: near the max the difference is exact, so large logits lose no bits.
+    alpha = tl.exp2((run_max - new_max) * scale_log2)
     e = tl.exp2((z - new_max[:, None]) * scale_log2)
     # The target's term is added on the host from its logit, taken from these products so that lse and
     # the loss agree to the last bit with the probabilities dItems recomputes (TF32 included).
     is_target = offs[None, :] == (target - first_col)[:, None]
     target_logit += tl.sum(tl.where(is_target, z, 0.0), axis=1)
     e = tl.where(is_target, 0.0, e)
-    if FIXED:
-        other_sum += tl.sum(e, axis=1)
-        if GRAD_QUERY:
-            acc += tl.dot(e.to(items.dtype), items, input_precision=DOT_PREC)
-    else:
-        alpha = tl.exp2((run_max - new_max) * scale_log2)
-        other_sum = other_sum * alpha + tl.sum(e, axis=1)
-        if GRAD_QUERY:  # online, as attention accumulates its output
-            acc = acc * alpha[:, None] + tl.dot(e.to(items.dtype), items, input_precision=DOT_PREC)
+    other_sum = other_sum * alpha + tl.sum(e, axis=1)
+    if GRAD_QUERY:  # online, as attention accumulates its output
+        acc = acc * alpha[:, None] + tl.dot(e.to(items.dtype), items, input_precision=DOT_PREC)
     return new_max, other_sum, target_logit, acc
 
 
 @triton.jit
-def _forward_walk(q, Items, stride_i, target, offs_d, d_ok, run_max, other_sum, target_logit, acc, C, scale_log2,
-                  first, stop, BLOCK_C: tl.constexpr, DOT_PREC: tl.constexpr, GRAD_QUERY: tl.constexpr,
-                  FIXED: tl.constexpr):
-    """The C tiles [first, stop) of one split: the full ones unmasked, then the partial last tile if here."""
-    full = C // BLOCK_C
-    for tile in range(first, tl.minimum(stop, full)):
-        run_max, other_sum, target_logit, acc = _forward_tile(
-            q, Items, stride_i, tile, target, offs_d, d_ok, run_max, other_sum, target_logit, acc, C, scale_log2,
-            BLOCK_C, DOT_PREC, GRAD_QUERY, False, FIXED)
-    if stop > full:  # this split holds the partial last tile
-        run_max, other_sum, target_logit, acc = _forward_tile(
-            q, Items, stride_i, full, target, offs_d, d_ok, run_max, other_sum, target_logit, acc, C, scale_log2,
-            BLOCK_C, DOT_PREC, GRAD_QUERY, True, FIXED)
-    return run_max, other_sum, target_logit, acc
-
-
-@triton.jit
 def _forward_kernel(
-    Query, Items, Targets, Refs, PartMax, PartOther, PartTarget, PartAcc, L, C, tiles_per_split, scale_log2,
+    Query, Items, Targets, PartMax, PartOther, PartTarget, PartAcc, L, C, tiles_per_split, scale_log2,
     stride_q, stride_i,
     D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PREC: tl.constexpr, GRAD_QUERY: tl.constexpr,
@@ -168,21 +133,21 @@ def _forward_kernel(
     d_ok = offs_d < D
     q = _load_rows(Query, offs_l, stride_q, offs_d, row_ok, d_ok, True)
     target = tl.load(Targets + offs_l, mask=row_ok, other=-1).to(tl.int32)  # C < 2^31
-    refs = tl.load(Refs + offs_l, mask=row_ok, other=0.0)
+    run_max = tl.full((BLOCK_L,), float("-inf"), dtype=tl.float32)
     other_sum = tl.zeros((BLOCK_L,), dtype=tl.float32)
     target_logit = tl.zeros((BLOCK_L,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
     first = split * tiles_per_split
     stop = tl.minimum(first + tiles_per_split, tl.cdiv(C, BLOCK_C))
-    # One decision per program, before the walk: fixed references when every row has one.
-    if tl.max(refs) < float("inf"):
-        run_max, other_sum, target_logit, acc = _forward_walk(
-            q, Items, stride_i, target, offs_d, d_ok, refs, other_sum, target_logit, acc, C, scale_log2,
-            first, stop, BLOCK_C, DOT_PREC, GRAD_QUERY, True)
-    else:
-        run_max, other_sum, target_logit, acc = _forward_walk(
-            q, Items, stride_i, target, offs_d, d_ok, tl.full((BLOCK_L,), float("-inf"), dtype=tl.float32),
-            other_sum, target_logit, acc, C, scale_log2, first, stop, BLOCK_C, DOT_PREC, GRAD_QUERY, False)
+    full = C // BLOCK_C
+    for tile in range(first, tl.minimum(stop, full)):
+        run_max, other_sum, target_logit, acc = _forward_tile(
+            q, Items, stride_i, tile, target, offs_d, d_ok, run_max, other_sum, target_logit, acc, C, scale_log2,
+            BLOCK_C, DOT_PREC, GRAD_QUERY, False)
+    if stop > full:  # this split holds the partial last tile
+        run_max, other_sum, target_logit, acc = _forward_tile(
+            q, Items, stride_i, full, target, offs_d, d_ok, run_max, other_sum, target_logit, acc, C, scale_log2,
+            BLOCK_C, DOT_PREC, GRAD_QUERY, True)
     part = split * L + offs_l
     tl.store(PartMax + part, run_max, mask=row_ok)
     tl.store(PartOther + part, other_sum, mask=row_ok)
@@ -312,37 +277,10 @@ def _block_d(dim: int) -> int:
     return max(16, triton.next_power_of_2(dim))
 
 
-# Half the widest spread of scaled logits a row may have and still take a fixed reference: every exp then lies
-# within e^+-50 of 1, so no term overflows (even summed over 2^31 columns: e^50 * 2^31 < 2^128) and the largest
-# is a normal fp32 number (e^-50 > 2^-126).
-REFERENCE_REACH = 50.0
-
-
-def _references(query: torch.Tensor, items: torch.Tensor, targets: torch.Tensor, scale: float,
-                unit_items: bool) -> torch.Tensor:
-    """Per row, a fixed point to exponentiate the logits against instead of their running max, or +inf.
-
-    Cauchy-Schwarz bounds a row's products by +-b = ||q|| * max ||item||, and the target's product t lies
-    below their max; when (b - lo) * scale <= 2 * REFERENCE_REACH (lo = t, or -b without a target) the
-    midpoint is within REACH of the max (as L2-normalised queries and items give: 2 / temperature apart at
-    most), and the forward walk skips the running max and every rescaling. Computed on the GPU without a
-    sync (the kernel decides per program); +inf sends a row's program down the online path.
-    """
-    q = query.float()
-    item_norm = 1.0 if unit_items else torch.linalg.vector_norm(items.float(), dim=1).amax()
-    bound = torch.linalg.vector_norm(q, dim=1) * item_norm
-    target_dot = (q * items[targets.clamp(min=0)].float()).sum(1)
-    low = torch.where(targets >= 0, torch.minimum(target_dot, bound), -bound)
-    ref = (bound + low) / 2
-    return torch.where((bound - low) * scale <= 2 * REFERENCE_REACH, ref, float("inf")).contiguous()
-
-
 def _forward(query: torch.Tensor, items: torch.Tensor, targets: torch.Tensor, scale: float, blocks: Blocks,
-             grad_query: bool = False,
-             unit_items: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+             grad_query: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """(per-row losses, lse, lse / scale (dItems' units), and with grad_query d loss_l / d query_l / scale,
-    (L, D)), all fp32. unit_items: the rows have norm <= 1 (normalised here), which spares `_references`
-    a pass over them."""
+    (L, D)), all fp32."""
     rows, dim = query.shape
     t = blocks.forward
     splits, per_split = _split(query.device, rows, t.block_l, items.shape[0], t.block_c, blocks.splits)
@@ -350,9 +288,8 @@ def _forward(query: torch.Tensor, items: torch.Tensor, targets: torch.Tensor, sc
     f32 = dict(dtype=torch.float32, device=query.device)
     part_max, part_other, part_target = torch.empty((3, splits, rows), **f32)
     part_acc = torch.empty((splits, rows, block_d) if grad_query else (1,), **f32)
-    refs = _references(query, items, targets, scale, unit_items)
     _forward_kernel[(triton.cdiv(rows, t.block_l), splits)](
-        query, items, targets, refs, part_max, part_other, part_target, part_acc, rows, items.shape[0], per_split,
+        query, items, targets, part_max, part_other, part_target, part_acc, rows, items.shape[0], per_split,
         scale * LOG2E.value, query.stride(0), items.stride(0),
         D=dim, BLOCK_L=t.block_l, BLOCK_C=t.block_c, BLOCK_D=block_d, DOT_PREC=dot_precision(query.dtype),
         GRAD_QUERY=grad_query, num_warps=t.num_warps, num_stages=t.num_stages,
@@ -365,15 +302,9 @@ def _forward(query: torch.Tensor, items: torch.Tensor, targets: torch.Tensor, sc
     row_max = part_max.max(0).values
     weight = torch.exp2((part_max - row_max) * (scale * LOG2E.value))
     other_total = (weight * part_other).sum(0)
-    target_term = torch.where(kept, torch.exp((target_raw.double() - row_max.double()) * scale), 0.0)
-    total = other_total.double() + target_term
-    lse_raw = row_max.double() + total.log() / scale
-    # lse - z_t as log1p(others / target's term): no cancellation where the target dominates, exactly 0 where it
-    # is the only candidate (whatever the reference); lse - z_t where the term underflows even in fp64.
-    has_term = target_term > 0
-    losses = torch.where(has_term, torch.log1p(other_total.double() / target_term), (lse_raw - target_raw) * scale)
-    lse_raw = torch.where(has_term, target_raw.double() + losses / scale, lse_raw)
-    losses = torch.where(kept, losses, 0.0).float()
+    total = other_total + torch.where(kept, torch.exp((target_raw - row_max) * scale), 0.0)
+    lse_raw = row_max.double() + total.double().log() / scale
+    losses = torch.where(kept, (lse_raw - target_raw) * scale, 0.0).float()
     lse = (lse_raw * scale).float()
     direction = None
     if grad_query:
@@ -381,7 +312,7 @@ def _forward(query: torch.Tensor, items: torch.Tensor, targets: torch.Tensor, sc
         # the target's 1 - p_t as the others' share, without the cancellation of p_t - 1 near p_t = 1.
         others = (weight[:, :, None] * part_acc).sum(0)[:, :dim]
         target_items = items[targets.clamp(min=0)].float()
-        direction = (others - other_total[:, None] * target_items) / total.float()[:, None]
+        direction = (others - other_total[:, None] * target_items) / total[:, None]
         direction = torch.where(kept[:, None], direction, 0.0)
     return losses, lse, lse_raw.float(), direction
 
@@ -421,7 +352,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         if eps is not None:  # scored: the normalised rows; the backward turns their gradient into the raw rows'
             items, norms = _normalize(items, eps)
         losses, lse, lse_raw, direction = _forward(query, items, targets, scale, blocks,
-                                                    grad_query=ctx.needs_input_grad[0], unit_items=eps is not None)
+                                                    grad_query=ctx.needs_input_grad[0])
         ctx.save_for_backward(query, items, norms, targets, lse_raw, direction)
         ctx.scale, ctx.blocks, ctx.eps = scale, blocks, eps
         ctx.mark_non_differentiable(lse)
