@@ -61,16 +61,19 @@ else:
     BIAS = [True, False]
 
 
-def _timestamps(batch: int, max_seq_len: int, gen: torch.Generator, ordered: bool, scale: int):
+def _timestamps(batch: int, max_seq_len: int, gen: torch.Generator, ordered: bool, scale: int, ties: bool = False):
     if ordered:  # histories are time-ordered in real data: few bucket changes per row
         gaps = torch.exp(torch.randn(batch, max_seq_len, generator=gen) * 2 + math.log(scale))
+        if ties:  # events logged in the same second: runs of equal timestamps (delta 0, bucket 0)
+            gaps[torch.rand(batch, max_seq_len, generator=gen) < 0.5] = 0.0
         return torch.cumsum(gaps.long(), dim=1) + 1_000_000_000
-    # arbitrary order: a bucket change at almost every element (worst case for d ts_w)
-    return torch.randint(0, scale * max_seq_len, (batch, max_seq_len), generator=gen)
+    # arbitrary order: a bucket change at almost every element (worst case for d ts_w); with ties, few values
+    high = max(2, max_seq_len // 4) if ties else scale * max_seq_len
+    return torch.randint(0, high, (batch, max_seq_len), generator=gen)
 
 
 def _make_inputs(lengths, heads, dqk, dv, dtype, seed, bias, ordered=True, scale=1000, max_seq_len=None,
-                 weight_dtype=None):
+                 weight_dtype=None, ties=False):
     gen = torch.Generator().manual_seed(seed)
     lengths_t = torch.tensor(lengths, dtype=torch.int64)
     n = max_seq_len or max(max(lengths, default=1), 1)
@@ -88,7 +91,7 @@ def _make_inputs(lengths, heads, dqk, dv, dtype, seed, bias, ordered=True, scale
     v = leaf((total, heads, dv))
     extra = (None, None, None)
     if bias:
-        ts = _timestamps(len(lengths), n, gen, ordered, scale).to(DEVICE)
+        ts = _timestamps(len(lengths), n, gen, ordered, scale, ties).to(DEVICE)
         wdtype = weight_dtype or torch.float32
         ts_w = (torch.randn(NUM_BUCKETS + 1, generator=gen) * 0.5).to(DEVICE, wdtype).requires_grad_()
         pos_w = (torch.randn(2 * n - 1, generator=gen) * 0.5).to(DEVICE, wdtype).requires_grad_()
@@ -137,12 +140,14 @@ lengths_st = st.lists(st.integers(0, MAX_LEN), min_size=1, max_size=MAX_BATCH)
     dtype=st.sampled_from(DTYPES),
     bias=st.sampled_from(BIAS),
     ordered=st.booleans(),
+    ties=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_matches_reference(lengths, heads, dims, dtype, bias, ordered, seed):
-    """Output and dq, dk, dv, d ts_w, d pos_w on ragged batches (empty and length-1 sequences too)."""
+def test_matches_reference(lengths, heads, dims, dtype, bias, ordered, ties, seed):
+    """Output and dq, dk, dv, d ts_w, d pos_w on ragged batches (empty and length-1 sequences too),
+    time-ordered or not, with or without equal timestamps."""
     assume(sum(lengths) > 0)
-    q, k, v, offsets, n, extra = _make_inputs(lengths, heads, *dims, dtype, seed, bias, ordered)
+    q, k, v, offsets, n, extra = _make_inputs(lengths, heads, *dims, dtype, seed, bias, ordered, ties=ties)
     _check(q, k, v, offsets, n, extra, dtype)
 
 
@@ -163,6 +168,33 @@ def test_time_buckets_match_reference():
     assert not (differ & ~near).any(), delta.cpu()[differ & ~near][:10]
     assert ((got - want).abs() <= 1).all()
     assert differ.float().mean().item() < 1e-4
+
+
+def test_time_buckets_on_every_boundary():
+    """At each bucket boundary b_k = e^(0.301 k) (k = 1 .. 128) and one either side, of either sign: the
+    kernel's bucket is floor(ln|d| / 0.301) computed exactly (fp64 here), or one off only where that ratio
+    lies within fp32 rounding of the integer k (the documented difference); buckets never decrease with |d|
+    and stop at 128. int64 deltas reach e^43.7, so buckets 129+ exist only as the clamp."""
+    k = torch.arange(1, NUM_BUCKETS + 1, dtype=torch.float64)
+    edges = torch.exp(k * BUCKET_INCREMENT).round().long()
+    around = (edges[:, None] + torch.tensor([-1, 0, 1])).flatten()
+    delta = torch.cat([around, -around, torch.tensor([0, 1, -1, 2**62])])
+    got = kernel_time_buckets(delta.to(DEVICE), NUM_BUCKETS).cpu()
+    x = torch.log(delta.abs().clamp(min=1).double()) / BUCKET_INCREMENT
+    exact = x.floor().long().clamp(0, NUM_BUCKETS)
+    near = (x - x.round()).abs() < 5e-5
+    assert ((got == exact) | (near & ((got - exact).abs() == 1))).all(), delta[got != exact]
+    order = delta.abs().argsort()
+    assert (got[order].diff() >= 0).all()
+    assert got[-1] == NUM_BUCKETS
+
+
+def test_equal_timestamps():
+    """Runs of equal timestamps, and a sequence whose timestamps are all equal (every delta 0: bucket 0)."""
+    q, k, v, offsets, n, extra = _make_inputs([23, 9, 17], 2, 16, 16, torch.float32, 4, True, ties=True)
+    ts = extra[0].clone()
+    ts[1] = ts[1, 0]
+    _check(q, k, v, offsets, n, (ts, *extra[1:]), torch.float32)
 
 
 def test_empty_and_single_sequences():
