@@ -268,7 +268,8 @@ def test_cuda_dispatch_takes_the_kernel_and_falls_back_with_one_notice(monkeypat
     weights = torch.rand(300, device=DEVICE)
     calls = []
     real = kernel_module.triton_linear_cross_entropy
-    monkeypatch.setattr(kernel_module, "triton_linear_cross_entropy", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(kernel_module, "triton_linear_cross_entropy",
+                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
     fused = linear_cross_entropy(query, items, targets, 0.05, weights)
     reference = linear_cross_entropy_reference(query, items, targets, 0.05, weights)
     assert calls == [1] and _rel_err(fused, reference) <= FP32_TOL
