@@ -1,6 +1,6 @@
 """Tile configurations of kernel files, timed in one process (CUDA graphs: kernel time, no launch overhead).
 
-    python3 benchmarks/hstu_attention_variants.py OUT.jsonl [--backward] [NAME=KERNEL_FILE ...]
+    python3 benchmarks/hstu_attention_variants.py OUT.jsonl [--backward] [--default_tiles] [NAME=KERNEL_FILE ...]
 
 Times `_hstu_attention` (with the relative bias and both weight gradients) of ops/triton/hstu_attention.py
 ("main") and of each other kernel file given (e.g. a copy of an earlier version: `git show
@@ -8,7 +8,8 @@ REV:ops/triton/hstu_attention.py > f.py`), at the benchmark's long-sequence shap
 trainer shapes (bf16 and fp32), with the file's default tiles and a few alternatives. Forward tiles by default;
 with --backward, backward tiles, each row's time a captured forward+backward. Each row records the largest
 difference from main's default-tile output (with --backward: of the five gradients) and, for the default
-tiles of the forward, an eager forward+backward time. Issue 20's forward prefetch was measured with it
+tiles of the forward, an eager forward+backward time. --default_tiles: each file's own tiles only, the other files
+always at their own tiles (a quick before/after). Issue 20's forward prefetch was measured with it
 (benchmarks/results/hstu_attention_fwd_variants_h200.jsonl). TINY=1 TRITON_INTERPRET=1: a CPU check.
 """
 import importlib.util
@@ -68,11 +69,13 @@ def _time_backward(mod, args, params, grad, cfg, ref_grads) -> dict:
                 fwd_bwd_ms=do_bench_cudagraph(lambda: _grads(mod, args, params, grad, cfg), rep=100))
 
 
-def main(out_path: str, variants: list, backward: bool = False) -> None:
+def main(out_path: str, variants: list, backward: bool = False, default_tiles: bool = False) -> None:
     global do_bench, do_bench_cudagraph
     mods = {"main": main_mod, **{v.split("=", 1)[0]: _load(v.split("=", 1)[0], v.split("=", 1)[1]) for v in variants}}
     shapes, device = SHAPES, "cuda"
     long_cfgs, short_cfgs = (LONG_BWD_CFGS, SHORT_BWD_CFGS) if backward else (LONG_CFGS, SHORT_CFGS)
+    if default_tiles:
+        long_cfgs = short_cfgs = [None]
     if os.environ.get("TINY"):
         shapes, device = [("tiny", 2, 300, 2, 16, True, None)], "cpu"
         long_cfgs = [None, (16, 16, 16, 1, 1)] if backward else [None, (16, 16, 1, 1)]
@@ -105,4 +108,6 @@ def main(out_path: str, variants: list, backward: bool = False) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], [a for a in sys.argv[2:] if a != "--backward"], "--backward" in sys.argv[2:])
+    flags = {"--backward", "--default_tiles"}
+    main(sys.argv[1], [a for a in sys.argv[2:] if a not in flags], "--backward" in sys.argv[2:],
+         "--default_tiles" in sys.argv[2:])
