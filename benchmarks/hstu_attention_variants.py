@@ -105,6 +105,7 @@ def main(out_path: str, variants: list, backward: bool = False, default_tiles: b
                             row["error"] = repr(exc)[:200]
                         print(json.dumps(row), flush=True)
                         out.write(json.dumps(row) + "\n")
+                        out.flush()  # a run stopped by a time limit keeps its rows
 
 
 if __name__ == "__main__":

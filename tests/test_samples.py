@@ -116,14 +116,3 @@ def test_splits_feed_batches_consistently():
         for (user, end), target, length in zip(samples.tolist(), batch.targets.tolist(), batch.lengths.tolist()):
             assert target == data.sequence(user)[end - 1], name
             assert length == min(end - 1, 3)
-
-
-def test_timestamps_beyond_the_kernels_range_are_refused():
-    """|t| >= 2^47 (e.g. microseconds since 1970) is refused with the reason; 2^47 - 1 and negative times pass."""
-    data = _data(LENGTHS)
-    data.timestamps[3] = -(2**47) + 1
-    data.timestamps[4] = 2**47 - 1
-    data.validate()
-    data.timestamps[5] = 1_700_000_000_000_000
-    with pytest.raises(ValueError, match=r"timestamps must lie within \+-2\^47 .*the largest is 1700000000000000"):
-        data.validate()

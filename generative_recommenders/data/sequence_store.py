@@ -24,7 +24,6 @@ from generative_recommenders.files import atomic_write
 
 CACHE_FILE = "sequences.npz"
 FORMAT_VERSION = 1
-TIME_LIMIT = 2**47  # |timestamp| bound: ops/triton/hstu_attention.split_times is exact below it
 SPLIT_TRAIN, SPLIT_VALID, SPLIT_TEST = 0, 1, 2
 _OPTIONAL_ARRAYS = ("user_split", "item_keys", "item_titles", "user_keys")
 
@@ -79,10 +78,6 @@ class SequenceData:
         for field in ("ratings", "timestamps"):
             if getattr(self, field).shape != (total,):
                 problems.append(f"{field} has shape {getattr(self, field).shape}, expected ({total},)")
-        if total and np.abs(self.timestamps).max() >= TIME_LIMIT:
-            problems.append(f"timestamps must lie within +-2^47 (Unix seconds and milliseconds do; the largest is "
-                            f"{int(np.abs(self.timestamps).max())}): the attention kernels split each into two exact "
-                            "fp32 parts; convert finer units (microseconds, nanoseconds) to seconds")
         if self.user_ids.shape != (self.num_users,):
             problems.append("user_ids must have one entry per user")
         if total and self.item_ids.min() < 1:

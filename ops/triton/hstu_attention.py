@@ -124,18 +124,14 @@ def _sigmoid(x, FAST_SILU: tl.constexpr):
 
 
 @triton.jit
-def _time_bucket(tq_hi, tq_lo, tk_hi, tk_lo, NUM_BUCKETS: tl.constexpr, HW_MATH: tl.constexpr):
+def _time_bucket(tq, tk, NUM_BUCKETS: tl.constexpr, HW_MATH: tl.constexpr):
     """bucket(tq - tk) = floor(ln(max(|dt|, 1)) / 0.301) clamped to NUM_BUCKETS (int32).
 
-    Times come split as t = hi * 2^24 + lo (`split_times`): both differences
-    are exact in fp32 and hi's is scaled by a power of two, so the sum is
-    float(tq - tk) rounded once, as a conversion of the int64 difference would
-    be, for three full-rate float operations instead of an int64 subtraction
-    and a 64-bit conversion per score. The rest is written for few
-    instructions too: |.| and max on the float, and floor by the magic-number
+    Written for few instructions (this runs once or twice per score): |.| and
+    max on the float (float(|d|) == |float(d)|), and floor by the magic-number
     trick (round-to-nearest of y - 0.5 at 1.5 * 2^23) instead of F2I.
     """
-    delta = (tq_hi - tk_hi) * 16777216.0 + (tq_lo - tk_lo)
+    delta = (tq - tk).to(tl.float32)
     delta = tl.maximum(tl.abs(delta), 1.0)
     y = _lg2(delta, HW_MATH) * _LOG2_TO_BUCKET - 0.5
     bucket = (y + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
@@ -143,7 +139,7 @@ def _time_bucket(tq_hi, tq_lo, tk_hi, tk_lo, NUM_BUCKETS: tl.constexpr, HW_MATH:
 
 
 @triton.jit
-def _rel_bias(qpos, kpos, tq_hi, tq_lo, tk_hi, tk_lo, TsW, PosW, max_seq_len, mask,
+def _rel_bias(qpos, kpos, tq, tk, TsW, PosW, max_seq_len, mask,
               NUM_BUCKETS: tl.constexpr, MASKED: tl.constexpr, HW_MATH: tl.constexpr):
     """rab for broadcastable (query, key) index tensors; also returns the time bucket.
 
@@ -155,7 +151,7 @@ def _rel_bias(qpos, kpos, tq_hi, tq_lo, tk_hi, tk_lo, TsW, PosW, max_seq_len, ma
         pos = tl.load(PosW + pos_idx, mask=mask, other=0.0)
     else:
         pos = tl.load(PosW + pos_idx)
-    bucket = _time_bucket(tq_hi, tq_lo, tk_hi, tk_lo, NUM_BUCKETS, HW_MATH)
+    bucket = _time_bucket(tq, tk, NUM_BUCKETS, HW_MATH)
     ts = tl.load(TsW + bucket)  # bucket is always in [0, NUM_BUCKETS]
     return pos.to(tl.float32) + ts.to(tl.float32), bucket
 
@@ -182,29 +178,18 @@ def _load_tile(ptrs, rows_ok, cols_ok, MASK_ROWS: tl.constexpr, MASK_COLS: tl.co
 
 
 @triton.jit
-def _times(TS, ts_lo, ts_base, idx, max_seq_len, HAS_BIAS: tl.constexpr):
-    """Split times (hi, lo) of t[min(idx, N - 1)] (clamped: rows past N read the last one).
-
-    TS holds the hi plane, TS + ts_lo the lo plane (`split_times`); without bias, placeholders.
-    """
+def _key_times(TS, ts_base, start_n, max_seq_len, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """The key block's timestamps (clamped: rows past N read the last one), or nothing without bias."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
     if HAS_BIAS:
-        i = ts_base + tl.minimum(idx, max_seq_len - 1)
-        hi = tl.load(TS + i)
-        lo = tl.load(TS + ts_lo + i)
+        tk = tl.load(TS + ts_base + tl.minimum(offs_n, max_seq_len - 1))
     else:
-        hi = idx
-        lo = idx
-    return hi, lo
+        tk = offs_n
+    return tk
 
 
 @triton.jit
-def _key_times(TS, ts_lo, ts_base, start_n, max_seq_len, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """The key block's split times."""
-    return _times(TS, ts_lo, ts_base, start_n + tl.arange(0, BLOCK_N), max_seq_len, HAS_BIAS)
-
-
-@triton.jit
-def _fwd_tile(acc, q, qpos, kmax, tq_hi, tq_lo, tk_hi, tk_lo, K, V, TsW, PosW, k_base, v_base,
+def _fwd_tile(acc, q, qpos, kmax, tq, tk, K, V, TsW, PosW, k_base, v_base,
               start_n, seq_len, max_seq_len, stride_km, stride_vm, offs_qk, offs_v,
               DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
               BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_BUCKETS: tl.constexpr,
@@ -219,9 +204,8 @@ def _fwd_tile(acc, q, qpos, kmax, tq_hi, tq_lo, tk_hi, tk_lo, K, V, TsW, PosW, k
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
     causal = offs_n[None, :] <= kmax[:, None]
     if HAS_BIAS:
-        rab, _ = _rel_bias(qpos[:, None], offs_n[None, :], tq_hi[:, None], tq_lo[:, None],
-                           tk_hi[None, :], tk_lo[None, :], TsW, PosW, max_seq_len, causal,
-                           NUM_BUCKETS, MASKED, HW_MATH)
+        rab, _ = _rel_bias(qpos[:, None], offs_n[None, :], tq[:, None], tk[None, :], TsW, PosW,
+                           max_seq_len, causal, NUM_BUCKETS, MASKED, HW_MATH)
         s += rab
     p = s * _sigmoid(s, FAST_SILU)  # SiLU; the 1/N is applied to the accumulator at the end
     if MASKED:
@@ -251,7 +235,7 @@ def _target_self_term(acc, q, offs_m, is_target, K, V, TsW, PosW, k_base, v_base
 def _hstu_fwd_kernel(
     Q, K, V, Out, SeqOffsets, TS, TsW, PosW, NumTargets,
     stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, stride_om, stride_oh,
-    stride_tb, ts_lo, num_heads, max_seq_len, inv_n,
+    stride_tb, num_heads, max_seq_len, inv_n,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
     NUM_BUCKETS: tl.constexpr, DOT_PREC: tl.constexpr, HW_MATH: tl.constexpr, FAST_SILU: tl.constexpr,
@@ -294,23 +278,26 @@ def _hstu_fwd_kernel(
         tq_index = offs_m + 1
         full_end = start_m
         diag_end = tl.minimum(start_m + BLOCK_M, seq_len)
-    tq_hi, tq_lo = _times(TS, ts_lo, ts_base, tq_index, max_seq_len, HAS_BIAS)
+    if HAS_BIAS:
+        tq = tl.load(TS + ts_base + tl.minimum(tq_index, max_seq_len - 1))
+    else:
+        tq = qpos
 
     acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
     # Key blocks every row of the block sees entirely: no masks. The key times of the next block are
     # loaded one iteration ahead: waiting on them right before use was the forward's main stall.
-    tk_hi, tk_lo = _key_times(TS, ts_lo, ts_base, 0, max_seq_len, BLOCK_N, HAS_BIAS)
+    tk = _key_times(TS, ts_base, 0, max_seq_len, BLOCK_N, HAS_BIAS)
     for start_n in range(0, full_end, BLOCK_N):
-        tk_hi_next, tk_lo_next = _key_times(TS, ts_lo, ts_base, start_n + BLOCK_N, max_seq_len, BLOCK_N, HAS_BIAS)
-        acc = _fwd_tile(acc, q, qpos, kmax, tq_hi, tq_lo, tk_hi, tk_lo, K, V, TsW, PosW, k_base, v_base,
+        tk_next = _key_times(TS, ts_base, start_n + BLOCK_N, max_seq_len, BLOCK_N, HAS_BIAS)
+        acc = _fwd_tile(acc, q, qpos, kmax, tq, tk, K, V, TsW, PosW, k_base, v_base,
                         start_n, seq_len, max_seq_len, stride_km, stride_vm, offs_qk, offs_v,
                         DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N, HAS_BIAS, NUM_BUCKETS, DOT_PREC,
                         False, HW_MATH, FAST_SILU)
-        tk_hi, tk_lo = tk_hi_next, tk_lo_next
+        tk = tk_next
     # Diagonal key blocks (and the prefix's ragged end): masked.
     for start_n in range(full_end, diag_end, BLOCK_N):
-        tk_hi, tk_lo = _key_times(TS, ts_lo, ts_base, start_n, max_seq_len, BLOCK_N, HAS_BIAS)
-        acc = _fwd_tile(acc, q, qpos, kmax, tq_hi, tq_lo, tk_hi, tk_lo, K, V, TsW, PosW, k_base, v_base,
+        tk = _key_times(TS, ts_base, start_n, max_seq_len, BLOCK_N, HAS_BIAS)
+        acc = _fwd_tile(acc, q, qpos, kmax, tq, tk, K, V, TsW, PosW, k_base, v_base,
                         start_n, seq_len, max_seq_len, stride_km, stride_vm, offs_qk, offs_v,
                         DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_N, HAS_BIAS, NUM_BUCKETS, DOT_PREC,
                         True, HW_MATH, FAST_SILU)
@@ -330,29 +317,33 @@ def _hstu_fwd_kernel(
 
 
 @triton.jit
-def _query_times(TS, ts_lo, ts_base, start_m, max_seq_len, BLOCK_M: tl.constexpr, HAS_BIAS: tl.constexpr):
-    """Split t[min(i + 1, N - 1)] for the query block's rows i (the time each row's bias reads)."""
-    return _times(TS, ts_lo, ts_base, start_m + 1 + tl.arange(0, BLOCK_M), max_seq_len, HAS_BIAS)
+def _query_times(TS, ts_base, start_m, max_seq_len, BLOCK_M: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """t[min(i + 1, N - 1)] for the query block's rows i (the time each row's bias reads)."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    if HAS_BIAS:
+        tq = tl.load(TS + ts_base + tl.minimum(offs_m + 1, max_seq_len - 1))
+    else:
+        tq = offs_m
+    return tq
 
 
 @triton.jit
-def _dq_key_times(TS, ts_lo, ts_base, start_n, max_seq_len, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _dq_key_times(TS, ts_base, start_n, max_seq_len, BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
                   TS_GRAD: tl.constexpr):
-    """The dQ walk's split key times: t[j], t[j - 1] (the d ts_w runs' left neighbours), the block's last."""
-    tk_hi, tk_lo = _key_times(TS, ts_lo, ts_base, start_n, max_seq_len, BLOCK_N, HAS_BIAS)
+    """The dQ walk's key times: t[j], t[j - 1] (the d ts_w runs' left neighbours) and the block's last."""
+    tk = _key_times(TS, ts_base, start_n, max_seq_len, BLOCK_N, HAS_BIAS)
     if TS_GRAD:
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        tkl_hi, tkl_lo = _times(TS, ts_lo, ts_base, tl.maximum(offs_n - 1, 0), max_seq_len, HAS_BIAS)
-        tkz_hi, tkz_lo = _times(TS, ts_lo, ts_base, start_n + BLOCK_N - 1, max_seq_len, HAS_BIAS)
+        tk_left = tl.load(TS + ts_base + tl.minimum(tl.maximum(offs_n - 1, 0), max_seq_len - 1))
+        tk_last = tl.load(TS + ts_base + tl.minimum(start_n + BLOCK_N - 1, max_seq_len - 1))
     else:
-        tkl_hi, tkl_lo = tk_hi, tk_lo
-        tkz_hi = start_n
-        tkz_lo = start_n
-    return tk_hi, tk_lo, tkl_hi, tkl_lo, tkz_hi, tkz_lo
+        tk_left = tk
+        tk_last = start_n
+    return tk, tk_left, tk_last
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, offs_n, tk_hi, tk_lo, tq_hi, tq_lo, Q, DO, TsW, PosW, q_base, do_base, start_m, seq_len, max_seq_len, stride_qm, stride_dom, offs_qk, offs_v,
+def _dkdv_tile(dk, dv, k, v, offs_n, tk, tq, Q, DO, TsW, PosW, q_base, do_base, start_m, seq_len, max_seq_len, stride_qm, stride_dom, offs_qk, offs_v,
                DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
                BLOCK_M: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_BUCKETS: tl.constexpr,
                DOT_PREC: tl.constexpr, MASKED: tl.constexpr, HW_MATH: tl.constexpr,
@@ -369,9 +360,8 @@ def _dkdv_tile(dk, dv, k, v, offs_n, tk_hi, tk_lo, tq_hi, tq_lo, Q, DO, TsW, Pos
     s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # (keys, queries)
     causal = offs_n[:, None] <= qpos[None, :]
     if HAS_BIAS:
-        rab, _ = _rel_bias(qpos[None, :], offs_n[:, None], tq_hi[None, :], tq_lo[None, :],
-                           tk_hi[:, None], tk_lo[:, None], TsW, PosW, max_seq_len, causal,
-                           NUM_BUCKETS, MASKED, HW_MATH)
+        rab, _ = _rel_bias(qpos[None, :], offs_n[:, None], tq[None, :], tk[:, None], TsW, PosW,
+                           max_seq_len, causal, NUM_BUCKETS, MASKED, HW_MATH)
         s_t += rab
     sig = _sigmoid(s_t, FAST_SILU)
     p_t = s_t * sig
@@ -412,8 +402,7 @@ def _pos_grad_tile(ds, start_m, start_n, PosPart, max_seq_len,
 
 
 @triton.jit
-def _ts_grad_tile(ds, bucket, offs_m, offs_n, qpos, rows_ok, tq_hi, tq_lo, tqp_hi, tqp_lo,
-                  tkl_hi, tkl_lo, tkz_hi, tkz_lo, TsPart,
+def _ts_grad_tile(ds, bucket, offs_m, offs_n, qpos, rows_ok, tq, tq_prev, tk_left, tk_last, TsPart,
                   start_n, seq_len, max_seq_len,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NUM_BUCKETS: tl.constexpr,
                   HW_MATH: tl.constexpr):
@@ -430,11 +419,10 @@ def _ts_grad_tile(ds, bucket, offs_m, offs_n, qpos, rows_ok, tq_hi, tq_lo, tqp_h
     valid = rows_ok[:, None] & (offs_n[None, :] <= qpos[:, None])
     here = tl.where(valid, bucket, -1)
     # Bucket of the left neighbour (r, c - 1), recomputed from its timestamp
-    # (same inputs, same arithmetic, so equal buckets compare equal); tkl = t[j - 1], tkz the
+    # (same inputs, same arithmetic, so equal buckets compare equal); tk_left = t[j - 1], tk_last the
     # block's last key time, loaded by the caller (`_dq_key_times`).
     left_ok = (cols > 0) & rows_ok[:, None] & ((offs_n - 1)[None, :] <= qpos[:, None])
-    left = tl.where(left_ok, _time_bucket(tq_hi[:, None], tq_lo[:, None], tkl_hi[None, :], tkl_lo[None, :],
-                                          NUM_BUCKETS, HW_MATH), -1)
+    left = tl.where(left_ok, _time_bucket(tq[:, None], tk_left[None, :], NUM_BUCKETS, HW_MATH), -1)
     cs = tl.cumsum(ds, axis=1)
     ecs = cs - ds
     run_start = (here != left) & (cols > 0)
@@ -444,11 +432,10 @@ def _ts_grad_tile(ds, bucket, offs_m, offs_n, qpos, rows_ok, tq_hi, tq_lo, tqp_h
     # Row totals belong to the bucket of each row's last element; reduce them down the column.
     rowtot = tl.sum(ds, axis=1)
     j_last = start_n + BLOCK_N - 1
-    last = tl.where(rows_ok & (j_last <= qpos), _time_bucket(tq_hi, tq_lo, tkz_hi, tkz_lo, NUM_BUCKETS, HW_MATH),
-                    -1)
+    last = tl.where(rows_ok & (j_last <= qpos), _time_bucket(tq, tk_last, NUM_BUCKETS, HW_MATH), -1)
     r = tl.arange(0, BLOCK_M)
     prev_ok = (r > 0) & (offs_m - 1 < seq_len) & (j_last <= tl.minimum(offs_m - 1, max_seq_len - 1))
-    up = tl.where(prev_ok, _time_bucket(tqp_hi, tqp_lo, tkz_hi, tkz_lo, NUM_BUCKETS, HW_MATH), -1)
+    up = tl.where(prev_ok, _time_bucket(tq_prev, tk_last, NUM_BUCKETS, HW_MATH), -1)
     crs = tl.cumsum(rowtot, axis=0)
     ecrs = crs - rowtot
     row_start = (last != up) & (r > 0)
@@ -458,8 +445,7 @@ def _ts_grad_tile(ds, bucket, offs_m, offs_n, qpos, rows_ok, tq_hi, tq_lo, tqp_h
 
 
 @triton.jit
-def _dq_tile(dq, q, do, offs_m, qpos, rows_ok, tq_hi, tq_lo, tqp_hi, tqp_lo, tk_hi, tk_lo, tkl_hi, tkl_lo,
-             tkz_hi, tkz_lo, K, V, TsW, PosW, TsPart, PosPart,
+def _dq_tile(dq, q, do, offs_m, qpos, rows_ok, tq, tq_prev, tk, tk_left, tk_last, K, V, TsW, PosW, TsPart, PosPart,
              k_base, v_base, start_m, start_n, seq_len, max_seq_len, stride_km, stride_vm,
              offs_qk, offs_v,
              DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -477,9 +463,8 @@ def _dq_tile(dq, q, do, offs_m, qpos, rows_ok, tq_hi, tq_lo, tqp_hi, tqp_lo, tk_
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
     causal = offs_n[None, :] <= qpos[:, None]
     if HAS_BIAS:
-        rab, bucket = _rel_bias(qpos[:, None], offs_n[None, :], tq_hi[:, None], tq_lo[:, None],
-                                tk_hi[None, :], tk_lo[None, :], TsW, PosW, max_seq_len, causal,
-                                NUM_BUCKETS, MASKED, HW_MATH)
+        rab, bucket = _rel_bias(qpos[:, None], offs_n[None, :], tq[:, None], tk[None, :], TsW, PosW,
+                                max_seq_len, causal, NUM_BUCKETS, MASKED, HW_MATH)
         s += rab
     sig = _sigmoid(s, FAST_SILU)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
@@ -491,8 +476,7 @@ def _dq_tile(dq, q, do, offs_m, qpos, rows_ok, tq_hi, tq_lo, tqp_hi, tqp_lo, tk_
     if POS_GRAD:
         _pos_grad_tile(ds, start_m, start_n, PosPart, max_seq_len, BLOCK_M, BLOCK_N)
     if TS_GRAD:
-        _ts_grad_tile(ds, bucket, offs_m, offs_n, qpos, rows_ok, tq_hi, tq_lo, tqp_hi, tqp_lo,
-                      tkl_hi, tkl_lo, tkz_hi, tkz_lo, TsPart,
+        _ts_grad_tile(ds, bucket, offs_m, offs_n, qpos, rows_ok, tq, tq_prev, tk_left, tk_last, TsPart,
                       start_n, seq_len, max_seq_len, BLOCK_M, BLOCK_N, NUM_BUCKETS, HW_MATH)
     return dq
 
@@ -502,7 +486,7 @@ def _hstu_bwd_kernel(
     Q, K, V, DO, GradQ, GradK, GradV, SeqOffsets, TS, TsW, PosW, TsGradPart, PosGradPart,
     stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, stride_dom, stride_doh,
     stride_dqm, stride_dqh, stride_dkm, stride_dkh, stride_dvm, stride_dvh,
-    stride_tb, ts_lo, num_heads, max_seq_len, inv_n,
+    stride_tb, num_heads, max_seq_len, inv_n,
     DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_N2: tl.constexpr,
     HAS_BIAS: tl.constexpr, POS_GRAD: tl.constexpr, TS_GRAD: tl.constexpr,
@@ -535,25 +519,24 @@ def _hstu_bwd_kernel(
                    offs_qk < DQK, True, DQK != BLOCK_DQK)
     v = _load_tile(V + v_base + offs[:, None] * stride_vm + offs_v[None, :], blk_ok,
                    offs_v < DV, True, DV != BLOCK_DV)
-    tk_hi, tk_lo = _key_times(TS, ts_lo, ts_base, start, max_seq_len, BLOCK, HAS_BIAS)
+    tk = _key_times(TS, ts_base, start, max_seq_len, BLOCK, HAS_BIAS)
     dk = tl.zeros((BLOCK, BLOCK_DQK), dtype=tl.float32)
     dv = tl.zeros((BLOCK, BLOCK_DV), dtype=tl.float32)
     for start_m in range(start, end_diag, BLOCK_M1):
-        tq_hi, tq_lo = _query_times(TS, ts_lo, ts_base, start_m, max_seq_len, BLOCK_M1, HAS_BIAS)
-        dk, dv = _dkdv_tile(dk, dv, k, v, offs, tk_hi, tk_lo, tq_hi, tq_lo, Q, DO, TsW, PosW, q_base, do_base,
+        tq = _query_times(TS, ts_base, start_m, max_seq_len, BLOCK_M1, HAS_BIAS)
+        dk, dv = _dkdv_tile(dk, dv, k, v, offs, tk, tq, Q, DO, TsW, PosW, q_base, do_base,
                             start_m, seq_len, max_seq_len, stride_qm, stride_dom, offs_qk, offs_v,
                             DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M1, HAS_BIAS, NUM_BUCKETS, DOT_PREC,
                             True, HW_MATH, FAST_SILU)
     # As in the forward, the next block's times are loaded one iteration ahead (here the queries').
-    tq_hi, tq_lo = _query_times(TS, ts_lo, ts_base, start + BLOCK, max_seq_len, BLOCK_M1, HAS_BIAS)
+    tq = _query_times(TS, ts_base, start + BLOCK, max_seq_len, BLOCK_M1, HAS_BIAS)
     for start_m in range(start + BLOCK, seq_len, BLOCK_M1):
-        tq_hi_next, tq_lo_next = _query_times(TS, ts_lo, ts_base, start_m + BLOCK_M1, max_seq_len, BLOCK_M1,
-                                              HAS_BIAS)
-        dk, dv = _dkdv_tile(dk, dv, k, v, offs, tk_hi, tk_lo, tq_hi, tq_lo, Q, DO, TsW, PosW, q_base, do_base,
+        tq_next = _query_times(TS, ts_base, start_m + BLOCK_M1, max_seq_len, BLOCK_M1, HAS_BIAS)
+        dk, dv = _dkdv_tile(dk, dv, k, v, offs, tk, tq, Q, DO, TsW, PosW, q_base, do_base,
                             start_m, seq_len, max_seq_len, stride_qm, stride_dom, offs_qk, offs_v,
                             DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M1, HAS_BIAS, NUM_BUCKETS, DOT_PREC,
                             False, HW_MATH, FAST_SILU)
-        tq_hi, tq_lo = tq_hi_next, tq_lo_next
+        tq = tq_next
     dk_ptrs = GradK + seq_start * stride_dkm + off_h * stride_dkh + offs[:, None] * stride_dkm + offs_qk[None, :]
     tl.store(dk_ptrs, (dk * inv_n).to(GradK.dtype.element_ty), mask=blk_ok[:, None] & (offs_qk < DQK)[None, :])
     dv_ptrs = GradV + seq_start * stride_dvm + off_h * stride_dvh + offs[:, None] * stride_dvm + offs_v[None, :]
@@ -565,28 +548,29 @@ def _hstu_bwd_kernel(
     do = _load_tile(DO + do_base + offs[:, None] * stride_dom + offs_v[None, :], blk_ok,
                     offs_v < DV, True, DV != BLOCK_DV)
     qpos = tl.minimum(offs, max_seq_len - 1)
-    tq_hi, tq_lo = _times(TS, ts_lo, ts_base, offs + 1, max_seq_len, HAS_BIAS)
-    tqp_hi, tqp_lo = _times(TS, ts_lo, ts_base, qpos, max_seq_len, HAS_BIAS)  # query i - 1 uses t[i]
+    if HAS_BIAS:
+        tq = tl.load(TS + ts_base + tl.minimum(offs + 1, max_seq_len - 1))
+        tq_prev = tl.load(TS + ts_base + qpos)  # query i - 1 uses t[i]
+    else:
+        tq = qpos
+        tq_prev = qpos
     # Private gradient copies (see module docstring): per program for ts_w, per (b, h) for pos_w.
     ts_part = TsGradPart + (pid_bh.to(tl.int64) * tl.num_programs(1) + pid_blk) * TS_PART_STRIDE
     pos_part = PosGradPart + pid_bh.to(tl.int64) * max_seq_len
     dq = tl.zeros((BLOCK, BLOCK_DQK), dtype=tl.float32)
-    tk_hi, tk_lo, tkl_hi, tkl_lo, tkz_hi, tkz_lo = _dq_key_times(TS, ts_lo, ts_base, 0, max_seq_len, BLOCK_N2,
-                                                                 HAS_BIAS, TS_GRAD)
+    tk, tk_left, tk_last = _dq_key_times(TS, ts_base, 0, max_seq_len, BLOCK_N2, HAS_BIAS, TS_GRAD)
     for start_n in range(0, start, BLOCK_N2):  # key times one block ahead, as in the forward
-        nxt = _dq_key_times(TS, ts_lo, ts_base, start_n + BLOCK_N2, max_seq_len, BLOCK_N2, HAS_BIAS, TS_GRAD)
-        dq = _dq_tile(dq, q, do, offs, qpos, blk_ok, tq_hi, tq_lo, tqp_hi, tqp_lo, tk_hi, tk_lo, tkl_hi, tkl_lo,
-                      tkz_hi, tkz_lo, K, V, TsW, PosW,
+        tk_next, tk_left_next, tk_last_next = _dq_key_times(TS, ts_base, start_n + BLOCK_N2, max_seq_len,
+                                                            BLOCK_N2, HAS_BIAS, TS_GRAD)
+        dq = _dq_tile(dq, q, do, offs, qpos, blk_ok, tq, tq_prev, tk, tk_left, tk_last, K, V, TsW, PosW,
                       ts_part, pos_part, k_base, v_base, start, start_n, seq_len, max_seq_len,
                       stride_km, stride_vm, offs_qk, offs_v, DQK, DV, BLOCK_DQK, BLOCK_DV,
                       BLOCK, BLOCK_N2, HAS_BIAS, POS_GRAD, TS_GRAD, NUM_BUCKETS, DOT_PREC, False,
                       HW_MATH, FAST_SILU)
-        tk_hi, tk_lo, tkl_hi, tkl_lo, tkz_hi, tkz_lo = nxt
+        tk, tk_left, tk_last = tk_next, tk_left_next, tk_last_next
     for start_n in range(start, end_diag, BLOCK_N2):
-        tk_hi, tk_lo, tkl_hi, tkl_lo, tkz_hi, tkz_lo = _dq_key_times(TS, ts_lo, ts_base, start_n, max_seq_len,
-                                                                     BLOCK_N2, HAS_BIAS, TS_GRAD)
-        dq = _dq_tile(dq, q, do, offs, qpos, blk_ok, tq_hi, tq_lo, tqp_hi, tqp_lo, tk_hi, tk_lo, tkl_hi, tkl_lo,
-                      tkz_hi, tkz_lo, K, V, TsW, PosW,
+        tk, tk_left, tk_last = _dq_key_times(TS, ts_base, start_n, max_seq_len, BLOCK_N2, HAS_BIAS, TS_GRAD)
+        dq = _dq_tile(dq, q, do, offs, qpos, blk_ok, tq, tq_prev, tk, tk_left, tk_last, K, V, TsW, PosW,
                       ts_part, pos_part, k_base, v_base, start, start_n, seq_len, max_seq_len,
                       stride_km, stride_vm, offs_qk, offs_v, DQK, DV, BLOCK_DQK, BLOCK_DV,
                       BLOCK, BLOCK_N2, HAS_BIAS, POS_GRAD, TS_GRAD, NUM_BUCKETS, DOT_PREC, True,
@@ -648,7 +632,7 @@ def _prepare(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _forward(q, k, v, seq_offsets, max_seq_len, times, ts_w, pos_w, config=None, num_targets=None):
+def _forward(q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w, config=None, num_targets=None):
     total, heads, dqk = q.shape
     dv = v.shape[-1]
     batch = seq_offsets.numel() - 1
@@ -661,10 +645,10 @@ def _forward(q, k, v, seq_offsets, max_seq_len, times, ts_w, pos_w, config=None,
     grid = (batch * heads, triton.cdiv(max_seq_len, block_m))
     _hstu_fwd_kernel[grid](
         q, k, v, out, seq_offsets,
-        times if has_bias else dummy, ts_w if has_bias else dummy, pos_w if has_bias else dummy,
+        timestamps if has_bias else dummy, ts_w if has_bias else dummy, pos_w if has_bias else dummy,
         num_targets if num_targets is not None else dummy,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1), times.stride(1) if has_bias else 0, times.stride(0) if has_bias else 0,
+        out.stride(0), out.stride(1), timestamps.stride(0) if has_bias else 0,
         heads, max_seq_len, 1.0 / max_seq_len,
         DQK=dqk, DV=dv, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, BLOCK_M=block_m, BLOCK_N=block_n,
         HAS_BIAS=has_bias, NUM_BUCKETS=(ts_w.numel() - 1) if has_bias else 0,
@@ -674,7 +658,7 @@ def _forward(q, k, v, seq_offsets, max_seq_len, times, ts_w, pos_w, config=None,
     return out
 
 
-def _backward(do, q, k, v, seq_offsets, max_seq_len, times, ts_w, pos_w,
+def _backward(do, q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w,
               need_ts_grad, need_pos_grad, config=None):
     total, heads, dqk = q.shape
     dv_dim = v.shape[-1]
@@ -696,11 +680,11 @@ def _backward(do, q, k, v, seq_offsets, max_seq_len, times, ts_w, pos_w,
     grid = (batch * heads, num_blocks)
     _hstu_bwd_kernel[grid](
         q, k, v, do, dq, dk, dv, seq_offsets,
-        times if has_bias else dummy, ts_w if has_bias else dummy, pos_w if has_bias else dummy,
+        timestamps if has_bias else dummy, ts_w if has_bias else dummy, pos_w if has_bias else dummy,
         ts_part, pos_part,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), dq.stride(0), dq.stride(1), dk.stride(0), dk.stride(1),
-        dv.stride(0), dv.stride(1), times.stride(1) if has_bias else 0, times.stride(0) if has_bias else 0,
+        dv.stride(0), dv.stride(1), timestamps.stride(0) if has_bias else 0,
         heads, max_seq_len, 1.0 / max_seq_len,
         DQK=dqk, DV=dv_dim, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
         BLOCK=block, BLOCK_M1=block_m1, BLOCK_N2=block_n2,
@@ -718,49 +702,19 @@ def _backward(do, q, k, v, seq_offsets, max_seq_len, times, ts_w, pos_w,
 
 
 @triton.jit
-def _split(t):
-    t = t.to(tl.int64)
-    return (t >> 24).to(tl.float32), (t & 0xFFFFFF).to(tl.float32)
-
-
-@triton.jit
-def _split_times_kernel(TS, Out, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    hi, lo = _split(tl.load(TS + offs, mask=offs < n, other=0))
-    tl.store(Out + offs, hi, mask=offs < n)
-    tl.store(Out + n + offs, lo, mask=offs < n)
-
-
-def split_times(timestamps: torch.Tensor) -> torch.Tensor:
-    """(2, B, W) float32 planes hi, lo with t = hi * 2^24 + lo, the kernels' form of the timestamps.
-
-    Exact for |t| < 2^47 (about 4.5 million years in seconds, 4,400 in milliseconds): every hi is
-    an integer of magnitude at most 2^23 and every lo one in [0, 2^24), so both planes and the
-    differences of their entries are exact in fp32. Made once per call, shared by the forward
-    and both backward walks (one launch).
-    """
-    flat = timestamps.contiguous()
-    out = torch.empty((2,) + tuple(flat.shape), dtype=torch.float32, device=flat.device)
-    if flat.numel():
-        block = 1024
-        _split_times_kernel[(triton.cdiv(flat.numel(), block),)](flat, out, flat.numel(), BLOCK=block)
-    return out
-
-
-@triton.jit
 def _time_bucket_kernel(Delta, Out, n, NUM_BUCKETS: tl.constexpr, HW_MATH: tl.constexpr,
                         BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    hi, lo = _split(tl.load(Delta + offs, mask=offs < n, other=0))
-    tl.store(Out + offs, _time_bucket(hi, lo, 0.0, 0.0, NUM_BUCKETS, HW_MATH).to(tl.int64), mask=offs < n)
+    delta = tl.load(Delta + offs, mask=offs < n, other=0)
+    tl.store(Out + offs, _time_bucket(delta, 0, NUM_BUCKETS, HW_MATH).to(tl.int64), mask=offs < n)
 
 
 def kernel_time_buckets(delta: torch.Tensor, num_buckets: int = 128) -> torch.Tensor:
     """The kernels' own bucket function on a tensor of time differences (int64 result).
 
-    Same contract as `ops.hstu_attention.time_buckets` for |delta| < 2^47; equal to
-    it except where ln(|d|) / 0.301 is within fp32 rounding of an integer (tests
-    use it to separate that documented difference from the attention arithmetic).
+    Same contract as `ops.hstu_attention.time_buckets`; equal to it except where
+    ln(|d|) / 0.301 is within fp32 rounding of an integer (tests use it to
+    separate that documented difference from the attention arithmetic).
     """
     flat = delta.reshape(-1).contiguous()
     out = torch.empty(flat.shape, dtype=torch.int64, device=delta.device)
@@ -776,9 +730,8 @@ class _HSTUAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w, fwd_config, bwd_config,
                 num_targets):
-        times = split_times(timestamps) if ts_w is not None else None
-        out = _forward(q, k, v, seq_offsets, max_seq_len, times, ts_w, pos_w, fwd_config, num_targets)
-        ctx.save_for_backward(q, k, v, seq_offsets, times, ts_w, pos_w)
+        out = _forward(q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w, fwd_config, num_targets)
+        ctx.save_for_backward(q, k, v, seq_offsets, timestamps, ts_w, pos_w)
         ctx.max_seq_len = max_seq_len
         ctx.bwd_config = bwd_config
         ctx.has_targets = num_targets is not None
@@ -789,10 +742,10 @@ class _HSTUAttentionFunction(torch.autograd.Function):
         if ctx.has_targets:
             raise NotImplementedError("the Triton kernel's backward does not take num_targets (M-FALCON is "
                                       "inference); train through targets with attention kernel 'torch'")
-        q, k, v, seq_offsets, times, ts_w, pos_w = ctx.saved_tensors
+        q, k, v, seq_offsets, timestamps, ts_w, pos_w = ctx.saved_tensors
         has_bias = ts_w is not None
         dq, dk, dv, d_ts, d_pos = _backward(
-            _prepare(do), q, k, v, seq_offsets, ctx.max_seq_len, times, ts_w, pos_w,
+            _prepare(do), q, k, v, seq_offsets, ctx.max_seq_len, timestamps, ts_w, pos_w,
             need_ts_grad=has_bias and ctx.needs_input_grad[6],
             need_pos_grad=has_bias and ctx.needs_input_grad[7],
             config=ctx.bwd_config,
@@ -811,6 +764,7 @@ def _hstu_attention(q, k, v, seq_offsets, max_seq_len, timestamps=None, ts_w=Non
     if not has_bias:
         timestamps = ts_w = pos_w = None
     else:
+        timestamps = _prepare(timestamps)
         ts_w = ts_w.contiguous()
         pos_w = pos_w.contiguous()
     return _HSTUAttentionFunction.apply(
@@ -834,7 +788,7 @@ def triton_hstu_attention(
     """Fused jagged HSTU attention; same contract as `hstu_attention_reference(..., "silu")`.
 
     q, k: (L, h, dqk); v: (L, h, dv); seq_offsets: (B + 1,) int; every length <= max_seq_len.
-    timestamps: (B, max_seq_len) int, |t| < 2^47 (position `length` holds the target's timestamp);
+    timestamps: (B, max_seq_len) int (position `length` holds the target's timestamp);
     ts_w: (num_buckets + 1,); pos_w: (2 * max_seq_len - 1,). Without all three, no bias.
     num_targets: (B,) int, num_targets[b] <= length b: M-FALCON targets (ops/targets.py),
     forward only. Without it the targets code is compiled out (HAS_TARGETS is a constexpr).

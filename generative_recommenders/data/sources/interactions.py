@@ -13,7 +13,7 @@ a RecBole-typed header field (`user_id` matches `user_id:token`). The rules, in 
 Item ids become 1..n in ascending order of the original ids (numeric when every id is an integer,
 else as text); `item_keys` keeps the originals and every item is a candidate. Integer user ids are
 kept as the user ids; text ones become 1..n in ascending text order with `user_keys` keeping them.
-Times must be numbers (e.g. Unix seconds) within +-2^47; they are sorted exactly and stored as whole units (floor).
+Times must be numbers (e.g. Unix seconds); they are sorted exactly and stored as whole units (floor).
 Without a rating column every rating is 1.
 """
 
@@ -30,7 +30,7 @@ import numpy as np
 
 from generative_recommenders.data.parsing import (PARSER_ERRORS, Log, PreprocessingError, check_input_file,
                                                   group_by_user, print_log)
-from generative_recommenders.data.sequence_store import TIME_LIMIT, SequenceData
+from generative_recommenders.data.sequence_store import SequenceData
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -261,18 +261,6 @@ def _numbers(source: Source, values: "pd.Series", first_row: int, what: str) -> 
     return numbers.astype(np.int64) if integral.all() and (np.abs(numbers) < 2**53).all() else numbers
 
 
-def _times(source: Source, values: "pd.Series", first_row: int) -> np.ndarray:
-    """The time column as numbers within +-2^47 (the attention kernels' exact range; seconds and ms fit)."""
-    times = _numbers(source, values, first_row, "timestamp")
-    beyond = np.flatnonzero(np.abs(times) >= TIME_LIMIT)
-    if beyond.size:
-        row = int(beyond[0])
-        raise source.error(first_row + row, str(values.name),
-                           f"timestamp {str(values.iloc[row])!r} is beyond +-2^47: give times in seconds or "
-                           "milliseconds (divide microseconds or nanoseconds down)")
-    return times
-
-
 def _read(source: Source, columns: Dict[str, str], text_roles: frozenset, log: Log) -> Rows:
     coders = {"user": _KeyCoder(), "item": _KeyCoder()}
     parts: Dict[str, List[np.ndarray]] = {"users": [], "items": [], "times": [], "ratings": []}
@@ -282,7 +270,7 @@ def _read(source: Source, columns: Dict[str, str], text_roles: frozenset, log: L
             for role, key in (("user", "users"), ("item", "items")):
                 ids = _ids(source, chunk[columns[role]], rows, role, role in text_roles)
                 parts[key].append(coders[role].codes(ids))
-            parts["times"].append(_times(source, chunk[columns["time"]], rows))
+            parts["times"].append(_numbers(source, chunk[columns["time"]], rows, "timestamp"))
             if "rating" in columns:
                 parts["ratings"].append(_numbers(source, chunk[columns["rating"]], rows, "rating").astype(np.float32))
             rows += len(chunk)
