@@ -227,11 +227,12 @@ INTERPRETER_BLOCKS = Blocks(Tiles(16, 16, 1, 1), Tiles(16, 16, 1, 1), splits=2)
 
 
 # fp32 rows of D <= 64 against a catalog of at least CATALOG_SCALE candidates: the tiles timed fastest at the
-# Books shapes on an H200 (benchmarks/linear_cross_entropy.py --blocks, 695,762 candidates, D = 64, at both 6,400
-# and 1,952 queries: results/linear_cross_entropy_blocks_books{,_step}_fp32_h200.jsonl), forward + backward
-# 9.27 -> 6.87 ms at the trainer's 1,952. Smaller catalogs (ml-1m's 3,706) keep the starting points.
+# Books step (benchmarks/linear_cross_entropy.py --blocks, 695,762 candidates, D = 64), re-swept on an H100 after
+# dQ moved into the forward (results/linear_cross_entropy_blocks_books_step_fp32_h100.jsonl): forward 3.78 ->
+# 3.21 ms with 4 warps instead of 8, dItems 2.81
+# -> 2.36 ms with 64 x 256 tiles. Smaller catalogs (ml-1m's 3,706) keep the starting points.
 CATALOG_SCALE = 1 << 17
-CATALOG_FP32_BLOCKS = Blocks(Tiles(128, 64, 8, 3), Tiles(32, 128, 4, 3))
+CATALOG_FP32_BLOCKS = Blocks(Tiles(128, 64, 4, 3), Tiles(64, 256, 8, 2))
 
 
 def default_blocks(device: torch.device, dtype: torch.dtype, dim: int, columns: int = 0) -> Blocks:
