@@ -229,8 +229,8 @@ INTERPRETER_BLOCKS = Blocks(Tiles(16, 16, 1, 1), Tiles(16, 16, 1, 1), splits=2)
 # fp32 rows of D <= 64 against a catalog of at least CATALOG_SCALE candidates: the tiles timed fastest at the
 # Books step (benchmarks/linear_cross_entropy.py --blocks, 695,762 candidates, D = 64), re-swept on an H100 after
 # dQ moved into the forward (results/linear_cross_entropy_blocks_books_step_fp32_h100.jsonl): forward 3.78 ->
-# 3.21 ms with 4 warps instead of 8, dItems 2.81
-# -> 2.36 ms with 64 x 256 tiles. Smaller catalogs (ml-1m's 3,706) keep the starting points.
+# 3.21 ms with 4 warps instead of 8, dItems 2.81 -> 2.36 ms with 64 x 256 tiles. Smaller catalogs (ml-1m's
+# 3,706) keep the starting points.
 CATALOG_SCALE = 1 << 17
 CATALOG_FP32_BLOCKS = Blocks(Tiles(128, 64, 4, 3), Tiles(64, 256, 8, 2))
 
