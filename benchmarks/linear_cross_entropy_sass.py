@@ -12,6 +12,7 @@ benchmarks/linear_cross_entropy.md ("an offline look at the compiled loop") came
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 import sys
@@ -24,7 +25,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from ops.triton.linear_cross_entropy import _forward_kernel
+from ops.triton.linear_cross_entropy import CATALOG_FP32_BLOCKS, _forward_kernel
 
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 SIGNATURE = {"Query": "*fp32", "Items": "*fp32", "Targets": "*i64", "PartMax": "*fp32", "PartOther": "*fp32",
@@ -67,7 +68,7 @@ def _longest_loop(sass: str) -> int:
 
 
 def main(args: list) -> None:
-    configs = [tuple(int(x) for x in a.split("x")) for a in args] or [(128, 64, 8, 3)]
+    configs = [tuple(int(x) for x in a.split("x")) for a in args] or [dataclasses.astuple(CATALOG_FP32_BLOCKS.forward)]
     for cfg in configs:
         for grad_query in (True, False):
             print(compile_forward(*cfg, grad_query=grad_query), flush=True)
