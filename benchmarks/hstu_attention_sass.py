@@ -1,0 +1,95 @@
+"""The fused HSTU attention kernels compiled for sm_90 on this machine (no GPU needed): registers, spills
+(stack bytes), SASS size and the count of a few instruction kinds, with parts of the bias path switched off.
+
+    python3 benchmarks/hstu_attention_sass.py [KERNEL_FILE]
+
+bf16 inputs, head dim 128, the kernel file's own d = 128 tiles (`_FWD_TABLE` / `_BWD_TABLE`); pointer and
+stride arguments marked divisible by 16, as the JIT marks them at the benchmark's shapes. Each row switches
+off one more part of the biased backward (d ts_w, d pos_w, the bias itself) to show what the spills come
+from. Uses the ptxas and nvdisasm that ship in the triton wheel, so the code is that of the installed Triton,
+which may differ from the GPU machine's. Numbers in benchmarks/hstu_attention.md came from it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+KINDS = ("I2F", "MUFU", "REDG", "SHFL", "BAR", "LDL|STL")  # conversions, MUFU, atomics, shuffles, barriers, spills
+
+
+def _load(path: str):
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _signature(kernel, consts: dict) -> dict:
+    sig = {}
+    for name in kernel.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name in ("SeqOffsets", "NumTargets", "TS"):
+            sig[name] = "*i64"
+        elif name in ("TsW", "PosW", "TsGradPart", "PosGradPart"):
+            sig[name] = "*fp32"
+        elif name[0].isupper():
+            sig[name] = "*bf16"
+        else:
+            sig[name] = "fp32" if name == "inv_n" else "i32"
+    return sig
+
+
+def compile_kernel(kernel, consts: dict, warps: int, stages: int) -> dict:
+    """Registers, stack bytes, SASS instructions and the count of each of KINDS."""
+    names = kernel.arg_names
+    aligned = [n for n in names if n not in consts and (n[0].isupper() or n.startswith("stride"))]
+    src = ASTSource(fn=kernel, signature=_signature(kernel, consts),
+                    constexprs={(names.index(k),): v for k, v in consts.items()},
+                    attrs={(names.index(k),): [["tt.divisibility", 16]] for k in aligned})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([TOOLS / "cuobjdump", "-res-usage", f.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([TOOLS / "nvdisasm", "-c", f.name], capture_output=True, text=True).stdout
+    code = [line for line in sass.splitlines() if re.match(r"^\s*/\*[0-9a-f]+\*/", line)]
+    row = dict(registers=int(re.search(r"REG:(\d+)", usage).group(1)),
+               stack_bytes=int(re.search(r"STACK:(\d+)", usage).group(1)), sass=len(code))
+    row.update({kind: sum(1 for line in code if re.search(rf"\b({kind})\b", line)) for kind in KINDS})
+    return row
+
+
+def main(path: str) -> None:
+    module = _load(path)
+    fwd_m, fwd_n, fwd_w, fwd_s = module._FWD_TABLE[128]
+    blk, m1, n2, bwd_w, bwd_s = module._BWD_TABLE[128]
+    common = dict(DQK=128, DV=128, BLOCK_DQK=128, BLOCK_DV=128, NUM_BUCKETS=128, DOT_PREC="ieee", HW_MATH=True,
+                  FAST_SILU=True)
+    for bias in (True, False):
+        consts = dict(common, BLOCK_M=fwd_m, BLOCK_N=fwd_n, HAS_BIAS=bias, HAS_TARGETS=False)
+        row = compile_kernel(module._hstu_fwd_kernel, consts, fwd_w, fwd_s)
+        print(dict(kernel="forward", tiles=(fwd_m, fwd_n, fwd_w, fwd_s), bias=bias, **row), flush=True)
+    for bias, pos_grad, ts_grad in [(True, True, True), (True, True, False), (True, False, True),
+                                    (True, False, False), (False, False, False)]:
+        consts = dict(common, BLOCK=blk, BLOCK_M1=m1, BLOCK_N2=n2, HAS_BIAS=bias, POS_GRAD=pos_grad,
+                      TS_GRAD=ts_grad, TS_PART_STRIDE=160)
+        row = compile_kernel(module._hstu_bwd_kernel, consts, bwd_w, bwd_s)
+        print(dict(kernel="backward", tiles=(blk, m1, n2, bwd_w, bwd_s), bias=bias, pos_grad=pos_grad,
+                   ts_grad=ts_grad, **row), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else str(Path(__file__).resolve().parents[1] / "ops/triton/hstu_attention.py"))
