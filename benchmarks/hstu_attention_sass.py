@@ -4,9 +4,9 @@
     python3 benchmarks/hstu_attention_sass.py [KERNEL_FILE]
 
 bf16 inputs, head dim 128, the kernel file's own d = 128 tiles (`_FWD_TABLE` / `_BWD_TABLE`); pointer and
-stride arguments marked divisible by 16, as the JIT marks them at the benchmark's shapes. Each row switches
-off one more part of the biased backward (d ts_w, d pos_w, the bias itself) to show what the spills come
-from. Uses the ptxas and nvdisasm that ship in the triton wheel, so the code is that of the installed Triton,
+stride arguments marked divisible by 16, as the JIT marks them at the benchmark's shapes. The forward with and
+without the bias; the backward with everything, without d ts_w, without d pos_w, without both, and without the
+bias, to show what its code and spills come from. Compiled with the installed Triton (`benchmarks/sass.py`),
 which may differ from the GPU machine's. Numbers in benchmarks/hstu_attention.md came from it.
 """
 
@@ -14,18 +14,13 @@ from __future__ import annotations
 
 import importlib.util
 import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from benchmarks.sass import compile_sm90
 
-TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 KINDS = ("I2F", "MUFU", "REDG", "SHFL", "BAR", "LDL|STL")  # conversions, MUFU, atomics, shuffles, barriers, spills
 
 
@@ -37,11 +32,12 @@ def _load(path: str):
 
 
 def _signature(kernel, consts: dict) -> dict:
+    """Types of the runtime arguments: bf16 tensors, int64 offsets and timestamps, fp32 bias weights."""
     sig = {}
     for name in kernel.arg_names:
         if name in consts:
-            sig[name] = "constexpr"
-        elif name in ("SeqOffsets", "NumTargets", "TS"):
+            continue
+        if name in ("SeqOffsets", "NumTargets", "TS"):
             sig[name] = "*i64"
         elif name in ("TsW", "PosW", "TsGradPart", "PosGradPart"):
             sig[name] = "*fp32"
@@ -54,20 +50,10 @@ def _signature(kernel, consts: dict) -> dict:
 
 def compile_kernel(kernel, consts: dict, warps: int, stages: int) -> dict:
     """Registers, stack bytes, SASS instructions and the count of each of KINDS."""
-    names = kernel.arg_names
-    aligned = [n for n in names if n not in consts and (n[0].isupper() or n.startswith("stride"))]
-    src = ASTSource(fn=kernel, signature=_signature(kernel, consts),
-                    constexprs={(names.index(k),): v for k, v in consts.items()},
-                    attrs={(names.index(k),): [["tt.divisibility", 16]] for k in aligned})
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        usage = subprocess.run([TOOLS / "cuobjdump", "-res-usage", f.name], capture_output=True, text=True).stdout
-        sass = subprocess.run([TOOLS / "nvdisasm", "-c", f.name], capture_output=True, text=True).stdout
-    code = [line for line in sass.splitlines() if re.match(r"^\s*/\*[0-9a-f]+\*/", line)]
-    row = dict(registers=int(re.search(r"REG:(\d+)", usage).group(1)),
-               stack_bytes=int(re.search(r"STACK:(\d+)", usage).group(1)), sass=len(code))
+    aligned = [n for n in kernel.arg_names if n not in consts and (n[0].isupper() or n.startswith("stride"))]
+    compiled = compile_sm90(kernel, _signature(kernel, consts), consts, aligned, warps, stages)
+    code = compiled.instructions()
+    row = dict(registers=compiled.registers, stack_bytes=compiled.stack_bytes, sass=len(code))
     row.update({kind: sum(1 for line in code if re.search(rf"\b({kind})\b", line)) for kind in KINDS})
     return row
 

@@ -14,20 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
+from benchmarks.sass import compile_sm90
 from ops.triton.linear_cross_entropy import CATALOG_FP32_BLOCKS, _forward_kernel
 
-TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 SIGNATURE = {"Query": "*fp32", "Items": "*fp32", "Targets": "*i64", "PartMax": "*fp32", "PartOther": "*fp32",
              "PartTarget": "*fp32", "PartAcc": "*fp32", "L": "i32", "C": "i32", "tiles_per_split": "i32",
              "scale_log2": "fp32", "stride_q": "i32", "stride_i": "i32"}
@@ -36,22 +30,11 @@ ALIGNED = ("Query", "Items", "Targets", "PartMax", "PartOther", "PartTarget", "P
 
 def compile_forward(block_l: int, block_c: int, warps: int, stages: int, grad_query: bool = True) -> dict:
     """Registers, stack bytes, SASS instructions in the longest loop, and asynchronous copies in the TTGIR."""
-    names = _forward_kernel.arg_names
     consts = dict(D=64, BLOCK_L=block_l, BLOCK_C=block_c, BLOCK_D=64, DOT_PREC="tf32", GRAD_QUERY=grad_query)
-    src = ASTSource(fn=_forward_kernel, signature={**SIGNATURE, **{k: "constexpr" for k in consts}},
-                    constexprs={(names.index(k),): v for k, v in consts.items()},
-                    attrs={(names.index(k),): [["tt.divisibility", 16]] for k in ALIGNED})
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(kernel.asm["cubin"])
-        f.flush()
-        usage = subprocess.run([TOOLS / "cuobjdump", "-res-usage", f.name], capture_output=True, text=True).stdout
-        sass = subprocess.run([TOOLS / "nvdisasm", "-c", f.name], capture_output=True, text=True).stdout
-    return dict(tiles=(block_l, block_c, warps, stages), grad_query=grad_query,
-                registers=int(re.search(r"REG:(\d+)", usage).group(1)),
-                stack_bytes=int(re.search(r"STACK:(\d+)", usage).group(1)),
-                loop_instructions=_longest_loop(sass),
-                async_copies=len(re.findall(r"async_copy_global_to_local|async_tma_copy", kernel.asm["ttgir"])))
+    kernel = compile_sm90(_forward_kernel, SIGNATURE, consts, ALIGNED, warps, stages)
+    return dict(tiles=(block_l, block_c, warps, stages), grad_query=grad_query, registers=kernel.registers,
+                stack_bytes=kernel.stack_bytes, loop_instructions=_longest_loop(kernel.sass),
+                async_copies=len(re.findall(r"async_copy_global_to_local|async_tma_copy", kernel.ttgir)))
 
 
 def _longest_loop(sass: str) -> int:
