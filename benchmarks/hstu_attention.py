@@ -85,14 +85,19 @@ def _bench(fn):
 BEFORE_PATH = Path(__file__).resolve().parent.parent / ".carry" / "hstu_attention_before.py"
 
 
-@functools.lru_cache(maxsize=1)
-def _before_module():
-    """Another version of the kernel file (e.g. git show REV:ops/triton/hstu_attention.py > BEFORE_PATH),
-    timed on the same machine as a baseline for a speed-up, or as a variant under study."""
-    spec = importlib.util.spec_from_file_location("hstu_attention_before", BEFORE_PATH)
+def load_kernel_file(path, name: str):
+    """A kernel file (e.g. `git show REV:ops/triton/hstu_attention.py > f.py`) imported as module `name`."""
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@functools.lru_cache(maxsize=1)
+def _before_module():
+    """Another version of the kernel file at BEFORE_PATH, timed on the same machine as a baseline for a
+    speed-up, or as a variant under study."""
+    return load_kernel_file(BEFORE_PATH, "hstu_attention_before")
 
 
 def time_impl(impl, b, fwd_config=None, bwd_config=None):

@@ -12,23 +12,16 @@ which may differ from the GPU machine's. Numbers in benchmarks/hstu_attention.md
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
+from benchmarks.hstu_attention import load_kernel_file
 from benchmarks.sass import compile_sm90
 
 KINDS = ("I2F", "MUFU", "REDG", "SHFL", "BAR", "LDL|STL")  # conversions, MUFU, atomics, shuffles, barriers, spills
-
-
-def _load(path: str):
-    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _signature(kernel, consts: dict) -> dict:
@@ -59,7 +52,7 @@ def compile_kernel(kernel, consts: dict, warps: int, stages: int) -> dict:
 
 
 def main(path: str) -> None:
-    module = _load(path)
+    module = load_kernel_file(path, Path(path).stem)
     fwd_m, fwd_n, fwd_w, fwd_s = module._FWD_TABLE[128]
     blk, m1, n2, bwd_w, bwd_s = module._BWD_TABLE[128]
     common = dict(DQK=128, DV=128, BLOCK_DQK=128, BLOCK_DV=128, NUM_BUCKETS=128, DOT_PREC="ieee", HW_MATH=True,

@@ -12,7 +12,6 @@ tiles of the forward, an eager forward+backward time. --default_tiles: each file
 always at their own tiles (a quick before/after). Issue 20's forward prefetch was measured with it
 (benchmarks/results/hstu_attention_fwd_variants_h200.jsonl). TINY=1 TRITON_INTERPRET=1: a CPU check.
 """
-import importlib.util
 import json
 import os
 import sys
@@ -36,13 +35,6 @@ SHORT_CFGS = [None, (64, 32, 4, 2), (64, 64, 8, 2)]
 # backward's key times loaded one block ahead.
 LONG_BWD_CFGS = [None, (64, 16, 16, 8, 2), (32, 16, 16, 4, 2), (32, 16, 16, 4, 3), (32, 32, 16, 4, 2)]
 SHORT_BWD_CFGS = [None]  # the trainer shapes: each file's own tiles, fp32 only (the trainers' default)
-
-
-def _load(name: str, path: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _grads(mod, args, params, grad, cfg):
@@ -71,7 +63,8 @@ def _time_backward(mod, args, params, grad, cfg, ref_grads) -> dict:
 
 def main(out_path: str, variants: list, backward: bool = False, default_tiles: bool = False) -> None:
     global do_bench, do_bench_cudagraph
-    mods = {"main": main_mod, **{v.split("=", 1)[0]: _load(v.split("=", 1)[0], v.split("=", 1)[1]) for v in variants}}
+    named = dict(v.split("=", 1) for v in variants)
+    mods = {"main": main_mod, **{name: bench.load_kernel_file(path, name) for name, path in named.items()}}
     shapes, device = SHAPES, "cuda"
     long_cfgs, short_cfgs = (LONG_BWD_CFGS, SHORT_BWD_CFGS) if backward else (LONG_CFGS, SHORT_CFGS)
     if default_tiles:
