@@ -13,6 +13,9 @@ memory of one forward+backward (benchmarks/timing.py), of
 * impl=pytorch:  ops.linear_cross_entropy.linear_cross_entropy_reference, the chunked loss
                  FullSoftmaxLoss used before the kernel (and still uses off CUDA): gradients
                  are computed in the forward, so its "fwd" already holds most of the work;
+* impl=chunked_rows: the same chunked loss with its per-row step (log-sum-exp, loss, logit gradient)
+                 in one kernel (ops/triton/softmax_rows.py): the CUDA path of linear_cross_entropy for
+                 fp32 rows wider than FUSED_MAX_FP32_DIM (ml-20m);
 * impl=fused:    ops.triton.linear_cross_entropy.triton_linear_cross_entropy and the mean over
                  the kept rows (the CUDA path of linear_cross_entropy), the kernel's default tiles;
 * impl=normalize+fused / fused_l2: the item vectors L2-normalised in the timed call, as the trainer's
@@ -32,7 +35,9 @@ memory of one forward+backward (benchmarks/timing.py), of
 The libraries are optional: an impl whose package does not import is recorded as "missing".
 Shapes, from the frozen full-softmax configs (local_batch_size x max_sequence_length positions, an
 upper bound: the MovieLens histories are shorter on average): amzn-books 128 x 50 = 6,400 x
-695,762 candidates, D = 64; ml-20m 25,600 x 26,744, D = 256; ml-1m 25,600 x 3,706, D = 50.
+695,762 candidates, D = 64; ml-20m 25,600 x 26,744, D = 256; ml-1m 25,600 x 3,706, D = 50; and
+what a training step feeds the loss (amzn-books-step, ml-20m-step: the positions of a mean batch,
+padded to its CUDA-graph token bucket).
 fp32 (TF32 matmuls on, as the trainer sets them) and bf16 (queries and item vectors stored in
 bf16). loss_rel_err and grad_*_rel_err (max |got - want| / max |want|) compare with the chunked
 loss on the fp32 values of the same inputs with exact fp32 matmuls.
@@ -41,6 +46,8 @@ loss on the fp32 values of the same inputs with exact fp32 matmuls.
 (the forward, which also accumulates dQ, and dItems; the other at its defaults), then the number
 of candidate splits of the forward with the best tiles, checks each against the default tiles' results, and prints the
 fastest as a `Blocks(...)` per shape and dtype (for ops/triton/linear_cross_entropy.default_blocks).
+`--rows_blocks` times the per-row kernel of impl=chunked_rows alone on one chunk of each shape's logits
+(CHUNK_ELEMENTS of them) for each column block (>= C: the row held at once) and warp count.
 """
 
 from __future__ import annotations
@@ -65,6 +72,7 @@ from ops import linear_cross_entropy as chunked
 from ops.linear_cross_entropy import linear_cross_entropy_reference
 from ops.triton import linear_cross_entropy as kernel_module
 from ops.triton.linear_cross_entropy import Blocks, Tiles, default_blocks, triton_linear_cross_entropy
+from ops.triton.softmax_rows import triton_softmax_rows
 
 SHAPES = [
     dict(name="amzn-books", rows=128 * 50, columns=695_762, dim=64),
@@ -72,10 +80,13 @@ SHAPES = [
     # token bucket (1,952 = the larger of the two buckets benchmarks/train_throughput.py's batches reach).
     dict(name="amzn-books-step", rows=1_952, columns=695_762, dim=64),
     dict(name="ml-20m", rows=128 * 200, columns=26_744, dim=256),
+    # An ml-20m step: 14,470 jagged positions on average (benchmarks/results/train_throughput_h100.jsonl),
+    # padded to the CUDA-graph token bucket that holds them (16,080 of 128 x 201's sixteen buckets).
+    dict(name="ml-20m-step", rows=16_080, columns=26_744, dim=256),
     dict(name="ml-1m", rows=128 * 200, columns=3_706, dim=50),
 ]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-IMPLS = ("pytorch", "fused", "normalize+fused", "fused_l2", "cce", "cce_filtered", "liger")
+IMPLS = ("pytorch", "chunked_rows", "fused", "normalize+fused", "fused_l2", "cce", "cce_filtered", "liger")
 NORMALIZING = ("normalize+fused", "fused_l2")  # impls that L2-normalise the item vectors themselves
 EPS = 1e-6  # the configs' train_fn.l2_norm_eps
 TEMPERATURE = 0.05
@@ -128,6 +139,8 @@ def loss_fn(impl: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], t
     """The scalar loss of one implementation; ImportError when its library is missing."""
     if impl == "pytorch":
         return lambda q, i, t: linear_cross_entropy_reference(q, i, t, TEMPERATURE)
+    if impl == "chunked_rows":
+        return lambda q, i, t: linear_cross_entropy_reference(q, i, t, TEMPERATURE, rows_step=triton_softmax_rows)
     if impl == "fused":
         return _fused
     if impl == "normalize+fused":
@@ -299,6 +312,38 @@ def tune(shapes: List[Dict], dtypes: Dict) -> List[Dict]:
     return rows
 
 
+ROWS_BLOCKS = [(block, warps) for block in (2048, 4096, 8192, 16384, 32768) for warps in (4, 8, 16, 32)]
+
+
+def tune_rows(shapes: List[Dict]) -> List[Dict]:
+    """--rows_blocks: the per-row kernel alone (with the gradient) on one chunk of fp32 logits per shape."""
+    common, rows = _common(), []
+    for shape in shapes:
+        columns = shape["columns"]
+        chunk = min(shape["rows"], max(1, chunked.CHUNK_ELEMENTS // columns))
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        logits = torch.randn(chunk, columns, device="cuda", generator=gen)
+        targets = torch.randint(0, columns, (chunk,), device="cuda", generator=gen)
+        scale = torch.full((chunk,), 1.0 / shape["rows"], device="cuda")
+        buffer = logits.clone()
+        for block, warps in ROWS_BLOCKS:
+            def step() -> None:
+                buffer.copy_(logits)
+                triton_softmax_rows(buffer, targets, scale, 1.0 / TEMPERATURE, True, block, warps)
+            try:
+                copy_ms = do_bench(lambda: buffer.copy_(logits), warmup=10, rep=50, return_mode="median")
+                ms, status = round(do_bench(step, warmup=10, rep=50, return_mode="median") - copy_ms, 4), "ok"
+            except Exception as exc:  # e.g. too many registers for a whole row in few warps
+                ms, status = None, f"error ({type(exc).__name__})"
+            row = dict(kind="rows_blocks", block=block, num_warps=warps, chunk_rows=chunk, ms=ms, status=status,
+                       chunk_gb=round(logits.numel() * 4 / 1e9, 3), **_row(shape, "fp32"), **common)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        del logits, buffer
+        torch.cuda.empty_cache()
+    return rows
+
+
 def markdown(path: str) -> None:
     """Markdown table of a results file: one row per shape and dtype, fwd / fwd+bwd ms (peak GB) per impl."""
     rows = [r for r in map(json.loads, open(path)) if "impl" in r]
@@ -323,6 +368,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=None, help="write JSON lines here")
     parser.add_argument("--blocks", action="store_true", help="sweep the kernel's tiles and splits instead")
+    parser.add_argument("--rows_blocks", action="store_true", help="sweep the per-row kernel's blocks instead")
     parser.add_argument("--shapes", default=None, help="comma-separated config names (default: all)")
     parser.add_argument("--dtypes", default=None, help="comma-separated fp32,bf16 (default: both)")
     parser.add_argument("--impls", default=",".join(IMPLS), help="comma-separated implementations")
@@ -334,7 +380,10 @@ def main() -> None:
         sys.exit("needs a CUDA GPU")
     torch.backends.cuda.matmul.allow_tf32 = True  # as the trainer (train_fn.enable_tf32 defaults to True)
     shapes, dtypes = _selected(args.shapes, args.dtypes)
-    rows = tune(shapes, dtypes) if args.blocks else run(shapes, dtypes, args.impls.split(","))
+    if args.rows_blocks:
+        rows = tune_rows(shapes)
+    else:
+        rows = tune(shapes, dtypes) if args.blocks else run(shapes, dtypes, args.impls.split(","))
     if args.out:
         write_jsonl(args.out, rows)
 

@@ -39,6 +39,7 @@ import ops.triton.linear_cross_entropy as kernel_module  # noqa: E402
 from ops.dispatch import notify_once  # noqa: E402
 from ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference  # noqa: E402
 from ops.triton.linear_cross_entropy import Blocks, Tiles, triton_linear_cross_entropy  # noqa: E402
+from ops.triton.softmax_rows import triton_softmax_rows  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -217,14 +218,16 @@ def test_kernel_gradients_are_deterministic():
 @settings(max_examples=30, deadline=None)
 @given(rows=st.integers(1, 60), columns=st.integers(1, 90), dim=st.sampled_from([5, 50, 64]),
        temperature=TEMPERATURES, chunk=st.sampled_from([1, 7, 1 << 20]), weighted=st.booleans(),
-       seed=st.integers(0, 2**16))
-def test_reference_matches_dense_log_softmax(rows, columns, dim, temperature, chunk, weighted, seed):
-    """The chunked PyTorch path in fp32: weighted mean over the kept rows, both gradients; any chunking."""
+       rows_kernel=st.booleans(), seed=st.integers(0, 2**16))
+def test_reference_matches_dense_log_softmax(rows, columns, dim, temperature, chunk, weighted, rows_kernel, seed):
+    """The chunked path in fp32, its per-row step in PyTorch or in the kernel of ops/triton/softmax_rows.py:
+    weighted mean over the kept rows, both gradients; any chunking."""
     query, items, targets, _ = _inputs(rows, columns, dim, seed)
     weights = torch.rand(rows, generator=torch.Generator().manual_seed(seed)).to(DEVICE) if weighted else None
+    rows_step = triton_softmax_rows if rows_kernel else lce.softmax_rows
     saved, lce.CHUNK_ELEMENTS = lce.CHUNK_ELEMENTS, chunk * columns  # forces chunks of `chunk` rows
     try:
-        got = linear_cross_entropy_reference(query, items, targets, temperature, weights)
+        got = linear_cross_entropy_reference(query, items, targets, temperature, weights, rows_step)
         got_grads = torch.autograd.grad(got, [query, items])
     finally:
         lce.CHUNK_ELEMENTS = saved
@@ -235,6 +238,31 @@ def test_reference_matches_dense_log_softmax(rows, columns, dim, temperature, ch
     assert _rel_err(got, want, logits.abs().max().item()) <= FP32_TOL
     for a, b in zip(got_grads, torch.autograd.grad(want, [q, i])):
         assert _rel_err(a, b) <= FP32_TOL
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(rows=st.integers(0, 40), columns=st.integers(1, 120), temperature=TEMPERATURES, need_grad=st.booleans(),
+       spread=st.sampled_from([1.0, 30.0]), block=st.sampled_from([None, 16, 128]), seed=st.integers(0, 2**16))
+def test_rows_kernel_matches_the_pytorch_rows_step(rows, columns, temperature, need_grad, spread, block, seed):
+    """The per-row step alone: loss sum and logit gradient of the kernel against softmax_rows (fp64), on raw
+    logits up to +-30 / T, with zero weights (ignored rows) among them; the gradient overwrites the logits.
+    Blocks of 16 columns walk the row, 128 hold it at once (None: the default for the device)."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(rows, columns, generator=gen) * spread).to(DEVICE)
+    targets = torch.randint(0, columns, (rows,), generator=gen).to(DEVICE)
+    scale = (torch.rand(rows, generator=gen) * (torch.rand(rows, generator=gen) < 0.8)).to(DEVICE)
+    want_loss, want_grad = lce.softmax_rows(logits.double(), targets, scale.double(), 1 / temperature, True)
+    buffer = logits.clone()
+    loss, grad = triton_softmax_rows(buffer, targets, scale, 1 / temperature, need_grad, block)
+    # z = logits / T is rounded to fp32 (as on any fp32 path): exp(z - lse) errs by ~|z| ulp relatively.
+    z_max = logits.abs().max().item() / temperature if rows else 0.0
+    tol = KERNEL_TOL + 4 * 2.0**-24 * z_max
+    assert loss.dtype == torch.float32
+    assert abs(loss.item() - want_loss.item()) <= tol * max(1.0, scale.sum().item() * z_max)
+    if need_grad:
+        assert grad is buffer and _rel_err(grad, want_grad, (scale.max().item() if rows else 0) / temperature) <= tol
+    else:
+        assert grad is None and torch.equal(buffer, logits)
 
 
 @pytest.mark.skipif(CUDA, reason="CPU dispatch")
@@ -279,6 +307,28 @@ def test_cuda_dispatch_takes_the_kernel_and_falls_back_with_one_notice(monkeypat
         fallback = linear_cross_entropy(query, items, targets, 0.05, weights)
     assert calls == [1] and torch.equal(fallback, reference)
     assert capsys.readouterr().err.count("Triton is broken here") == 1
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_wide_fp32_rows_take_the_chunked_path_with_the_rows_kernel(monkeypatch):
+    """fp32 D = 256 at an ml-20m step's shape (L2-normalised items by eps, several chunks): the chunked path
+    with the per-row kernel, against the dense formula; the fused kernel is not called."""
+    import ops.triton.softmax_rows as rows_module
+
+    query, items, targets, _ = _inputs(3000, 26_744, 256, seed=11, normalised=False)
+    weights = torch.rand(3000, device=DEVICE)
+    monkeypatch.setattr(kernel_module, "triton_linear_cross_entropy", lambda *a, **kw: pytest.fail("fused called"))
+    calls, real = [], rows_module.triton_softmax_rows
+    monkeypatch.setattr(rows_module, "triton_softmax_rows", lambda *a: calls.append(1) or real(*a))
+    got = linear_cross_entropy(query, items, targets, 0.05, weights, eps=1e-6)
+    got_grads = torch.autograd.grad(got, [query, items])
+    assert len(calls) == 2  # 3000 rows in chunks of CHUNK_ELEMENTS // 26,744 = 2,509
+    q, i, per_row, _, logits = _dense(query, items, targets, 0.05, eps=1e-6)
+    w = weights.double() * (targets >= 0)
+    want = (per_row * w).sum() / w.sum()
+    assert _rel_err(got, want, logits.abs().max().item()) <= KERNEL_TOL
+    for a, b in zip(got_grads, torch.autograd.grad(want, [q, i])):
+        assert _rel_err(a, b) <= KERNEL_TOL
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
