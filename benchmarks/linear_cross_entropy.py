@@ -47,7 +47,7 @@ loss on the fp32 values of the same inputs with exact fp32 matmuls.
 of candidate splits of the forward with the best tiles, checks each against the default tiles' results, and prints the
 fastest as a `Blocks(...)` per shape and dtype (for ops/triton/linear_cross_entropy.default_blocks).
 `--rows_blocks` times the per-row kernel of impl=chunked_rows alone on one chunk of each shape's logits
-(CHUNK_ELEMENTS of them) for each column block (>= C: the row held at once) and warp count.
+(CHUNK_ELEMENTS of them) for each column block and warp count.
 """
 
 from __future__ import annotations
@@ -312,7 +312,7 @@ def tune(shapes: List[Dict], dtypes: Dict) -> List[Dict]:
     return rows
 
 
-ROWS_BLOCKS = [(block, warps) for block in (2048, 4096, 8192, 16384, 32768) for warps in (4, 8, 16, 32)]
+ROWS_BLOCKS = [(block, warps) for block in (1024, 2048, 4096, 8192) for warps in (4, 8, 16)]
 
 
 def tune_rows(shapes: List[Dict]) -> List[Dict]:

@@ -246,7 +246,7 @@ def test_reference_matches_dense_log_softmax(rows, columns, dim, temperature, ch
 def test_rows_kernel_matches_the_pytorch_rows_step(rows, columns, temperature, need_grad, spread, block, seed):
     """The per-row step alone: loss sum and logit gradient of the kernel against softmax_rows (fp64), on raw
     logits up to +-30 / T, with zero weights (ignored rows) among them; the gradient overwrites the logits.
-    Blocks of 16 columns walk the row, 128 hold it at once (None: the default for the device)."""
+    Blocks of 16 or 128 columns (one step for the shorter rows) or the device's default."""
     gen = torch.Generator().manual_seed(seed)
     logits = (torch.randn(rows, columns, generator=gen) * spread).to(DEVICE)
     targets = torch.randint(0, columns, (rows,), generator=gen).to(DEVICE)
