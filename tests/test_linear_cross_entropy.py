@@ -1,5 +1,6 @@
-"""Full-softmax cross-entropy (ops/linear_cross_entropy.py): the chunked PyTorch path and the fused
-Triton kernel (ops/triton/linear_cross_entropy.py) against log_softmax of the dense logits.
+"""Full-softmax cross-entropy (ops/linear_cross_entropy.py): the chunked path (its per-row step in
+PyTorch or in the kernel of ops/triton/softmax_rows.py) and the fused Triton kernel
+(ops/triton/linear_cross_entropy.py) against log_softmax of the dense logits.
 
 Without CUDA the kernel runs under TRITON_INTERPRET=1 on CPU tensors (numpy, slow) with 16 x 16
 tiles and 2 splits of the candidates, so tiny shapes span several tiles of queries and items
