@@ -6,7 +6,7 @@
 bf16 inputs, head dim 128, the kernel file's own d = 128 tiles (`_FWD_TABLE` / `_BWD_TABLE`); pointer and
 stride arguments marked divisible by 16, as the JIT marks them at the benchmark's shapes. The forward with and
 without the bias; the backward with everything, without d ts_w, without d pos_w, without both, and without the
-bias, to show what its code and spills come from. Compiled with the installed Triton (`benchmarks/sass.py`),
+bias, to show what its code and spills come from; the rab-gradient pass, where the file has one. Compiled with the installed Triton (`benchmarks/sass.py`),
 which may differ from the GPU machine's. Numbers in benchmarks/hstu_attention.md came from it.
 """
 
@@ -68,6 +68,12 @@ def main(path: str) -> None:
         row = compile_kernel(module._hstu_bwd_kernel, consts, bwd_w, bwd_s)
         print(dict(kernel="backward", tiles=(blk, m1, n2, bwd_w, bwd_s), bias=bias, pos_grad=pos_grad,
                    ts_grad=ts_grad, **row), flush=True)
+    if hasattr(module, "_rab_grad_kernel"):  # the rab-gradient pass
+        rab_m, rab_n, rab_w, rab_s = module._RAB_TILES
+        consts = dict(common, BLOCK_M=rab_m, BLOCK_N=rab_n, POS_GRAD=True, TS_GRAD=True,
+                      TS_PART_STRIDE=160)
+        row = compile_kernel(module._rab_grad_kernel, consts, rab_w, rab_s)  # heads: a runtime argument
+        print(dict(kernel="rab pass", tiles=(rab_m, rab_n, rab_w, rab_s), **row), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Tile configurations of kernel files, timed in one process (CUDA graphs: kernel time, no launch overhead).
 
-    python3 benchmarks/hstu_attention_variants.py OUT.jsonl [--backward] [--default_tiles] [NAME=KERNEL_FILE ...]
+    python3 benchmarks/hstu_attention_variants.py OUT.jsonl [--backward] [--default_tiles] [--rab_tiles]
+        [--shapes=N4096,ml20m-h8d32] [NAME=KERNEL_FILE ...]
 
 Times `_hstu_attention` (with the relative bias and both weight gradients) of ops/triton/hstu_attention.py
 ("main") and of each other kernel file given (e.g. a copy of an earlier version: `git show
@@ -9,8 +10,10 @@ trainer shapes (bf16 and fp32), with the file's default tiles and a few alternat
 with --backward, backward tiles, each row's time a captured forward+backward. Each row records the largest
 difference from main's default-tile output (with --backward: of the five gradients) and, for the default
 tiles of the forward, an eager forward+backward time. --default_tiles: each file's own tiles only, the other files
-always at their own tiles (a quick before/after). Issue 20's forward prefetch was measured with it
-(benchmarks/results/hstu_attention_fwd_variants_h200.jsonl). TINY=1 TRITON_INTERPRET=1: a CPU check.
+always at their own tiles (a quick before/after). --rab_tiles: with --backward, the tiles of the
+rab-gradient pass (`_rab_grad_kernel`) instead, other files at their own tiles. --shapes: a subset of SHAPES by
+label. Issue 20's forward prefetch was measured with it (benchmarks/results/hstu_attention_fwd_variants_h200.jsonl).
+TINY=1 TRITON_INTERPRET=1: a CPU check.
 """
 import json
 import os
@@ -35,10 +38,18 @@ SHORT_CFGS = [None, (64, 32, 4, 2), (64, 64, 8, 2)]
 # backward's key times loaded one block ahead.
 LONG_BWD_CFGS = [None, (64, 16, 16, 8, 2), (32, 16, 16, 4, 2), (32, 16, 16, 4, 3), (32, 32, 16, 4, 2)]
 SHORT_BWD_CFGS = [None]  # the trainer shapes: each file's own tiles, fp32 only (the trainers' default)
+# The rab-gradient pass (BLOCK_M, BLOCK_N, warps, stages): it holds every head's q, dO, k, v tiles per step.
+LONG_RAB_CFGS = [None, (64, 32, 8, 2), (64, 16, 4, 2), (32, 32, 4, 2), (64, 64, 8, 1), (128, 32, 8, 1)]
+SHORT_RAB_CFGS = [None, (64, 16, 4, 2), (32, 32, 4, 2), (64, 32, 8, 2)]
+RAB_TILES = False  # set by --rab_tiles: cfg is the rab pass's, for the files that have one
 
 
 def _grads(mod, args, params, grad, cfg):
-    return torch.autograd.grad(mod._hstu_attention(*args, bwd_config=cfg), params, grad)
+    if RAB_TILES:
+        kwargs = dict(rab_config=cfg) if hasattr(mod, "_rab_grad_kernel") else {}
+    else:
+        kwargs = dict(bwd_config=cfg)
+    return torch.autograd.grad(mod._hstu_attention(*args, **kwargs), params, grad)
 
 
 def _max_diff(xs, refs) -> float:
@@ -61,17 +72,23 @@ def _time_backward(mod, args, params, grad, cfg, ref_grads) -> dict:
                 fwd_bwd_ms=do_bench_cudagraph(lambda: _grads(mod, args, params, grad, cfg), rep=100))
 
 
-def main(out_path: str, variants: list, backward: bool = False, default_tiles: bool = False) -> None:
-    global do_bench, do_bench_cudagraph
+def main(out_path: str, variants: list, backward: bool = False, default_tiles: bool = False,
+         rab_tiles: bool = False, shape_labels: str = "") -> None:
+    global do_bench, do_bench_cudagraph, RAB_TILES
     named = dict(v.split("=", 1) for v in variants)
     mods = {"main": main_mod, **{name: bench.load_kernel_file(path, name) for name, path in named.items()}}
     shapes, device = SHAPES, "cuda"
+    if shape_labels:
+        shapes = [s for s in SHAPES if s[0] in shape_labels.split(",")]
     long_cfgs, short_cfgs = (LONG_BWD_CFGS, SHORT_BWD_CFGS) if backward else (LONG_CFGS, SHORT_CFGS)
+    RAB_TILES = backward and rab_tiles
+    if RAB_TILES:
+        long_cfgs, short_cfgs = LONG_RAB_CFGS, SHORT_RAB_CFGS
     if default_tiles:
         long_cfgs = short_cfgs = [None]
     if os.environ.get("TINY"):
         shapes, device = [("tiny", 2, 300, 2, 16, True, None)], "cpu"
-        long_cfgs = [None, (16, 16, 16, 1, 1)] if backward else [None, (16, 16, 1, 1)]
+        long_cfgs = [None, (16, 16, 16, 1, 1)] if backward and not RAB_TILES else [None, (16, 16, 1, 1)]
         do_bench_cudagraph = lambda fn, rep=0: (fn(), 0.0)[1]
         do_bench = lambda fn, **kw: (fn(), 0.0)[1]
     with open(out_path, "w") as out:
@@ -88,7 +105,10 @@ def main(out_path: str, variants: list, backward: bool = False, default_tiles: b
                 ref_grads = [g.float() for g in _grads(main_mod, args, params, x["grad"], None)] if backward else None
                 for name, mod in mods.items():
                     for cfg in (short_cfgs if short else long_cfgs):
-                        row = dict(shape=label, dtype=str(dtype)[6:], impl=name, cfg=cfg, backward=backward)
+                        if RAB_TILES and cfg is not None and not hasattr(mod, "_rab_grad_kernel"):
+                            continue  # a file without the pass: its own tiles once
+                        row = dict(shape=label, dtype=str(dtype)[6:], impl=name, cfg=cfg, backward=backward,
+                                   rab_tiles=RAB_TILES)
                         try:
                             if backward:
                                 row.update(_time_backward(mod, args, params, x["grad"], cfg, ref_grads))
@@ -102,6 +122,8 @@ def main(out_path: str, variants: list, backward: bool = False, default_tiles: b
 
 
 if __name__ == "__main__":
-    flags = {"--backward", "--default_tiles"}
-    main(sys.argv[1], [a for a in sys.argv[2:] if a not in flags], "--backward" in sys.argv[2:],
-         "--default_tiles" in sys.argv[2:])
+    flags = {"--backward", "--default_tiles", "--rab_tiles"}
+    shapes_arg = [a for a in sys.argv[2:] if a.startswith("--shapes=")]
+    main(sys.argv[1], [a for a in sys.argv[2:] if a not in flags and a not in shapes_arg],
+         "--backward" in sys.argv[2:], "--default_tiles" in sys.argv[2:], "--rab_tiles" in sys.argv[2:],
+         shapes_arg[0].split("=", 1)[1] if shapes_arg else "")

@@ -40,6 +40,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 import ops.hstu_attention as hstu_module  # noqa: E402
 from ops.hstu_attention import BUCKET_INCREMENT, hstu_attention, hstu_attention_reference, time_buckets  # noqa: E402
+import ops.triton.hstu_attention as triton_module  # noqa: E402
 from ops.triton.hstu_attention import _hstu_attention, kernel_time_buckets, triton_hstu_attention  # noqa: E402
 
 CUDA = torch.cuda.is_available()
@@ -111,8 +112,9 @@ def _reference(*args):
         return hstu_attention_reference(*args)
 
 
-def _check(q, k, v, offsets, n, extra, dtype, fwd_config=None, bwd_config=None, grad=True):
-    out = _hstu_attention(q, k, v, offsets, n, *extra, fwd_config=fwd_config, bwd_config=bwd_config)
+def _check(q, k, v, offsets, n, extra, dtype, fwd_config=None, bwd_config=None, grad=True, rab_config=None):
+    out = _hstu_attention(q, k, v, offsets, n, *extra, fwd_config=fwd_config, bwd_config=bwd_config,
+                          rab_config=rab_config)
     ref = _reference(q, k, v, offsets, n, *extra)
     assert out.shape == ref.shape and out.dtype == ref.dtype
     tol = TOL[dtype]
@@ -141,14 +143,17 @@ lengths_st = st.lists(st.integers(0, MAX_LEN), min_size=1, max_size=MAX_BATCH)
     bias=st.sampled_from(BIAS),
     ordered=st.booleans(),
     ties=st.booleans(),
+    rab_pass=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_matches_reference(lengths, heads, dims, dtype, bias, ordered, ties, seed):
+def test_matches_reference(lengths, heads, dims, dtype, bias, ordered, ties, rab_pass, seed):
     """Output and dq, dk, dv, d ts_w, d pos_w on ragged batches (empty and length-1 sequences too),
-    time-ordered or not, with or without equal timestamps."""
+    time-ordered or not, with or without equal timestamps; the rab gradients from their own
+    pass (heads summed in-program) or from the dQ walk (per head)."""
     assume(sum(lengths) > 0)
     q, k, v, offsets, n, extra = _make_inputs(lengths, heads, *dims, dtype, seed, bias, ordered, ties=ties)
-    _check(q, k, v, offsets, n, extra, dtype)
+    with mock.patch.object(triton_module, "RAB_PASS_MIN_HEADS", 1 if rab_pass else MAX_HEADS + 1):
+        _check(q, k, v, offsets, n, extra, dtype)
 
 
 def test_time_buckets_match_reference():
@@ -215,15 +220,17 @@ def test_empty_and_single_sequences():
 
 @pytest.mark.skipif(CUDA, reason="interpreter only: GPU block tables are checked by the benchmark's --tune")
 @pytest.mark.parametrize(
-    "fwd_config,bwd_config",
-    [((32, 16, 4, 2), (32, 16, 16, 4, 2)), ((16, 16, 4, 2), (32, 32, 16, 4, 2)),
-     ((32, 32, 4, 2), (32, 16, 32, 4, 2))],
+    "fwd_config,bwd_config,rab_config,rab_min_heads",
+    [((32, 16, 4, 2), (32, 16, 16, 4, 2), (32, 16, 4, 2), 1), ((16, 16, 4, 2), (32, 32, 16, 4, 2), None, 3),
+     ((32, 32, 4, 2), (32, 16, 32, 4, 2), (32, 32, 4, 2), 1)],
 )
-def test_block_shapes(fwd_config, bwd_config):
-    """Query/key blocks of unequal sizes (diagonal tiles, pos_w skew with wrap-around)."""
-    q, k, v, offsets, n, extra = _make_inputs([37, 5, 20], 1, 16, 16, torch.float32, 3, True,
+def test_block_shapes(fwd_config, bwd_config, rab_config, rab_min_heads):
+    """Query/key blocks of unequal sizes (diagonal tiles, pos_w skew with wrap-around), in the
+    rab-gradient pass and in the dQ walk."""
+    q, k, v, offsets, n, extra = _make_inputs([37, 5, 20], 2, 16, 16, torch.float32, 3, True,
                                               ordered=False, scale=10**6, max_seq_len=40)
-    _check(q, k, v, offsets, n, extra, torch.float32, fwd_config, bwd_config)
+    with mock.patch.object(triton_module, "RAB_PASS_MIN_HEADS", rab_min_heads):
+        _check(q, k, v, offsets, n, extra, torch.float32, fwd_config, bwd_config, rab_config=rab_config)
 
 
 def test_partial_weight_grads_and_views():

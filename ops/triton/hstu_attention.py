@@ -24,15 +24,24 @@ Layout (kernels, then the autograd Function, then the public function):
   query block p (walking the key blocks before it). The two walks have
   complementary lengths, so every program of a sequence does about the same
   work, and neither dQ nor dK/dV needs atomics.
-* Relative-bias weight gradients (computed in the dQ walk, where a tile's rows
-  are queries):
+* `_rab_grad_kernel`: grid (B, query blocks). The relative-bias weight
+  gradients in their own pass: a program walks the key blocks of one query
+  block with every head, builds each tile's bias once, sums the heads' dS
+  (recomputing S and dP, two small dots per head) and runs the two
+  reductions below once per tile instead of once per head and tile. It holds
+  no dQ/dK/dV accumulators, so its reductions do not spill as they do in the
+  dQ walk. Used for batches of at least `RAB_PASS_MIN_HEADS` heads; the
+  backward kernel then compiles its weight-gradient code out.
+* Relative-bias weight gradients (computed in that pass, or in the dQ walk,
+  where a tile's rows are queries):
   - d pos_w: the diagonals of a (BLOCK_M, BLOCK_N) tile of dS are summed in
     registers by skewing the tile (`tl.gather` of row (r + c) mod BLOCK_M in
     column c) and reducing along columns: 2 * BLOCK_M atomics per tile
     instead of BLOCK_M * BLOCK_N. They go to a private copy of pos_w's
-    gradient per (sequence, head), so concurrent programs (same query block,
-    other sequences) never hit the same addresses; the copies are summed at
-    the end (memory B * heads * N floats, linear in the batch).
+    gradient per (sequence, head) (per sequence in the rab pass), so
+    concurrent programs (same query block, other sequences) never hit the
+    same addresses; the copies are summed at the end (memory B * heads * N
+    floats, linear in the batch).
   - d ts_w: only 129 targets, so per-element atomics would serialise badly.
     Each row of a tile is cut into runs of equal bucket and a run's sum is
     the difference of two prefix sums (`tl.cumsum`), so an atomic is issued
@@ -42,8 +51,8 @@ Layout (kernels, then the autograd Function, then the public function):
     so atomics drop by one to two orders of magnitude. They go to a private
     129-entry copy per program (summed at the end), spreading the remaining
     atomics over many cache lines instead of 4.
-  Both are per head (heads are not summed in-program: that would need every
-  head's dQ accumulator live at once); fp32 atomics make these two gradients
+  In the dQ walk both are per head (summing heads there would need every
+  head's dQ accumulator live at once). fp32 atomics make these two gradients
   non-deterministic in the last bits.
 * Head dims are padded to the next power of two (at least 16, tl.dot's
   minimum) with masked loads/stores. The 1/N scale is applied once to the
@@ -580,6 +589,110 @@ def _hstu_bwd_kernel(
 
 
 # --------------------------------------------------------------------------- #
+# Relative-bias weight gradients in their own pass, heads summed in-program
+# --------------------------------------------------------------------------- #
+
+
+@triton.jit
+def _rab_grad_tile(Q, K, V, DO, TsW, PosW, TsPart, PosPart, q_base, k_base, v_base, do_base,
+                   offs_m, qpos, rows_ok, tq, tq_prev, tk, tk_left, tk_last, start_m, start_n,
+                   seq_len, max_seq_len, stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh,
+                   stride_dom, stride_doh, offs_qk, offs_v, num_heads,
+                   DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr,
+                   BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   POS_GRAD: tl.constexpr, TS_GRAD: tl.constexpr, NUM_BUCKETS: tl.constexpr,
+                   DOT_PREC: tl.constexpr, MASKED: tl.constexpr, HW_MATH: tl.constexpr,
+                   FAST_SILU: tl.constexpr):
+    """One (queries x keys) tile: the bias once, every head's dS summed, then the two reductions once."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    kv_ok = offs_n < seq_len
+    causal = offs_n[None, :] <= qpos[:, None]
+    rab, bucket = _rel_bias(qpos[:, None], offs_n[None, :], tq[:, None], tk[None, :], TsW, PosW,
+                            max_seq_len, causal, NUM_BUCKETS, MASKED, HW_MATH)
+    ds = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for h in range(num_heads):
+        # Queries past the sequence load q = dO = 0, so their dS is 0 exactly.
+        q = _load_tile(Q + q_base + h * stride_qh + offs_m[:, None] * stride_qm + offs_qk[None, :], rows_ok,
+                       offs_qk < DQK, True, DQK != BLOCK_DQK)
+        do = _load_tile(DO + do_base + h * stride_doh + offs_m[:, None] * stride_dom + offs_v[None, :], rows_ok,
+                        offs_v < DV, True, DV != BLOCK_DV)
+        k = _load_tile(K + k_base + h * stride_kh + offs_n[:, None] * stride_km + offs_qk[None, :], kv_ok,
+                       offs_qk < DQK, MASKED, DQK != BLOCK_DQK)
+        v = _load_tile(V + v_base + h * stride_vh + offs_n[:, None] * stride_vm + offs_v[None, :], kv_ok,
+                       offs_v < DV, MASKED, DV != BLOCK_DV)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) + rab
+        sig = _sigmoid(s, FAST_SILU)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds += dp * sig * (1.0 + s * (1.0 - sig))
+    if MASKED:
+        ds = tl.where(causal, ds, 0.0)
+    if POS_GRAD:
+        _pos_grad_tile(ds, start_m, start_n, PosPart, max_seq_len, BLOCK_M, BLOCK_N)
+    if TS_GRAD:
+        _ts_grad_tile(ds, bucket, offs_m, offs_n, qpos, rows_ok, tq, tq_prev, tk_left, tk_last, TsPart,
+                      start_n, seq_len, max_seq_len, BLOCK_M, BLOCK_N, NUM_BUCKETS, HW_MATH)
+
+
+@triton.jit
+def _rab_grad_kernel(
+    Q, K, V, DO, SeqOffsets, TS, TsW, PosW, TsGradPart, PosGradPart,
+    stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh, stride_dom, stride_doh,
+    stride_tb, max_seq_len, num_heads,
+    DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr,
+    BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    POS_GRAD: tl.constexpr, TS_GRAD: tl.constexpr, NUM_BUCKETS: tl.constexpr, TS_PART_STRIDE: tl.constexpr,
+    DOT_PREC: tl.constexpr, HW_MATH: tl.constexpr, FAST_SILU: tl.constexpr,
+):
+    """Grid (B, query blocks): d pos_w and d ts_w of one query block of one sequence, all heads.
+
+    The rab gradients are sums over heads of dS, so a program holding every head builds each
+    tile's bias once and runs the diagonal and bucket reductions once per tile instead of once
+    per head, in a kernel that holds no dQ/dK/dV accumulators (the fused dQ walk spills).
+    The price is recomputing S and dP (two small dots per head and tile).
+    """
+    off_b = tl.program_id(0)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)  # longest programs first
+    seq_start = tl.load(SeqOffsets + off_b).to(tl.int64)
+    seq_len = (tl.load(SeqOffsets + off_b + 1) - seq_start).to(tl.int32)
+    start_m = pid_m * BLOCK_M
+    if start_m >= seq_len:
+        return
+
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_qk = tl.arange(0, BLOCK_DQK)
+    offs_v = tl.arange(0, BLOCK_DV)
+    rows_ok = offs_m < seq_len
+    qpos = tl.minimum(offs_m, max_seq_len - 1)
+    ts_base = off_b.to(tl.int64) * stride_tb
+    tq = tl.load(TS + ts_base + tl.minimum(offs_m + 1, max_seq_len - 1))
+    tq_prev = tl.load(TS + ts_base + qpos)  # query i - 1 uses t[i]
+    ts_part = TsGradPart + (off_b.to(tl.int64) * tl.num_programs(1) + pid_m) * TS_PART_STRIDE
+    pos_part = PosGradPart + off_b.to(tl.int64) * max_seq_len
+    q_base = seq_start * stride_qm
+    k_base = seq_start * stride_km
+    v_base = seq_start * stride_vm
+    do_base = seq_start * stride_dom
+    end_diag = tl.minimum(start_m + BLOCK_M, seq_len)
+    tk, tk_left, tk_last = _dq_key_times(TS, ts_base, 0, max_seq_len, BLOCK_N, True, TS_GRAD)
+    for start_n in range(0, start_m, BLOCK_N):  # key times one block ahead, as in the other walks
+        tk_next, tk_left_next, tk_last_next = _dq_key_times(TS, ts_base, start_n + BLOCK_N, max_seq_len,
+                                                            BLOCK_N, True, TS_GRAD)
+        _rab_grad_tile(Q, K, V, DO, TsW, PosW, ts_part, pos_part, q_base, k_base, v_base, do_base,
+                       offs_m, qpos, rows_ok, tq, tq_prev, tk, tk_left, tk_last, start_m, start_n,
+                       seq_len, max_seq_len, stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh,
+                       stride_dom, stride_doh, offs_qk, offs_v, num_heads, DQK, DV, BLOCK_DQK, BLOCK_DV,
+                       BLOCK_M, BLOCK_N, POS_GRAD, TS_GRAD, NUM_BUCKETS, DOT_PREC, False, HW_MATH, FAST_SILU)
+        tk, tk_left, tk_last = tk_next, tk_left_next, tk_last_next
+    for start_n in range(start_m, end_diag, BLOCK_N):
+        tk, tk_left, tk_last = _dq_key_times(TS, ts_base, start_n, max_seq_len, BLOCK_N, True, TS_GRAD)
+        _rab_grad_tile(Q, K, V, DO, TsW, PosW, ts_part, pos_part, q_base, k_base, v_base, do_base,
+                       offs_m, qpos, rows_ok, tq, tq_prev, tk, tk_left, tk_last, start_m, start_n,
+                       seq_len, max_seq_len, stride_qm, stride_qh, stride_km, stride_kh, stride_vm, stride_vh,
+                       stride_dom, stride_doh, offs_qk, offs_v, num_heads, DQK, DV, BLOCK_DQK, BLOCK_DV,
+                       BLOCK_M, BLOCK_N, POS_GRAD, TS_GRAD, NUM_BUCKETS, DOT_PREC, True, HW_MATH, FAST_SILU)
+
+
+# --------------------------------------------------------------------------- #
 # Host side: block sizes, launches, autograd
 # --------------------------------------------------------------------------- #
 
@@ -628,6 +741,18 @@ def _bwd_config(q: torch.Tensor, block_d: int) -> Tuple[int, int, int, int, int]
     return _BWD_TABLE.get(block_d, (64, 16, 16, 4, 2))
 
 
+# The rab-gradient pass (`_rab_grad_kernel`) replaces the dQ walk's per-head reductions for batches with at
+# least RAB_PASS_MIN_HEADS heads. Its tiles (BLOCK_M, BLOCK_N, num_warps, num_stages): 64 x 32 over 8 warps,
+# one stage, is the one candidate that compiles without spills at every head dim, bf16 and fp32 (sm_90,
+# benchmarks/hstu_attention_sass.py); with 4 warps or 2 stages it spills hundreds of bytes.
+RAB_PASS_MIN_HEADS = 1
+_RAB_TILES = (64, 32, 8, 1)
+
+
+def _rab_config(q: torch.Tensor) -> Tuple[int, int, int, int]:
+    return _RAB_TILES if q.is_cuda else (16, 16, 1, 1)
+
+
 def _prepare(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
@@ -658,8 +783,33 @@ def _forward(q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w, config=
     return out
 
 
+def _rab_grad_pass(do, q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w,
+                   need_ts_grad, need_pos_grad, ts_stride, config=None):
+    """d ts_w, d pos_w (before the 1/N) as private copies: (B * query blocks, ts_stride), (B, N)."""
+    total, heads, dqk = q.shape
+    dv_dim = v.shape[-1]
+    batch = seq_offsets.numel() - 1
+    block_dqk, block_dv = _pow2_dim(dqk), _pow2_dim(dv_dim)
+    block_m, block_n, num_warps, num_stages = config or _rab_config(q)
+    assert block_m % block_n == 0
+    num_blocks = triton.cdiv(max_seq_len, block_m)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    ts_part = torch.zeros((batch * num_blocks, ts_stride) if need_ts_grad else (1,), **f32)
+    pos_part = torch.zeros((batch, max_seq_len) if need_pos_grad else (1,), **f32)
+    _rab_grad_kernel[(batch, num_blocks)](
+        q, k, v, do, seq_offsets, timestamps, ts_w, pos_w, ts_part, pos_part,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        do.stride(0), do.stride(1), timestamps.stride(0), max_seq_len, heads,
+        DQK=dqk, DV=dv_dim, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
+        BLOCK_M=block_m, BLOCK_N=block_n, POS_GRAD=need_pos_grad, TS_GRAD=need_ts_grad,
+        NUM_BUCKETS=ts_w.numel() - 1, TS_PART_STRIDE=ts_stride, DOT_PREC=dot_precision(q.dtype),
+        **_math_flags(q), num_warps=num_warps, num_stages=num_stages,
+    )
+    return ts_part, pos_part
+
+
 def _backward(do, q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w,
-              need_ts_grad, need_pos_grad, config=None):
+              need_ts_grad, need_pos_grad, config=None, rab_config=None):
     total, heads, dqk = q.shape
     dv_dim = v.shape[-1]
     batch = seq_offsets.numel() - 1
@@ -673,9 +823,14 @@ def _backward(do, q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w,
     num_blocks = triton.cdiv(max_seq_len, block)
     num_buckets = ts_w.numel() - 1 if has_bias else 0
     ts_stride = 32 * triton.cdiv(num_buckets + 1, 32)  # whole 128-byte lines per private copy
-    f32 = dict(dtype=torch.float32, device=q.device)
-    ts_part = torch.zeros((batch * heads * num_blocks, ts_stride) if need_ts_grad else (1,), **f32)
-    pos_part = torch.zeros((batch * heads, max_seq_len) if need_pos_grad else (1,), **f32)
+    rab_pass = has_bias and (need_ts_grad or need_pos_grad) and heads >= RAB_PASS_MIN_HEADS
+    if rab_pass:
+        ts_part, pos_part = _rab_grad_pass(do, q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w,
+                                           need_ts_grad, need_pos_grad, ts_stride, rab_config)
+    else:  # the dQ walk computes them, per head
+        f32 = dict(dtype=torch.float32, device=q.device)
+        ts_part = torch.zeros((batch * heads * num_blocks, ts_stride) if need_ts_grad else (1,), **f32)
+        pos_part = torch.zeros((batch * heads, max_seq_len) if need_pos_grad else (1,), **f32)
     dummy = q
     grid = (batch * heads, num_blocks)
     _hstu_bwd_kernel[grid](
@@ -688,7 +843,7 @@ def _backward(do, q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w,
         heads, max_seq_len, 1.0 / max_seq_len,
         DQK=dqk, DV=dv_dim, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
         BLOCK=block, BLOCK_M1=block_m1, BLOCK_N2=block_n2,
-        HAS_BIAS=has_bias, POS_GRAD=need_pos_grad, TS_GRAD=need_ts_grad,
+        HAS_BIAS=has_bias, POS_GRAD=need_pos_grad and not rab_pass, TS_GRAD=need_ts_grad and not rab_pass,
         NUM_BUCKETS=num_buckets, TS_PART_STRIDE=ts_stride, DOT_PREC=dot_precision(q.dtype),
         **_math_flags(q), num_warps=num_warps, num_stages=num_stages,
     )
@@ -729,11 +884,12 @@ def kernel_time_buckets(delta: torch.Tensor, num_buckets: int = 128) -> torch.Te
 class _HSTUAttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w, fwd_config, bwd_config,
-                num_targets):
+                rab_config, num_targets):
         out = _forward(q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w, fwd_config, num_targets)
         ctx.save_for_backward(q, k, v, seq_offsets, timestamps, ts_w, pos_w)
         ctx.max_seq_len = max_seq_len
         ctx.bwd_config = bwd_config
+        ctx.rab_config = rab_config
         ctx.has_targets = num_targets is not None
         return out
 
@@ -748,13 +904,13 @@ class _HSTUAttentionFunction(torch.autograd.Function):
             _prepare(do), q, k, v, seq_offsets, ctx.max_seq_len, timestamps, ts_w, pos_w,
             need_ts_grad=has_bias and ctx.needs_input_grad[6],
             need_pos_grad=has_bias and ctx.needs_input_grad[7],
-            config=ctx.bwd_config,
+            config=ctx.bwd_config, rab_config=ctx.rab_config,
         )
-        return dq, dk, dv, None, None, None, d_ts, d_pos, None, None, None
+        return dq, dk, dv, None, None, None, d_ts, d_pos, None, None, None, None
 
 
 def _hstu_attention(q, k, v, seq_offsets, max_seq_len, timestamps=None, ts_w=None, pos_w=None,
-                    fwd_config=None, bwd_config=None, num_targets=None):
+                    fwd_config=None, bwd_config=None, num_targets=None, rab_config=None):
     """triton_hstu_attention with explicit block configs (tests and tuning)."""
     total, heads, _ = q.shape
     batch = seq_offsets.numel() - 1
@@ -769,7 +925,7 @@ def _hstu_attention(q, k, v, seq_offsets, max_seq_len, timestamps=None, ts_w=Non
         pos_w = pos_w.contiguous()
     return _HSTUAttentionFunction.apply(
         _prepare(q), _prepare(k), _prepare(v), seq_offsets.contiguous(), int(max_seq_len),
-        timestamps, ts_w, pos_w, fwd_config, bwd_config,
+        timestamps, ts_w, pos_w, fwd_config, bwd_config, rab_config,
         None if num_targets is None else num_targets.contiguous(),
     )
 
