@@ -166,6 +166,13 @@ def _rel_bias(qpos, kpos, tq, tk, TsW, PosW, max_seq_len, mask,
 
 
 @triton.jit
+def _sequence_bounds(SeqOffsets, off_b):
+    """(first row in the jagged tensors as int64, length as int32) of sequence off_b."""
+    seq_start = tl.load(SeqOffsets + off_b).to(tl.int64)
+    return seq_start, (tl.load(SeqOffsets + off_b + 1) - seq_start).to(tl.int32)
+
+
+@triton.jit
 def _load_tile(ptrs, rows_ok, cols_ok, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
     """Masked 2D load; masks are emitted only where they are needed (padding or ragged rows)."""
     if MASK_ROWS:
@@ -256,8 +263,7 @@ def _hstu_fwd_kernel(
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)
     off_b = pid_bh // num_heads
     off_h = pid_bh % num_heads
-    seq_start = tl.load(SeqOffsets + off_b).to(tl.int64)
-    seq_len = (tl.load(SeqOffsets + off_b + 1) - seq_start).to(tl.int32)
+    seq_start, seq_len = _sequence_bounds(SeqOffsets, off_b)
     start_m = pid_m * BLOCK_M
     if start_m >= seq_len:
         return
@@ -506,8 +512,7 @@ def _hstu_bwd_kernel(
     pid_blk = tl.program_id(1)
     off_b = pid_bh // num_heads
     off_h = pid_bh % num_heads
-    seq_start = tl.load(SeqOffsets + off_b).to(tl.int64)
-    seq_len = (tl.load(SeqOffsets + off_b + 1) - seq_start).to(tl.int32)
+    seq_start, seq_len = _sequence_bounds(SeqOffsets, off_b)
     start = pid_blk * BLOCK
     if start >= seq_len:
         return
@@ -652,8 +657,7 @@ def _rab_grad_kernel(
     """
     off_b = tl.program_id(0)
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)  # longest programs first
-    seq_start = tl.load(SeqOffsets + off_b).to(tl.int64)
-    seq_len = (tl.load(SeqOffsets + off_b + 1) - seq_start).to(tl.int32)
+    seq_start, seq_len = _sequence_bounds(SeqOffsets, off_b)
     start_m = pid_m * BLOCK_M
     if start_m >= seq_len:
         return
