@@ -747,8 +747,9 @@ def _bwd_config(q: torch.Tensor, block_d: int) -> Tuple[int, int, int, int, int]
 
 # The rab-gradient pass (`_rab_grad_kernel`) replaces the dQ walk's per-head reductions for batches with at
 # least RAB_PASS_MIN_HEADS heads. Its tiles (BLOCK_M, BLOCK_N, num_warps, num_stages): 64 x 32 over 8 warps,
-# one stage, is the one candidate that compiles without spills at every head dim, bf16 and fp32 (sm_90,
-# benchmarks/hstu_attention_sass.py); with 4 warps or 2 stages it spills hundreds of bytes.
+# one stage, is the candidate that compiles without spills at the configs' head dims (bf16 d = 128, fp32
+# d <= 64; fp32 d = 128 spills 88 bytes) in an offline sm_90 compile (benchmarks/hstu_attention_sass.py); with
+# 4 warps or 2 stages it spills hundreds of bytes. Not yet timed on a GPU (benchmarks/hstu_attention.md).
 RAB_PASS_MIN_HEADS = 1
 _RAB_TILES = (64, 32, 8, 1)
 
