@@ -82,6 +82,9 @@ def main(out_path: str, variants: list, backward: bool = False, default_tiles: b
         shapes = [s for s in SHAPES if s[0] in shape_labels.split(",")]
     long_cfgs, short_cfgs = (LONG_BWD_CFGS, SHORT_BWD_CFGS) if backward else (LONG_CFGS, SHORT_CFGS)
     RAB_TILES = backward and rab_tiles
+    for mod in mods.values():  # a tile sweep of the pass runs it at every shape, in every file that has it
+        if hasattr(mod, "RAB_PASS"):
+            mod.RAB_PASS = True if RAB_TILES else None
     if RAB_TILES:
         long_cfgs, short_cfgs = LONG_RAB_CFGS, SHORT_RAB_CFGS
     if default_tiles:

@@ -30,7 +30,8 @@ Layout (kernels, then the autograd Function, then the public function):
   (recomputing S and dP, two small dots per head) and runs the two
   reductions below once per tile instead of once per head and tile. It holds
   no dQ/dK/dV accumulators, so its reductions do not spill as they do in the
-  dQ walk. Used for batches of at least `RAB_PASS_MIN_HEADS` heads; the
+  dQ walk. Used where it measured faster (`_use_rab_pass`: 16-bit inputs,
+  two or more heads, enough sequences x query blocks to fill the GPU); the
   backward kernel then compiles its weight-gradient code out.
 * Relative-bias weight gradients (computed in that pass, or in the dQ walk,
   where a tile's rows are queries):
@@ -93,6 +94,7 @@ TRITON_INTERPRET=1 (tests), with small blocks.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Tuple
 
@@ -745,13 +747,32 @@ def _bwd_config(q: torch.Tensor, block_d: int) -> Tuple[int, int, int, int, int]
     return _BWD_TABLE.get(block_d, (64, 16, 16, 4, 2))
 
 
-# The rab-gradient pass (`_rab_grad_kernel`) replaces the dQ walk's per-head reductions for batches with at
-# least RAB_PASS_MIN_HEADS heads. Its tiles (BLOCK_M, BLOCK_N, num_warps, num_stages): 64 x 32 over 8 warps,
-# one stage, is the candidate that compiles without spills at the configs' head dims (bf16 d = 128, fp32
-# d <= 64; fp32 d = 128 spills 88 bytes) in an offline sm_90 compile (benchmarks/hstu_attention_sass.py); with
-# 4 warps or 2 stages it spills hundreds of bytes. Not yet timed on a GPU (benchmarks/hstu_attention.md).
-RAB_PASS_MIN_HEADS = 1
+# The rab-gradient pass (`_rab_grad_kernel`) replaces the dQ walk's per-head reductions where it measured faster
+# (one H100, benchmarks/hstu_attention.md, "The rab-gradient pass"): 16-bit inputs with at least two heads and at
+# least one pass program per SM (its grid has no heads axis, so smaller batches leave SMs idle). It lost at every
+# fp32 (TF32) shape measured, the trainers' shapes included, and by 6.6x with one head. RAB_PASS forces it on
+# (True) or off (False) for tests and benchmarks; None applies that rule. Its tiles (BLOCK_M, BLOCK_N, num_warps,
+# num_stages): 64 x 32 over 8 warps, one stage, compile without spills at bf16 d = 128 (offline sm_90 compile,
+# benchmarks/hstu_attention_sass.py); (32, 32, 4, 2) timed 3% faster at N = 4096, the only 16-bit shape swept.
+RAB_PASS: Optional[bool] = None
 _RAB_TILES = (64, 32, 8, 1)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def rab_pass_wins(dtype: torch.dtype, heads: int, programs: int, sm_count: int) -> bool:
+    """The measured rule above; `programs` = sequences x query blocks of the pass."""
+    return dtype != torch.float32 and heads >= 2 and programs >= sm_count
+
+
+def _use_rab_pass(q: torch.Tensor, batch: int, max_seq_len: int, block_m: int) -> bool:
+    if RAB_PASS is not None:
+        return RAB_PASS
+    return q.is_cuda and rab_pass_wins(q.dtype, q.shape[1], batch * triton.cdiv(max_seq_len, block_m),
+                                       _sm_count(q.device.index or 0))
 
 
 def _rab_config(q: torch.Tensor) -> Tuple[int, int, int, int]:
@@ -789,13 +810,13 @@ def _forward(q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w, config=
 
 
 def _rab_grad_pass(do, q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w,
-                   need_ts_grad, need_pos_grad, ts_stride, config=None):
+                   need_ts_grad, need_pos_grad, ts_stride, config):
     """d ts_w, d pos_w (before the 1/N) as private copies: (B * query blocks, ts_stride), (B, N)."""
     total, heads, dqk = q.shape
     dv_dim = v.shape[-1]
     batch = seq_offsets.numel() - 1
     block_dqk, block_dv = _pow2_dim(dqk), _pow2_dim(dv_dim)
-    block_m, block_n, num_warps, num_stages = config or _rab_config(q)
+    block_m, block_n, num_warps, num_stages = config
     assert block_m % block_n == 0
     num_blocks = triton.cdiv(max_seq_len, block_m)
     f32 = dict(dtype=torch.float32, device=q.device)
@@ -828,7 +849,8 @@ def _backward(do, q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w,
     num_blocks = triton.cdiv(max_seq_len, block)
     num_buckets = ts_w.numel() - 1 if has_bias else 0
     ts_stride = 32 * triton.cdiv(num_buckets + 1, 32)  # whole 128-byte lines per private copy
-    rab_pass = has_bias and (need_ts_grad or need_pos_grad) and heads >= RAB_PASS_MIN_HEADS
+    rab_config = rab_config or _rab_config(q)
+    rab_pass = has_bias and (need_ts_grad or need_pos_grad) and _use_rab_pass(q, batch, max_seq_len, rab_config[0])
     if rab_pass:
         ts_part, pos_part = _rab_grad_pass(do, q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w,
                                            need_ts_grad, need_pos_grad, ts_stride, rab_config)
