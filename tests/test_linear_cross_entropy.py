@@ -40,7 +40,7 @@ import ops.triton.linear_cross_entropy as kernel_module  # noqa: E402
 from ops.dispatch import notify_once  # noqa: E402
 from ops.linear_cross_entropy import linear_cross_entropy, linear_cross_entropy_reference  # noqa: E402
 from ops.triton.linear_cross_entropy import Blocks, Tiles, triton_linear_cross_entropy  # noqa: E402
-from ops.triton.softmax_rows import triton_softmax_rows  # noqa: E402
+from ops.triton.softmax_rows import launch_shape, triton_softmax_rows  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -264,6 +264,22 @@ def test_rows_kernel_matches_the_pytorch_rows_step(rows, columns, temperature, n
         assert grad is buffer and _rel_err(grad, want_grad, (scale.max().item() if rows else 0) / temperature) <= tol
     else:
         assert grad is None and torch.equal(buffer, logits)
+
+
+def test_rows_kernel_at_the_gpu_launch_of_wide_rows():
+    """Rows wider than one step of the GPU launch for ml-20m's 26,744 candidates (the interpreter runs that block;
+    the GPU its warps too): the walk over several 8,192-column steps against softmax_rows (fp64)."""
+    block, num_warps = launch_shape(26744)
+    assert block == 8192
+    gen = torch.Generator().manual_seed(21)
+    logits = (torch.randn(3, block + 811, generator=gen) * 5.0).to(DEVICE)
+    targets = torch.tensor([0, block + 5, block - 1]).to(DEVICE)
+    scale = torch.tensor([1.0, 0.5, 0.0]).to(DEVICE)
+    want_loss, want_grad = lce.softmax_rows(logits.double(), targets, scale.double(), 20.0, True)
+    loss, grad = triton_softmax_rows(logits.clone(), targets, scale, 20.0, True, block, num_warps)
+    tol = KERNEL_TOL + 4 * 2.0**-24 * logits.abs().max().item() * 20.0  # as in the test above
+    assert abs(loss.item() - want_loss.item()) <= tol * want_loss.abs().item()
+    assert _rel_err(grad, want_grad, 20.0) <= tol
 
 
 @pytest.mark.skipif(CUDA, reason="CPU dispatch")
