@@ -21,18 +21,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from benchmarks.hstu_attention import load_kernel_file
 from benchmarks.sass import compile_sm90
 
+# The fused backward's other candidate tiles (BLOCK, BLOCK_M1, BLOCK_N2, warps, stages).
+FUSED_TILES = [(64, 16, 16, 4, 2), (64, 32, 16, 4, 2), (64, 16, 16, 8, 2), (128, 16, 16, 8, 2), (128, 32, 16, 8, 2),
+               (32, 16, 16, 4, 2)]
 KINDS = ("I2F", "MUFU", "REDG", "SHFL", "BAR", "LDL|STL")  # conversions, MUFU, atomics, shuffles, barriers, spills
 
 
 def _signature(kernel, consts: dict) -> dict:
-    """Types of the runtime arguments: bf16 tensors, int64 offsets and timestamps, fp32 bias weights."""
+    """Types of the runtime arguments: bf16 tensors, int64 offsets and timestamps, fp32 bias weights (and the
+    fused backward's fp32 dQ accumulator)."""
     sig = {}
+    fp32 = ("TsW", "PosW", "TsGradPart", "PosGradPart") + (("GradQ",) if consts.get("FUSED_DQ") else ())
     for name in kernel.arg_names:
         if name in consts:
             continue
         if name in ("SeqOffsets", "NumTargets", "TS"):
             sig[name] = "*i64"
-        elif name in ("TsW", "PosW", "TsGradPart", "PosGradPart"):
+        elif name in fp32:
             sig[name] = "*fp32"
         elif name[0].isupper():
             sig[name] = "*bf16"
@@ -65,9 +70,18 @@ def main(path: str) -> None:
                                     (True, False, False), (False, False, False)]:
         consts = dict(common, BLOCK=blk, BLOCK_M1=m1, BLOCK_N2=n2, HAS_BIAS=bias, POS_GRAD=pos_grad,
                       TS_GRAD=ts_grad, TS_PART_STRIDE=160)
+        if "FUSED_DQ" in module._hstu_bwd_kernel.arg_names:
+            consts["FUSED_DQ"] = False
         row = compile_kernel(module._hstu_bwd_kernel, consts, bwd_w, bwd_s)
         print(dict(kernel="backward", tiles=(blk, m1, n2, bwd_w, bwd_s), bias=bias, pos_grad=pos_grad,
                    ts_grad=ts_grad, **row), flush=True)
+    if "FUSED_DQ" in module._hstu_bwd_kernel.arg_names:  # one walk, dQ by atomics, no weight gradients
+        for tiles in [(blk, m1, n2, bwd_w, bwd_s)] + FUSED_TILES:
+            for bias in (True, False):
+                consts = dict(common, BLOCK=tiles[0], BLOCK_M1=tiles[1], BLOCK_N2=tiles[2], HAS_BIAS=bias,
+                              POS_GRAD=False, TS_GRAD=False, TS_PART_STRIDE=160, FUSED_DQ=True)
+                row = compile_kernel(module._hstu_bwd_kernel, consts, tiles[3], tiles[4])
+                print(dict(kernel="backward, fused dQ", tiles=tiles, bias=bias, **row), flush=True)
     if hasattr(module, "_rab_grad_kernel"):  # the rab-gradient pass
         rab_m, rab_n, rab_w, rab_s = module._RAB_TILES
         consts = dict(common, BLOCK_M=rab_m, BLOCK_N=rab_n, POS_GRAD=True, TS_GRAD=True,

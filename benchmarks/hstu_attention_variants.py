@@ -1,7 +1,7 @@
 """Tile configurations of kernel files, timed in one process (CUDA graphs: kernel time, no launch overhead).
 
     python3 benchmarks/hstu_attention_variants.py OUT.jsonl [--backward] [--default_tiles] [--rab_tiles]
-        [--shapes=N4096,ml20m-h8d32] [NAME=KERNEL_FILE ...]
+        [--fused_dq] [--shapes=N4096,ml20m-h8d32] [NAME=KERNEL_FILE ...]
 
 Times `_hstu_attention` (with the relative bias and both weight gradients) of ops/triton/hstu_attention.py
 ("main") and of each other kernel file given (e.g. a copy of an earlier version: `git show
@@ -12,7 +12,8 @@ difference from main's default-tile output (with --backward: of the five gradien
 tiles of the forward, an eager forward+backward time. --default_tiles: each file's own tiles only, the other files
 always at their own tiles (a quick before/after). --rab_tiles: with --backward, the tiles of the
 rab-gradient pass (`_rab_grad_kernel`) instead, other files at their own tiles. --shapes: a subset of SHAPES by
-label. Issue 20's forward prefetch was measured with it (benchmarks/results/hstu_attention_fwd_variants_h200.jsonl).
+label. --fused_dq: with --backward, the fused walk's tiles (dQ by atomics, weight gradients from the pass) in
+every file that has it (the reference gradients are then main's fused walk at its own tiles). Issue 20's forward prefetch was measured with it (benchmarks/results/hstu_attention_fwd_variants_h200.jsonl).
 TINY=1 TRITON_INTERPRET=1: a CPU check.
 """
 import json
@@ -41,6 +42,10 @@ SHORT_BWD_CFGS = [None]  # the trainer shapes: each file's own tiles, fp32 only 
 # The rab-gradient pass (BLOCK_M, BLOCK_N, warps, stages): it holds every head's q, dO, k, v tiles per step.
 LONG_RAB_CFGS = [None, (64, 32, 8, 2), (64, 16, 4, 2), (32, 32, 4, 2), (64, 64, 8, 1), (128, 32, 8, 1)]
 SHORT_RAB_CFGS = [None, (64, 16, 4, 2), (32, 32, 4, 2), (64, 32, 8, 2)]
+# The fused backward (--fused_dq: one walk, dQ by atomics): the d = 128 candidates compile without spills (sm_90,
+# benchmarks/hstu_attention_sass.py) but the first (the two-walk kernel's own tiles).
+LONG_FUSED_CFGS = [None, (64, 16, 16, 8, 2), (128, 16, 16, 8, 2), (32, 16, 16, 4, 2), (64, 16, 16, 4, 2)]
+SHORT_FUSED_CFGS = [None, (64, 16, 16, 4, 2), (32, 16, 16, 4, 2), (64, 32, 32, 4, 2)]
 RAB_TILES = False  # set by --rab_tiles: cfg is the rab pass's, for the files that have one
 
 
@@ -73,7 +78,7 @@ def _time_backward(mod, args, params, grad, cfg, ref_grads) -> dict:
 
 
 def main(out_path: str, variants: list, backward: bool = False, default_tiles: bool = False,
-         rab_tiles: bool = False, shape_labels: str = "") -> None:
+         rab_tiles: bool = False, shape_labels: str = "", fused_dq: bool = False) -> None:
     global do_bench, do_bench_cudagraph, RAB_TILES
     named = dict(v.split("=", 1) for v in variants)
     mods = {"main": main_mod, **{name: bench.load_kernel_file(path, name) for name, path in named.items()}}
@@ -87,6 +92,11 @@ def main(out_path: str, variants: list, backward: bool = False, default_tiles: b
             mod.RAB_PASS = True if RAB_TILES else None
     if RAB_TILES:
         long_cfgs, short_cfgs = LONG_RAB_CFGS, SHORT_RAB_CFGS
+    if backward and fused_dq:  # every file that has the fused walk runs it
+        long_cfgs, short_cfgs = LONG_FUSED_CFGS, SHORT_FUSED_CFGS
+        for mod in mods.values():
+            if hasattr(mod, "FUSED_DQ"):
+                mod.FUSED_DQ = True
     if default_tiles:
         long_cfgs = short_cfgs = [None]
     if os.environ.get("TINY"):
@@ -125,8 +135,8 @@ def main(out_path: str, variants: list, backward: bool = False, default_tiles: b
 
 
 if __name__ == "__main__":
-    flags = {"--backward", "--default_tiles", "--rab_tiles"}
+    flags = {"--backward", "--default_tiles", "--rab_tiles", "--fused_dq"}
     shapes_arg = [a for a in sys.argv[2:] if a.startswith("--shapes=")]
     main(sys.argv[1], [a for a in sys.argv[2:] if a not in flags and a not in shapes_arg],
          "--backward" in sys.argv[2:], "--default_tiles" in sys.argv[2:], "--rab_tiles" in sys.argv[2:],
-         shapes_arg[0].split("=", 1)[1] if shapes_arg else "")
+         shapes_arg[0].split("=", 1)[1] if shapes_arg else "", "--fused_dq" in sys.argv[2:])

@@ -23,6 +23,7 @@ function against the reference's on 600,000 deltas: differences only within
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from unittest import mock
@@ -132,6 +133,17 @@ def _check(q, k, v, offsets, n, extra, dtype, fwd_config=None, bwd_config=None, 
 
 
 lengths_st = st.lists(st.integers(0, MAX_LEN), min_size=1, max_size=MAX_BATCH)
+# The backward's three paths: the dQ walk with the per-head rab gradients; the rab-gradient pass beside the two
+# walks; the pass beside one fused walk (dQ by atomics).
+PATHS = {"walk": (False, False), "pass": (True, False), "fused": (True, True)}
+
+
+def _backward_path(path: str) -> contextlib.ExitStack:
+    rab_pass, fused = PATHS[path]
+    stack = contextlib.ExitStack()
+    stack.enter_context(mock.patch.object(triton_module, "RAB_PASS", rab_pass))
+    stack.enter_context(mock.patch.object(triton_module, "FUSED_DQ", fused))
+    return stack
 
 
 @settings(max_examples=EXAMPLES, deadline=None)
@@ -143,16 +155,17 @@ lengths_st = st.lists(st.integers(0, MAX_LEN), min_size=1, max_size=MAX_BATCH)
     bias=st.sampled_from(BIAS),
     ordered=st.booleans(),
     ties=st.booleans(),
-    rab_pass=st.booleans(),
+    path=st.sampled_from(sorted(PATHS)),
     seed=st.integers(0, 2**16),
 )
-def test_matches_reference(lengths, heads, dims, dtype, bias, ordered, ties, rab_pass, seed):
+def test_matches_reference(lengths, heads, dims, dtype, bias, ordered, ties, path, seed):
     """Output and dq, dk, dv, d ts_w, d pos_w on ragged batches (empty and length-1 sequences too),
-    time-ordered or not, with or without equal timestamps; the rab gradients from their own
-    pass (heads summed in-program) or from the dQ walk (per head)."""
+    time-ordered or not, with or without equal timestamps, on each of the backward's paths: the rab
+    gradients from their own pass (heads summed in-program) or from the dQ walk (per head), and dQ from
+    its own walk or by atomics from the dK/dV walk."""
     assume(sum(lengths) > 0)
     q, k, v, offsets, n, extra = _make_inputs(lengths, heads, *dims, dtype, seed, bias, ordered, ties=ties)
-    with mock.patch.object(triton_module, "RAB_PASS", rab_pass):
+    with _backward_path(path):
         _check(q, k, v, offsets, n, extra, dtype)
 
 
@@ -220,16 +233,16 @@ def test_empty_and_single_sequences():
 
 @pytest.mark.skipif(CUDA, reason="interpreter only: GPU block tables are checked by the benchmark's --tune")
 @pytest.mark.parametrize(
-    "fwd_config,bwd_config,rab_config,rab_pass",
-    [((32, 16, 4, 2), (32, 16, 16, 4, 2), (32, 16, 4, 2), True), ((16, 16, 4, 2), (32, 32, 16, 4, 2), None, False),
-     ((32, 32, 4, 2), (32, 16, 32, 4, 2), (32, 32, 4, 2), True)],
+    "fwd_config,bwd_config,rab_config,path",
+    [((32, 16, 4, 2), (32, 16, 16, 4, 2), (32, 16, 4, 2), "pass"), ((16, 16, 4, 2), (32, 32, 16, 4, 2), None, "walk"),
+     ((32, 32, 4, 2), (32, 16, 32, 4, 2), (32, 32, 4, 2), "pass"), ((16, 16, 4, 2), (32, 16, 16, 4, 2), None, "fused")],
 )
-def test_block_shapes(fwd_config, bwd_config, rab_config, rab_pass):
+def test_block_shapes(fwd_config, bwd_config, rab_config, path):
     """Query/key blocks of unequal sizes (diagonal tiles, pos_w skew with wrap-around), in the
-    rab-gradient pass and in the dQ walk."""
+    rab-gradient pass, the dQ walk and the fused walk."""
     q, k, v, offsets, n, extra = _make_inputs([37, 5, 20], 2, 16, 16, torch.float32, 3, True,
                                               ordered=False, scale=10**6, max_seq_len=40)
-    with mock.patch.object(triton_module, "RAB_PASS", rab_pass):
+    with _backward_path(path):
         _check(q, k, v, offsets, n, extra, torch.float32, fwd_config, bwd_config, rab_config=rab_config)
 
 
@@ -313,21 +326,26 @@ def test_fuxi_channels_on_the_kernel_match_the_formula():
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("weight_dtype,bias", [(torch.float32, True), (torch.bfloat16, True), (None, False)])
-def test_long_sequences_bf16(weight_dtype, bias):
-    """Lengths near 2,000 with d = 128 bf16 (the benchmark's dtype); rab weights fp32, bf16 or none."""
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_long_sequences_bf16(weight_dtype, bias, path):
+    """Lengths near 2,000 with d = 128 bf16 (the benchmark's dtype); rab weights fp32, bf16 or none; each
+    backward path at the GPU's own tiles."""
     q, k, v, offsets, n, extra = _make_inputs([1999, 1, 1024, 0, 1500], 2, 128, 128,
                                               torch.bfloat16, 7, bias, max_seq_len=2048,
                                               weight_dtype=weight_dtype)
-    _check(q, k, v, offsets, n, extra, torch.bfloat16)
+    with _backward_path(path):
+        _check(q, k, v, offsets, n, extra, torch.bfloat16)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_fp32_gpu_dims():
-    """fp32 on the GPU (exact dots) with a non-power-of-two head dim and ragged lengths."""
+@pytest.mark.parametrize("path", sorted(PATHS))
+def test_fp32_gpu_dims(path):
+    """fp32 on the GPU (exact dots) with a non-power-of-two head dim and ragged lengths, each backward path."""
     q, k, v, offsets, n, extra = _make_inputs([300, 0, 1, 257], 2, 50, 25, torch.float32, 11, True,
                                               ordered=False, scale=10**5)
-    _check(q, k, v, offsets, n, extra, torch.float32)
+    with _backward_path(path):
+        _check(q, k, v, offsets, n, extra, torch.float32)
 
 
 @pytest.mark.gpu

@@ -360,12 +360,16 @@ def _dq_key_times(TS, ts_base, start_n, max_seq_len, BLOCK_N: tl.constexpr, HAS_
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, offs_n, tk, tq, Q, DO, TsW, PosW, q_base, do_base, start_m, seq_len, max_seq_len, stride_qm, stride_dom, offs_qk, offs_v,
+def _dkdv_tile(dk, dv, k, v, offs_n, tk, tq, Q, DO, DQAcc, TsW, PosW, q_base, do_base, dqa_base, start_m, seq_len,
+               max_seq_len, stride_qm, stride_dom, stride_dqam, offs_qk, offs_v,
                DQK: tl.constexpr, DV: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
                BLOCK_M: tl.constexpr, HAS_BIAS: tl.constexpr, NUM_BUCKETS: tl.constexpr,
                DOT_PREC: tl.constexpr, MASKED: tl.constexpr, HW_MATH: tl.constexpr,
-               FAST_SILU: tl.constexpr):
-    """One (keys x queries) tile, transposed so that dK, dV accumulate with plain dots."""
+               FAST_SILU: tl.constexpr, FUSED_DQ: tl.constexpr):
+    """One (keys x queries) tile, transposed so that dK, dV accumulate with plain dots.
+
+    With FUSED_DQ the tile's share of dQ (dS @ K) is also added, by fp32 atomics, to DQAcc.
+    """
     offs_m = start_m + tl.arange(0, BLOCK_M)
     rows_ok = offs_m < seq_len
     # Queries past the sequence load as 0 (q and dO): their dS and P.dO vanish.
@@ -389,6 +393,10 @@ def _dkdv_tile(dk, dv, k, v, offs_n, tk, tq, Q, DO, TsW, PosW, q_base, do_base, 
         ds_t = tl.where(causal, ds_t, 0.0)
     dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
     dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
+    if FUSED_DQ:  # rows past the sequence have dS = 0 and are masked out of the atomics
+        dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=DOT_PREC)
+        tl.atomic_add(DQAcc + dqa_base + offs_m[:, None] * stride_dqam + offs_qk[None, :], dq,
+                      mask=rows_ok[:, None] & (offs_qk < DQK)[None, :], sem="relaxed")
     return dk, dv
 
 
@@ -508,8 +516,14 @@ def _hstu_bwd_kernel(
     BLOCK: tl.constexpr, BLOCK_M1: tl.constexpr, BLOCK_N2: tl.constexpr,
     HAS_BIAS: tl.constexpr, POS_GRAD: tl.constexpr, TS_GRAD: tl.constexpr,
     NUM_BUCKETS: tl.constexpr, TS_PART_STRIDE: tl.constexpr, DOT_PREC: tl.constexpr,
-    HW_MATH: tl.constexpr, FAST_SILU: tl.constexpr,
+    HW_MATH: tl.constexpr, FAST_SILU: tl.constexpr, FUSED_DQ: tl.constexpr,
 ):
+    """Grid (B * heads, blocks): dK, dV of one key block, then (unless FUSED_DQ) dQ of the same query block.
+
+    FUSED_DQ: GradQ is an fp32 accumulator (zeroed, unscaled) that the dK/dV walk adds every tile's dS @ K to,
+    so S, dP and the bias are evaluated once per score instead of twice; the weight gradients then come from
+    the rab-gradient pass (POS_GRAD = TS_GRAD = False).
+    """
     pid_bh = tl.program_id(0)
     pid_blk = tl.program_id(1)
     off_b = pid_bh // num_heads
@@ -525,6 +539,7 @@ def _hstu_bwd_kernel(
     k_base = seq_start * stride_km + off_h * stride_kh
     v_base = seq_start * stride_vm + off_h * stride_vh
     do_base = seq_start * stride_dom + off_h * stride_doh
+    dq_base = seq_start * stride_dqm + off_h * stride_dqh
     ts_base = off_b.to(tl.int64) * stride_tb
     offs = start + tl.arange(0, BLOCK)
     blk_ok = offs < seq_len
@@ -540,23 +555,25 @@ def _hstu_bwd_kernel(
     dv = tl.zeros((BLOCK, BLOCK_DV), dtype=tl.float32)
     for start_m in range(start, end_diag, BLOCK_M1):
         tq = _query_times(TS, ts_base, start_m, max_seq_len, BLOCK_M1, HAS_BIAS)
-        dk, dv = _dkdv_tile(dk, dv, k, v, offs, tk, tq, Q, DO, TsW, PosW, q_base, do_base,
-                            start_m, seq_len, max_seq_len, stride_qm, stride_dom, offs_qk, offs_v,
+        dk, dv = _dkdv_tile(dk, dv, k, v, offs, tk, tq, Q, DO, GradQ, TsW, PosW, q_base, do_base, dq_base,
+                            start_m, seq_len, max_seq_len, stride_qm, stride_dom, stride_dqm, offs_qk, offs_v,
                             DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M1, HAS_BIAS, NUM_BUCKETS, DOT_PREC,
-                            True, HW_MATH, FAST_SILU)
+                            True, HW_MATH, FAST_SILU, FUSED_DQ)
     # As in the forward, the next block's times are loaded one iteration ahead (here the queries').
     tq = _query_times(TS, ts_base, start + BLOCK, max_seq_len, BLOCK_M1, HAS_BIAS)
     for start_m in range(start + BLOCK, seq_len, BLOCK_M1):
         tq_next = _query_times(TS, ts_base, start_m + BLOCK_M1, max_seq_len, BLOCK_M1, HAS_BIAS)
-        dk, dv = _dkdv_tile(dk, dv, k, v, offs, tk, tq, Q, DO, TsW, PosW, q_base, do_base,
-                            start_m, seq_len, max_seq_len, stride_qm, stride_dom, offs_qk, offs_v,
+        dk, dv = _dkdv_tile(dk, dv, k, v, offs, tk, tq, Q, DO, GradQ, TsW, PosW, q_base, do_base, dq_base,
+                            start_m, seq_len, max_seq_len, stride_qm, stride_dom, stride_dqm, offs_qk, offs_v,
                             DQK, DV, BLOCK_DQK, BLOCK_DV, BLOCK_M1, HAS_BIAS, NUM_BUCKETS, DOT_PREC,
-                            False, HW_MATH, FAST_SILU)
+                            False, HW_MATH, FAST_SILU, FUSED_DQ)
         tq = tq_next
     dk_ptrs = GradK + seq_start * stride_dkm + off_h * stride_dkh + offs[:, None] * stride_dkm + offs_qk[None, :]
     tl.store(dk_ptrs, (dk * inv_n).to(GradK.dtype.element_ty), mask=blk_ok[:, None] & (offs_qk < DQK)[None, :])
     dv_ptrs = GradV + seq_start * stride_dvm + off_h * stride_dvh + offs[:, None] * stride_dvm + offs_v[None, :]
     tl.store(dv_ptrs, (dv * inv_n).to(GradV.dtype.element_ty), mask=blk_ok[:, None] & (offs_v < DV)[None, :])
+    if FUSED_DQ:
+        return
 
     # ---- Phase 2: dQ (and rab gradients) of queries [start, start + BLOCK), over keys j <= i.
     q = _load_tile(Q + q_base + offs[:, None] * stride_qm + offs_qk[None, :], blk_ok,
@@ -591,7 +608,7 @@ def _hstu_bwd_kernel(
                       stride_km, stride_vm, offs_qk, offs_v, DQK, DV, BLOCK_DQK, BLOCK_DV,
                       BLOCK, BLOCK_N2, HAS_BIAS, POS_GRAD, TS_GRAD, NUM_BUCKETS, DOT_PREC, True,
                       HW_MATH, FAST_SILU)
-    dq_ptrs = GradQ + seq_start * stride_dqm + off_h * stride_dqh + offs[:, None] * stride_dqm + offs_qk[None, :]
+    dq_ptrs = GradQ + dq_base + offs[:, None] * stride_dqm + offs_qk[None, :]
     tl.store(dq_ptrs, (dq * inv_n).to(GradQ.dtype.element_ty), mask=blk_ok[:, None] & (offs_qk < DQK)[None, :])
 
 
@@ -775,6 +792,24 @@ def _use_rab_pass(q: torch.Tensor, batch: int, max_seq_len: int, block_m: int) -
                                        _sm_count(q.device.index or 0))
 
 
+# The backward in one walk (`_hstu_bwd_kernel` with FUSED_DQ): dQ by fp32 atomics from the dK/dV walk instead of
+# a second walk over the keys, so S, dP and the bias are computed once per score in the backward; the weight
+# gradients then need the rab-gradient pass. FUSED_DQ forces it on (True) or off (False); None applies
+# `fused_dq_wins`.
+FUSED_DQ: Optional[bool] = None
+
+
+def fused_dq_wins(dtype: torch.dtype, has_bias: bool) -> bool:
+    """Not adopted anywhere yet: pending its measurement (benchmarks/hstu_attention_rab_switch.py)."""
+    return False
+
+
+def _use_fused_dq(q: torch.Tensor, has_bias: bool) -> bool:
+    if FUSED_DQ is not None:
+        return FUSED_DQ
+    return q.is_cuda and fused_dq_wins(q.dtype, has_bias)
+
+
 def _rab_config(q: torch.Tensor) -> Tuple[int, int, int, int]:
     return _RAB_TILES if q.is_cuda else (16, 16, 1, 1)
 
@@ -840,7 +875,6 @@ def _backward(do, q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w,
     dv_dim = v.shape[-1]
     batch = seq_offsets.numel() - 1
     has_bias = ts_w is not None
-    dq = torch.empty((total, heads, dqk), dtype=q.dtype, device=q.device)
     dk = torch.empty((total, heads, dqk), dtype=k.dtype, device=q.device)
     dv = torch.empty((total, heads, dv_dim), dtype=v.dtype, device=q.device)
     block_dqk, block_dv = _pow2_dim(dqk), _pow2_dim(dv_dim)
@@ -850,7 +884,12 @@ def _backward(do, q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w,
     num_buckets = ts_w.numel() - 1 if has_bias else 0
     ts_stride = 32 * triton.cdiv(num_buckets + 1, 32)  # whole 128-byte lines per private copy
     rab_config = rab_config or _rab_config(q)
-    rab_pass = has_bias and (need_ts_grad or need_pos_grad) and _use_rab_pass(q, batch, max_seq_len, rab_config[0])
+    weight_grads = has_bias and (need_ts_grad or need_pos_grad)
+    fused = _use_fused_dq(q, has_bias)
+    rab_pass = weight_grads and (fused or _use_rab_pass(q, batch, max_seq_len, rab_config[0]))
+    # The fused walk adds unscaled fp32 partial sums into dQ; the 1/N and the cast come after it.
+    dq = (torch.zeros if fused else torch.empty)((total, heads, dqk), dtype=torch.float32 if fused else q.dtype,
+                                                 device=q.device)
     if rab_pass:
         ts_part, pos_part = _rab_grad_pass(do, q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w,
                                            need_ts_grad, need_pos_grad, ts_stride, rab_config)
@@ -872,8 +911,10 @@ def _backward(do, q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w,
         BLOCK=block, BLOCK_M1=block_m1, BLOCK_N2=block_n2,
         HAS_BIAS=has_bias, POS_GRAD=need_pos_grad and not rab_pass, TS_GRAD=need_ts_grad and not rab_pass,
         NUM_BUCKETS=num_buckets, TS_PART_STRIDE=ts_stride, DOT_PREC=dot_precision(q.dtype),
-        **_math_flags(q), num_warps=num_warps, num_stages=num_stages,
+        **_math_flags(q), FUSED_DQ=fused, num_warps=num_warps, num_stages=num_stages,
     )
+    if fused:
+        dq = dq.mul_(1.0 / max_seq_len).to(q.dtype)
     d_ts = d_pos = None
     if need_ts_grad:  # sum the private copies; the 1/N of dS is applied here
         d_ts = (ts_part[:, : num_buckets + 1].sum(0) / max_seq_len).to(ts_w.dtype)
