@@ -256,6 +256,17 @@ def test_rab_pass_rule_follows_the_h100_measurements(dtype, heads, batch, n, exp
     assert triton_module.rab_pass_wins(dtype, heads, programs, 132) is expected
 
 
+@pytest.mark.parametrize("bias,heads,batch,n,expected", [
+    (True, 2, 8, 4096, True), (True, 2, 8, 8192, True), (True, 8, 128, 211, True), (True, 4, 128, 211, True),
+    (True, 2, 128, 211, True), (True, 1, 128, 211, False), (False, 2, 8, 4096, False), (True, 2, 8, 1024, False)])
+def test_fused_dq_rule_follows_the_h100_measurements(bias, heads, batch, n, expected):
+    """The fused walk where it was faster on an H100 (with the bias, two or more heads: bf16 N = 4096 / 8192 and
+    the fp32 trainer shapes); the two walks with one head, without the bias, and where the pass's grid (64-row
+    blocks) does not fill the 132 SMs (not shown to win)."""
+    programs = batch * -(-n // 64)
+    assert triton_module.fused_dq_wins(bias, heads, programs, 132) is expected
+
+
 def test_partial_weight_grads_and_views():
     """Only ts_w requires grad; q, k, v are strided views into one projection (as in the model)."""
     gen = torch.Generator().manual_seed(5)

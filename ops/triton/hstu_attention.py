@@ -23,16 +23,21 @@ Layout (kernels, then the autograd Function, then the public function):
   dK, dV of key block p (walking the query blocks after it), then dQ of
   query block p (walking the key blocks before it). The two walks have
   complementary lengths, so every program of a sequence does about the same
-  work, and neither dQ nor dK/dV needs atomics.
+  work, and neither dQ nor dK/dV needs atomics. With FUSED_DQ (the default
+  with the bias and two or more heads, `fused_dq_wins`) the dK/dV walk also
+  adds each tile's dS @ K to an fp32 dQ by atomics and the dQ walk is
+  compiled out: S, dP and the bias are computed once per score in the
+  backward instead of twice, and the weight gradients come from the pass.
 * `_rab_grad_kernel`: grid (B, query blocks). The relative-bias weight
   gradients in their own pass: a program walks the key blocks of one query
   block with every head, builds each tile's bias once, sums the heads' dS
   (recomputing S and dP, two small dots per head) and runs the two
   reductions below once per tile instead of once per head and tile. It holds
   no dQ/dK/dV accumulators, so its reductions do not spill as they do in the
-  dQ walk. Used where it measured faster (`_use_rab_pass`: 16-bit inputs,
-  two or more heads, enough sequences x query blocks to fill the GPU); the
-  backward kernel then compiles its weight-gradient code out.
+  dQ walk. Used beside the fused walk, and beside two walks where that
+  measured faster (`_use_rab_pass`: 16-bit inputs, two or more heads, enough
+  sequences x query blocks to fill the GPU); the backward kernel then
+  compiles its weight-gradient code out.
 * Relative-bias weight gradients (computed in that pass, or in the dQ walk,
   where a tile's rows are queries):
   - d pos_w: the diagonals of a (BLOCK_M, BLOCK_N) tile of dS are summed in
@@ -54,7 +59,7 @@ Layout (kernels, then the autograd Function, then the public function):
     atomics over many cache lines instead of 4.
   In the dQ walk both are per head (summing heads there would need every
   head's dQ accumulator live at once). fp32 atomics make these two gradients
-  non-deterministic in the last bits.
+  (and dQ on the fused path) non-deterministic in the last bits.
 * Head dims are padded to the next power of two (at least 16, tl.dot's
   minimum) with masked loads/stores. The 1/N scale is applied once to the
   accumulators (and to the rab gradients on the host), not per element.
@@ -84,9 +89,11 @@ Layout (kernels, then the autograd Function, then the public function):
   about 2% more (it spills a little more at its 64 x 16 tiles, and the
   spill-free tiles were slower).
 
-Measured on an H200 (bf16, B=8, h=2, d=128, N=4096, full lengths; see
+Measured (bf16, B=8, h=2, d=128, N=4096, full lengths; see
 benchmarks/hstu_attention.md): without the relative bias 0.23 ms forward and
-0.84 ms forward+backward; with it (and both weight gradients) 0.52 / 3.65 ms.
+0.84 ms forward+backward (H200); with it (and both weight gradients) forward
+0.52 ms (H200), forward+backward 2.99 ms with the pass and the fused walk
+(H100, CUDA graph; 3.50 with the two walks and per-head reductions).
 
 The module imports without a GPU; on CPU tensors the kernels run under
 TRITON_INTERPRET=1 (tests), with small blocks.
@@ -767,8 +774,9 @@ def _bwd_config(q: torch.Tensor, block_d: int) -> Tuple[int, int, int, int, int]
 # The rab-gradient pass (`_rab_grad_kernel`) replaces the dQ walk's per-head reductions where it measured faster
 # (one H100, benchmarks/hstu_attention.md, "The rab-gradient pass"): 16-bit inputs with at least two heads and at
 # least one pass program per SM (its grid has no heads axis, so smaller batches leave SMs idle). It lost at every
-# fp32 (TF32) shape measured, the trainers' shapes included, and by 6.6x with one head. RAB_PASS forces it on
-# (True) or off (False) for tests and benchmarks; None applies that rule. Its tiles (BLOCK_M, BLOCK_N, num_warps,
+# fp32 (TF32) shape measured, the trainers' shapes included, and by 6.6x with one head. The fused backward (FUSED_DQ
+# below) always takes it, and wins with it where this rule would not. RAB_PASS forces it on (True) or off (False) for
+# tests and benchmarks beside two walks; None applies that rule. Its tiles (BLOCK_M, BLOCK_N, num_warps,
 # num_stages): 64 x 32 over 8 warps, one stage, compile without spills at bf16 d = 128 (offline sm_90 compile,
 # benchmarks/hstu_attention_sass.py); (32, 32, 4, 2) timed 3% faster at N = 4096, the only 16-bit shape swept.
 RAB_PASS: Optional[bool] = None
@@ -794,20 +802,25 @@ def _use_rab_pass(q: torch.Tensor, batch: int, max_seq_len: int, block_m: int) -
 
 # The backward in one walk (`_hstu_bwd_kernel` with FUSED_DQ): dQ by fp32 atomics from the dK/dV walk instead of
 # a second walk over the keys, so S, dP and the bias are computed once per score in the backward; the weight
-# gradients then need the rab-gradient pass. FUSED_DQ forces it on (True) or off (False); None applies
-# `fused_dq_wins`.
+# gradients then come from the rab-gradient pass. Measured on an H100 (benchmarks/hstu_attention.md, "The backward
+# in one walk"), pass + fused walk against the better of the other two paths: -3% to -14% with the bias at every
+# shape with two or more heads, fp32 trainer shapes (h = 2, 4, 8) and bf16 N = 4096 / 8192 alike; slower with one
+# head (the pass's cost there) and without the bias (the atomics cost more than the cheap bias-free dQ walk).
+# FUSED_DQ forces it on (True) or off (False) for tests and benchmarks; None applies `fused_dq_wins`.
 FUSED_DQ: Optional[bool] = None
 
 
-def fused_dq_wins(dtype: torch.dtype, has_bias: bool) -> bool:
-    """Not adopted anywhere yet: pending its measurement (benchmarks/hstu_attention_rab_switch.py)."""
-    return False
+def fused_dq_wins(has_bias: bool, heads: int, programs: int, sm_count: int) -> bool:
+    """The measured rule above; `programs` = sequences x query blocks of the rab-gradient pass (as for the pass
+    alone, smaller grids than the SM count were not shown to win)."""
+    return has_bias and heads >= 2 and programs >= sm_count
 
 
-def _use_fused_dq(q: torch.Tensor, has_bias: bool) -> bool:
+def _use_fused_dq(q: torch.Tensor, has_bias: bool, batch: int, max_seq_len: int, block_m: int) -> bool:
     if FUSED_DQ is not None:
         return FUSED_DQ
-    return q.is_cuda and fused_dq_wins(q.dtype, has_bias)
+    return q.is_cuda and fused_dq_wins(has_bias, q.shape[1], batch * triton.cdiv(max_seq_len, block_m),
+                                       _sm_count(q.device.index or 0))
 
 
 def _rab_config(q: torch.Tensor) -> Tuple[int, int, int, int]:
@@ -885,7 +898,7 @@ def _backward(do, q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w,
     ts_stride = 32 * triton.cdiv(num_buckets + 1, 32)  # whole 128-byte lines per private copy
     rab_config = rab_config or _rab_config(q)
     weight_grads = has_bias and (need_ts_grad or need_pos_grad)
-    fused = _use_fused_dq(q, has_bias)
+    fused = _use_fused_dq(q, has_bias, batch, max_seq_len, rab_config[0])
     rab_pass = weight_grads and (fused or _use_rab_pass(q, batch, max_seq_len, rab_config[0]))
     # The fused walk adds unscaled fp32 partial sums into dQ; the 1/N and the cast come after it.
     dq = (torch.zeros if fused else torch.empty)((total, heads, dqk), dtype=torch.float32 if fused else q.dtype,

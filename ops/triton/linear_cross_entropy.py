@@ -25,8 +25,9 @@ Layout (kernels, then the host side and the autograd Function):
   possible: a max, a subtraction and a multiply (the scale and log2(e) in one
   constant) before exp2, one int32 compare against the target, two sums; only
   the last, partial tile masks its columns.
-* ITEMS_T (off by default, not yet timed on a GPU): the forward's dQ matmul reads its item tiles from a
-  (D, C) copy made once per call, so that both matmuls' loads are software-pipelined (see ITEMS_T).
+* ITEMS_T (off: on an H100 it was faster at L = 6,400 but slower at the trainer's Books step): the forward's
+  dQ matmul reads its item tiles from a (D, C) copy made once per call, so that both matmuls' loads are
+  software-pipelined (see ITEMS_T).
 * `_grad_items_kernel`: grid (C tiles,). Owns its item rows and walks every
   query tile, recomputing the logits transposed, dz = g * (softmax -
   one_hot(target)) * scale, and accumulating dz.T @ query (no column mask:
@@ -282,8 +283,10 @@ def default_blocks(device: torch.device, dtype: torch.dtype, dim: int, columns: 
 # accumulates dQ transposed, acc.T += items.T @ e.T: each matmul gets its own K-major operand, both loads are
 # asynchronous copies, and e reaches the matmul through shared memory instead of a register shuffle (offline sm_90
 # compile, benchmarks/linear_cross_entropy_sass.py). Costs a transposing pass over the items, C x D elements
-# during the forward, and shared memory for a second item tile per stage and for e. None: the default rule, off
-# until timed on a GPU; True / False force it (benchmarks, tests), True wherever it fits (_items_t).
+# during the forward, and shared memory for a second item tile per stage and for e. Timed on an H100
+# (benchmarks/linear_cross_entropy.md, last section): forward -25% at L = 6,400 x 695,762 (tiles 128 x 64 x 8 x 3),
+# but +9% at the trainer's Books step (L = 1,952), where the copy outweighs the shorter walk. None: the default
+# rule, off; True / False force it (benchmarks, tests), True wherever it fits (_items_t).
 ITEMS_T: Optional[bool] = None
 
 
