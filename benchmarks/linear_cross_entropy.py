@@ -24,10 +24,6 @@ memory of one forward+backward (benchmarks/timing.py), of
                  raw rows once and returns their gradient from its dItems launch: no autograd
                  backward of F.normalize);
                  their errors compare with the chunked loss of F.normalize(items);
-* impl=fused_l2_itemsT: fused_l2 with the kernel's ITEMS_T switch on (the forward's dQ matmul reads its
-                 items from a transposed copy made per call; ops/triton/linear_cross_entropy.ITEMS_T);
-* a fused impl followed by @BLxBCxWxS (e.g. fused_l2_itemsT@128x64x8x3): the forward launch with those
-                 tiles (query rows x item rows x warps x stages) instead of its default, dItems unchanged;
 * impl=cce / cce_filtered: cut_cross_entropy.linear_cross_entropy of query / T (no temperature
                  argument), exact (filter_eps=None) and with its default gradient filtering, which
                  skips blocks whose softmax is below 2^-12 in bf16 (not our exact semantics);
@@ -90,10 +86,8 @@ SHAPES = [
     dict(name="ml-1m", rows=128 * 200, columns=3_706, dim=50),
 ]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-IMPLS = ("pytorch", "chunked_rows", "fused", "normalize+fused", "fused_l2", "fused_l2_itemsT", "cce", "cce_filtered",
-         "liger")
-NORMALIZING = ("normalize+fused", "fused_l2", "fused_l2_itemsT")  # impls that L2-normalise the item vectors themselves
-FUSED = ("fused", "normalize+fused", "fused_l2", "fused_l2_itemsT")  # impls that take an @tiles suffix
+IMPLS = ("pytorch", "chunked_rows", "fused", "normalize+fused", "fused_l2", "cce", "cce_filtered", "liger")
+NORMALIZING = ("normalize+fused", "fused_l2")  # impls that L2-normalise the item vectors themselves
 EPS = 1e-6  # the configs' train_fn.l2_norm_eps
 TEMPERATURE = 0.05
 IGNORED = 0.05
@@ -113,19 +107,9 @@ def make_inputs(shape: Dict, dtype: torch.dtype, seed: int = 0) -> Dict[str, tor
     return dict(query=query.to(dtype).requires_grad_(), items=items.to(dtype).requires_grad_(), targets=targets)
 
 
-def _fused(query: torch.Tensor, items: torch.Tensor, targets: torch.Tensor, eps: Optional[float] = None,
-           items_t: Optional[bool] = None, forward: Optional[Tiles] = None) -> torch.Tensor:
-    """The kernel's mean loss; items_t sets its ITEMS_T switch for the call (read by the forward launch, within it),
-    forward its forward tiles."""
-    blocks = None
-    if forward is not None:
-        default = default_blocks(query.device, query.dtype, query.shape[1], items.shape[0])
-        blocks = dataclasses.replace(default, forward=forward)
-    saved, kernel_module.ITEMS_T = kernel_module.ITEMS_T, items_t
-    try:
-        losses, _ = triton_linear_cross_entropy(query, items, targets, TEMPERATURE, blocks, eps=eps)
-    finally:
-        kernel_module.ITEMS_T = saved
+def _fused(query: torch.Tensor, items: torch.Tensor, targets: torch.Tensor,
+           eps: Optional[float] = None) -> torch.Tensor:
+    losses, _ = triton_linear_cross_entropy(query, items, targets, TEMPERATURE, eps=eps)
     kept = (targets >= 0).float()
     return (losses * kept).sum() / kept.sum().clamp(min=1.0)
 
@@ -151,29 +135,18 @@ def _liger(query: torch.Tensor, items: torch.Tensor, targets: torch.Tensor) -> t
                                             accum_dtype=torch.float32, chunk_mem_const=chunk_mem_const)
 
 
-def _base(impl: str) -> str:
-    return impl.partition("@")[0]
-
-
 def loss_fn(impl: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The scalar loss of one implementation (with an @tiles suffix: its forward tiles); ImportError when its
-    library is missing."""
-    impl, _, tiles = impl.partition("@")
-    forward = Tiles(*(int(x) for x in tiles.split("x"))) if tiles else None
-    if forward is not None and impl not in FUSED:
-        raise ValueError(f"only {FUSED} take @tiles, not {impl}")
+    """The scalar loss of one implementation; ImportError when its library is missing."""
     if impl == "pytorch":
         return lambda q, i, t: linear_cross_entropy_reference(q, i, t, TEMPERATURE)
     if impl == "chunked_rows":
         return lambda q, i, t: linear_cross_entropy_reference(q, i, t, TEMPERATURE, rows_step=triton_softmax_rows)
     if impl == "fused":
-        return lambda q, i, t: _fused(q, i, t, forward=forward)
+        return _fused
     if impl == "normalize+fused":
-        return lambda q, i, t: _fused(q, F.normalize(i, dim=-1, eps=EPS), t, forward=forward)
+        return lambda q, i, t: _fused(q, F.normalize(i, dim=-1, eps=EPS), t)
     if impl == "fused_l2":
-        return lambda q, i, t: _fused(q, i, t, EPS, forward=forward)
-    if impl == "fused_l2_itemsT":
-        return lambda q, i, t: _fused(q, i, t, EPS, items_t=True, forward=forward)
+        return lambda q, i, t: _fused(q, i, t, EPS)
     if impl in ("cce", "cce_filtered"):
         return _cce(None if impl == "cce" else "high")
     if impl == "liger":
@@ -262,10 +235,10 @@ def run(shapes: List[Dict], dtypes: Dict, impls: List[str]) -> List[Dict]:
         for dtype_name, dtype in dtypes.items():
             b = make_inputs(shape, dtype)
             want = reference(b)
-            want_l2 = reference(b, normalize=True) if any(_base(impl) in NORMALIZING for impl in impls) else None
+            want_l2 = reference(b, normalize=True) if any(impl in NORMALIZING for impl in impls) else None
             for impl in impls:
                 row = dict(impl=impl, **_row(shape, dtype_name), **common)
-                row.update(measure(impl, b, want_l2 if _base(impl) in NORMALIZING else want))
+                row.update(measure(impl, b, want_l2 if impl in NORMALIZING else want))
                 print(json.dumps(row), flush=True)
                 rows.append(row)
             del b, want, want_l2
@@ -372,20 +345,18 @@ def tune_rows(shapes: List[Dict]) -> List[Dict]:
 
 
 def markdown(path: str) -> None:
-    """Markdown table of a results file: one row per shape and dtype, fwd / fwd+bwd ms (peak GB) per impl (IMPLS,
-    then any others the file holds, such as @tiles ones)."""
+    """Markdown table of a results file: one row per shape and dtype, fwd / fwd+bwd ms (peak GB) per impl."""
     rows = [r for r in map(json.loads, open(path)) if "impl" in r]
-    impls = list(dict.fromkeys([*IMPLS, *(r["impl"] for r in rows)]))
     keys = list(dict.fromkeys((r["config"], r["L"], r["C"], r["D"], r["dtype"]) for r in rows))
     cell = {}
     for r in rows:
         key = (r["config"], r["L"], r["C"], r["D"], r["dtype"])
         cell[key, r["impl"]] = (f"{r['fwd_ms']:.2f} / {r['fwd_bwd_ms']:.2f} ({r['peak_mem_gb']:.2f} GB)"
                                 if r["status"] == "ok" else r["status"].split(" (")[0])
-    print("| config | L | C | D | dtype | " + " | ".join(impls) + " |")
-    print("|" + " --- |" * (5 + len(impls)))
+    print("| config | L | C | D | dtype | " + " | ".join(IMPLS) + " |")
+    print("|" + " --- |" * (5 + len(IMPLS)))
     for key in keys:
-        cells = [str(k) for k in key] + [cell.get((key, impl), "-") for impl in impls]
+        cells = [str(k) for k in key] + [cell.get((key, impl), "-") for impl in IMPLS]
         print("| " + " | ".join(cells) + " |")
     r0 = rows[0]
     print(f"\nms, forward / forward+backward (peak extra memory of one forward+backward), temperature "

@@ -1,12 +1,8 @@
 """The fused cross-entropy's forward kernel compiled for sm_90 on this machine (no GPU needed): registers,
-spills, shared memory, the main loop's SASS instruction count and whether its item loads are software-pipelined
-(asynchronous copies in the TTGIR: stages of prefetch per pipelined load).
+spills, the main loop's SASS instruction count and whether its item load is software-pipelined.
 
-    python3 benchmarks/linear_cross_entropy_sass.py                      # the Books tiles
+    python3 benchmarks/linear_cross_entropy_sass.py                      # the Books tiles, dQ on and off
     python3 benchmarks/linear_cross_entropy_sass.py 64x32x4x3 128x64x8x3  # BLOCK_L x BLOCK_C x warps x stages
-
-Three rows per tile: dQ on (as training runs it), dQ on with the ITEMS_T variant (its items from a (D, C) copy,
-the accumulator transposed), dQ off.
 
 fp32 inputs with TF32 dots, D = 64 (the Books step); pointer and stride arguments are marked divisible by 16,
 as the JIT marks them at the trainer's shapes. Uses the ptxas and nvdisasm that ship in the triton wheel, so
@@ -26,24 +22,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from benchmarks.sass import compile_sm90
 from ops.triton.linear_cross_entropy import CATALOG_FP32_BLOCKS, _forward_kernel
 
-SIGNATURE = {"Query": "*fp32", "Items": "*fp32", "ItemsT": "*fp32", "Targets": "*i64", "PartMax": "*fp32",
-             "PartOther": "*fp32", "PartTarget": "*fp32", "PartAcc": "*fp32", "L": "i32", "C": "i32",
-             "tiles_per_split": "i32", "scale_log2": "fp32", "stride_q": "i32", "stride_i": "i32", "stride_t": "i32"}
-# stride_t, the (D, C) copy's row stride, is a multiple of 16 by construction (_t_stride).
-ALIGNED = ("Query", "Items", "ItemsT", "Targets", "PartMax", "PartOther", "PartTarget", "PartAcc", "stride_q",
-           "stride_i", "stride_t")
+SIGNATURE = {"Query": "*fp32", "Items": "*fp32", "Targets": "*i64", "PartMax": "*fp32", "PartOther": "*fp32",
+             "PartTarget": "*fp32", "PartAcc": "*fp32", "L": "i32", "C": "i32", "tiles_per_split": "i32",
+             "scale_log2": "fp32", "stride_q": "i32", "stride_i": "i32"}
+ALIGNED = ("Query", "Items", "Targets", "PartMax", "PartOther", "PartTarget", "PartAcc", "stride_q", "stride_i")
 
 
-def compile_forward(block_l: int, block_c: int, warps: int, stages: int, grad_query: bool = True,
-                    items_t: bool = False) -> dict:
-    """Registers, stack and shared bytes, SASS instructions in the longest loop, and asynchronous copies in the
-    TTGIR."""
-    consts = dict(D=64, BLOCK_L=block_l, BLOCK_C=block_c, BLOCK_D=64, DOT_PREC="tf32", GRAD_QUERY=grad_query,
-                  ITEMS_T=items_t)
+def compile_forward(block_l: int, block_c: int, warps: int, stages: int, grad_query: bool = True) -> dict:
+    """Registers, stack bytes, SASS instructions in the longest loop, and asynchronous copies in the TTGIR."""
+    consts = dict(D=64, BLOCK_L=block_l, BLOCK_C=block_c, BLOCK_D=64, DOT_PREC="tf32", GRAD_QUERY=grad_query)
     kernel = compile_sm90(_forward_kernel, SIGNATURE, consts, ALIGNED, warps, stages)
-    return dict(tiles=(block_l, block_c, warps, stages), grad_query=grad_query, items_t=items_t,
-                registers=kernel.registers, stack_bytes=kernel.stack_bytes, shared_bytes=kernel.shared_bytes,
-                loop_instructions=_longest_loop(kernel.sass),
+    return dict(tiles=(block_l, block_c, warps, stages), grad_query=grad_query, registers=kernel.registers,
+                stack_bytes=kernel.stack_bytes, loop_instructions=_longest_loop(kernel.sass),
                 async_copies=len(re.findall(r"async_copy_global_to_local|async_tma_copy", kernel.ttgir)))
 
 
@@ -63,8 +53,8 @@ def _longest_loop(sass: str) -> int:
 def main(args: list) -> None:
     configs = [tuple(int(x) for x in a.split("x")) for a in args] or [dataclasses.astuple(CATALOG_FP32_BLOCKS.forward)]
     for cfg in configs:
-        for grad_query, items_t in ((True, False), (True, True), (False, False)):
-            print(compile_forward(*cfg, grad_query=grad_query, items_t=items_t), flush=True)
+        for grad_query in (True, False):
+            print(compile_forward(*cfg, grad_query=grad_query), flush=True)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 class Compiled:
     registers: int
     stack_bytes: int
-    shared_bytes: int  # static and dynamic shared memory of one CTA: with registers, what bounds occupancy
     sass: str
     ttgir: str
 
@@ -46,6 +45,5 @@ def compile_sm90(kernel, signature: Dict[str, str], constexprs: Dict[str, object
         usage = subprocess.run([TOOLS / "cuobjdump", "-res-usage", f.name], capture_output=True, text=True).stdout
         sass = subprocess.run([TOOLS / "nvdisasm", "-c", f.name], capture_output=True, text=True).stdout
     return Compiled(registers=int(re.search(r"REG:(\d+)", usage).group(1)),
-                    stack_bytes=int(re.search(r"STACK:(\d+)", usage).group(1)), shared_bytes=compiled.metadata.shared,
-                    sass=sass,
+                    stack_bytes=int(re.search(r"STACK:(\d+)", usage).group(1)), sass=sass,
                     ttgir=compiled.asm["ttgir"])

@@ -2,9 +2,6 @@
 PyTorch or in the kernel of ops/triton/softmax_rows.py) and the fused Triton kernel
 (ops/triton/linear_cross_entropy.py) against log_softmax of the dense logits.
 
-The kernel's equivalence tests run with the forward's ITEMS_T variant off and on (fixture `items_t`:
-the dQ matmul's items read from a transposed copy, the gradient accumulated transposed).
-
 Without CUDA the kernel runs under TRITON_INTERPRET=1 on CPU tensors (numpy, slow) with 16 x 16
 tiles and 2 splits of the candidates, so tiny shapes span several tiles of queries and items
 and both splits, ragged at the end; fp32 only (the interpreter's bf16 tl.dot returns garbage in
@@ -35,7 +32,7 @@ if not torch.cuda.is_available():
 
 triton = pytest.importorskip("triton")
 
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import ops.linear_cross_entropy as lce  # noqa: E402
@@ -56,16 +53,6 @@ if CUDA:
 else:
     MAX_L, MAX_C, EXAMPLES, DIMS = 50, 90, 40, [5, 50, 70]
 TEMPERATURES = st.floats(0.05, 1.0)
-# The items_t fixture sets a module switch that holds for every example of a hypothesis test.
-FIXTURE_OK = [HealthCheck.function_scoped_fixture]
-
-
-@pytest.fixture(params=[False, True], ids=["rows", "items_t"])
-def items_t(request, monkeypatch) -> bool:
-    """The kernel's ITEMS_T switch forced off, then on (on a GPU: where the variant's tiles fit, see
-    test_items_t_where_it_fits)."""
-    monkeypatch.setattr(kernel_module, "ITEMS_T", request.param)
-    return request.param
 
 
 def _rel_err(got: torch.Tensor, want: torch.Tensor, scale: float = 0.0) -> float:
@@ -132,19 +119,19 @@ def _check_kernel(query, items, targets, grad, temperature, blocks=None, tol=KER
 # --------------------------------------------------------------------------- #
 
 
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=FIXTURE_OK)
+@settings(max_examples=EXAMPLES, deadline=None)
 @given(rows=st.integers(1, MAX_L), columns=st.integers(1, MAX_C), dim=st.sampled_from(DIMS),
        temperature=TEMPERATURES, normalised=st.booleans(), seed=st.integers(0, 2**16))
-def test_kernel_matches_dense_log_softmax(items_t, rows, columns, dim, temperature, normalised, seed):
+def test_kernel_matches_dense_log_softmax(rows, columns, dim, temperature, normalised, seed):
     """Per-row losses, lse and both gradients (any upstream gradient per row): sizes off the tiles,
     padding rows, temperatures 0.05-1, normalised or raw vectors."""
     _check_kernel(*_inputs(rows, columns, dim, seed, normalised=normalised), temperature)
 
 
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=FIXTURE_OK)
+@settings(max_examples=EXAMPLES, deadline=None)
 @given(rows=st.integers(1, MAX_L), columns=st.integers(1, MAX_C), dim=st.sampled_from(DIMS),
        temperature=TEMPERATURES, seed=st.integers(0, 2**16))
-def test_kernel_normalises_raw_rows_as_f_normalize(items_t, rows, columns, dim, temperature, seed):
+def test_kernel_normalises_raw_rows_as_f_normalize(rows, columns, dim, temperature, seed):
     """With eps the kernel scores F.normalize(items, eps=eps) and differentiates the raw rows: row norms
     from 0 to 3 with eps = 0.5, so that some rows sit on the clamp (no gradient through their norm)."""
     query, items, targets, grad = _inputs(rows, columns, dim, seed, normalised=False)
@@ -155,17 +142,17 @@ def test_kernel_normalises_raw_rows_as_f_normalize(items_t, rows, columns, dim, 
     _check_kernel(query, raw, targets, grad, temperature, eps=0.5)
 
 
-@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=FIXTURE_OK)
+@settings(max_examples=EXAMPLES, deadline=None)
 @given(splits=st.integers(1, 5), block_l=st.sampled_from([16, 32]), block_c=st.sampled_from([16, 32]),
        seed=st.integers(0, 2**16))
-def test_kernel_tiles_and_splits_do_not_change_the_result(items_t, splits, block_l, block_c, seed):
+def test_kernel_tiles_and_splits_do_not_change_the_result(splits, block_l, block_c, seed):
     """Any tiles and any number of candidate splits (more than there are tiles too): same results."""
     tiles = Tiles(block_l, block_c, 1 if not CUDA else 4, 1 if not CUDA else 2)
     query, items, targets, grad = _inputs(MAX_L // 2 + 3, MAX_C // 2 + 5, DIMS[-1], seed)
     _check_kernel(query, items, targets, grad, 0.05, Blocks(tiles, tiles, splits))
 
 
-def test_kernel_ignores_padding_rows(items_t):
+def test_kernel_ignores_padding_rows():
     """Rows with target -1 change neither the other rows' losses nor the items' gradient."""
     query, items, targets, grad = _inputs(29, 41, 50, seed=1, ignored=0.5)
     kept = targets >= 0
@@ -187,7 +174,7 @@ def _nan_padded(rows: int, dim: int, gen: torch.Generator) -> torch.Tensor:
     return wide.to(DEVICE)[:, 3:3 + dim]
 
 
-def test_kernel_reads_strided_inputs_within_their_rows(items_t):
+def test_kernel_reads_strided_inputs_within_their_rows():
     """query and items are column slices of NaN-padded tensors (row stride != D): loads are masked to D."""
     gen = torch.Generator().manual_seed(2)
     query, items = _nan_padded(19, 50, gen).requires_grad_(), _nan_padded(37, 50, gen).requires_grad_()
@@ -196,7 +183,7 @@ def test_kernel_reads_strided_inputs_within_their_rows(items_t):
 
 
 @pytest.mark.parametrize("frozen", ["items", "query"])
-def test_kernel_computes_only_the_wanted_gradient(frozen, items_t):
+def test_kernel_computes_only_the_wanted_gradient(frozen):
     query, items, targets, grad = _inputs(17, 33, 50, seed=3)
     inputs = {"query": query, "items": items}
     inputs[frozen] = inputs[frozen].detach()
@@ -222,40 +209,6 @@ def test_kernel_gradients_are_deterministic():
     runs = [torch.autograd.grad(triton_linear_cross_entropy(query, items, targets, 0.05)[0], [query, items], grad)
             for _ in range(2)]
     assert all(torch.equal(a, b) for a, b in zip(*runs))
-
-
-@pytest.mark.parametrize("switch", [None, False, True])
-def test_items_t_switch_decides_the_transposed_copy(monkeypatch, switch):
-    """ITEMS_T (None: off) makes the forward read a transposed copy, only where it accumulates the query gradient,
-    so the tests run with the items_t fixture take the variant they name. The copy is items.T, rows padded to
-    16 elements."""
-    copies = []
-    real = kernel_module._transposed
-    monkeypatch.setattr(kernel_module, "_transposed", lambda items: copies.append(real(items)) or copies[-1])
-    monkeypatch.setattr(kernel_module, "ITEMS_T", switch)
-    query, items, targets, _ = _inputs(17, 33, 50, seed=12)
-    tiles = Tiles(32, 32, 4, 2)
-    blocks = Blocks(tiles, tiles) if CUDA else None  # on a GPU, tiles whose variant fits in shared memory
-    triton_linear_cross_entropy(query, items, targets, 0.2, blocks)  # with the query gradient: the variant if forced
-    triton_linear_cross_entropy(query.detach(), items, targets, 0.2, blocks)  # without: never
-    assert len(copies) == (1 if switch else 0)
-    if copies:
-        assert copies[0].stride() == (48, 1) and torch.equal(copies[0], items.detach().T)
-
-
-def test_items_t_where_it_fits(monkeypatch):
-    """Forced on, the variant runs on a GPU only where its shared memory fits (an H100's or H200's 228 KB per SM
-    here): the Books tiles, not ml-1m's default 64 x 128 x 3 stages (two item tiles per stage: 240 KB); and where
-    the transposed copy's int32 offsets fit."""
-    monkeypatch.setattr(kernel_module, "ITEMS_T", True)
-    monkeypatch.setattr(kernel_module, "_shared_per_sm", lambda index: 233_472)
-    gpu, f32 = torch.device("cuda", 0), torch.float32
-    books = kernel_module.CATALOG_FP32_BLOCKS.forward
-    assert kernel_module._items_t(True, books, 64, 695_762, f32, gpu)
-    assert not kernel_module._items_t(False, books, 64, 695_762, f32, gpu)
-    assert not kernel_module._items_t(True, Tiles(64, 128, 4, 3), 64, 3706, f32, gpu)
-    assert kernel_module._items_t(True, Tiles(64, 128, 4, 3), 64, 3706, torch.bfloat16, gpu)
-    assert not kernel_module._items_t(True, books, 256, 1 << 23, f32, gpu)
 
 
 # --------------------------------------------------------------------------- #
@@ -397,13 +350,13 @@ def test_cuda_wide_fp32_rows_take_the_chunked_path_with_the_rows_kernel(monkeypa
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("rows,columns,dim", [(6400, 69_577, 64), (2000, 26_744, 256), (3000, 3706, 50)])
-def test_kernel_at_training_shapes(rows, columns, dim, items_t):
+def test_kernel_at_training_shapes(rows, columns, dim):
     """Books (a tenth of its catalog), ml-20m and ml-1m shapes in fp32, temperature 0.05."""
     _check_kernel(*_inputs(rows, columns, dim, seed=8), 0.05)
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
-def test_kernel_at_catalog_scale_normalising_raw_rows(items_t):
+def test_kernel_at_catalog_scale_normalising_raw_rows():
     """A Books-sized step (its catalog halved, still above CATALOG_SCALE: the tuned tiles) with the kernel
     normalising the raw rows, as FullSoftmaxLoss runs it."""
     query, items, targets, grad = _inputs(1952, 350_000, 64, seed=10, normalised=False)

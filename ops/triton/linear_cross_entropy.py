@@ -25,9 +25,6 @@ Layout (kernels, then the host side and the autograd Function):
   possible: a max, a subtraction and a multiply (the scale and log2(e) in one
   constant) before exp2, one int32 compare against the target, two sums; only
   the last, partial tile masks its columns.
-* ITEMS_T (off: on an H100 it was faster at L = 6,400 but slower at the trainer's Books step): the forward's
-  dQ matmul reads its item tiles from a (D, C) copy made once per call, so that both matmuls' loads are
-  software-pipelined (see ITEMS_T).
 * `_grad_items_kernel`: grid (C tiles,). Owns its item rows and walks every
   query tile, recomputing the logits transposed, dz = g * (softmax -
   one_hot(target)) * scale, and accumulating dz.T @ query (no column mask:
@@ -94,29 +91,15 @@ def _load_rows(Base, offs, stride, offs_d, rows_ok, d_ok, MASK_ROWS: tl.constexp
 
 
 @triton.jit
-def _load_cols(BaseT, offs_d, stride, offs, d_ok, cols_ok, MASK_COLS: tl.constexpr):
-    """A (BLOCK_D, columns) tile of a (D, C) matrix with unit stride along C; dims past D (and columns past
-    the end, with MASK_COLS) read 0. Offsets in int32: the host keeps BLOCK_D * stride below 2^31."""
-    mask = (d_ok[:, None] & cols_ok[None, :]) if MASK_COLS else d_ok[:, None]
-    return tl.load(BaseT + offs_d[:, None] * stride + offs[None, :], mask=mask, other=0.0)
-
-
-@triton.jit
-def _forward_tile(q, Items, ItemsT, stride_i, stride_t, tile, target, offs_d, d_ok, run_max, other_sum, target_logit,
-                  acc, C, scale_log2, BLOCK_C: tl.constexpr, DOT_PREC: tl.constexpr, GRAD_QUERY: tl.constexpr,
-                  ITEMS_T: tl.constexpr, TAIL: tl.constexpr):
+def _forward_tile(q, Items, stride_i, tile, target, offs_d, d_ok, run_max, other_sum, target_logit, acc, C, scale_log2,
+                  BLOCK_C: tl.constexpr, DOT_PREC: tl.constexpr, GRAD_QUERY: tl.constexpr, TAIL: tl.constexpr):
     """One C tile of the forward walk: the running max of the raw dot products, the sum of exp over the
     columns but the target's, the target's dot product, and (GRAD_QUERY) the other columns' exp-weighted
-    item rows, rescaled at every new max. Only the TAIL tile (the last, partial one) masks columns.
-    With ITEMS_T, acc is held transposed, (BLOCK_D, BLOCK_L), and its matmul reads the items from ItemsT,
-    their (D, C) copy (see ITEMS_T on the host side)."""
+    item rows, rescaled at every new max. Only the TAIL tile (the last, partial one) masks columns."""
     offs = tl.arange(0, BLOCK_C)
     first_col = tile * BLOCK_C
     col_ok = first_col + offs < C
-    if ITEMS_T:  # the tile's base as a scalar, int32 offsets: fewer registers in the pipelined loop (offline compile)
-        items = _load_rows(Items + first_col.to(tl.int64) * stride_i, offs, stride_i, offs_d, col_ok, d_ok, TAIL)
-    else:
-        items = _load_rows(Items, (first_col + offs).to(tl.int64), stride_i, offs_d, col_ok, d_ok, TAIL)
+    items = _load_rows(Items, (first_col + offs).to(tl.int64), stride_i, offs_d, col_ok, d_ok, TAIL)
     z = tl.dot(q, tl.trans(items), input_precision=DOT_PREC)  # unscaled: scale > 0 keeps the max's place
     if TAIL:
         z = tl.where(col_ok[None, :], z, float("-inf"))
@@ -131,20 +114,17 @@ def _forward_tile(q, Items, ItemsT, stride_i, stride_t, tile, target, offs_d, d_
     target_logit += tl.sum(tl.where(is_target, z, 0.0), axis=1)
     e = tl.where(is_target, 0.0, e)
     other_sum = other_sum * alpha + tl.sum(e, axis=1)
-    if GRAD_QUERY and ITEMS_T:  # acc.T = items.T @ e.T: both operands K-major (along C) in shared memory
-        items_t = _load_cols(ItemsT + first_col, offs_d, stride_t, offs, d_ok, col_ok, TAIL)
-        acc = acc * alpha[None, :] + tl.dot(items_t, tl.trans(e.to(items_t.dtype)), input_precision=DOT_PREC)
-    elif GRAD_QUERY:  # online, as attention accumulates its output
+    if GRAD_QUERY:  # online, as attention accumulates its output
         acc = acc * alpha[:, None] + tl.dot(e.to(items.dtype), items, input_precision=DOT_PREC)
     return new_max, other_sum, target_logit, acc
 
 
 @triton.jit
 def _forward_kernel(
-    Query, Items, ItemsT, Targets, PartMax, PartOther, PartTarget, PartAcc, L, C, tiles_per_split, scale_log2,
-    stride_q, stride_i, stride_t,
+    Query, Items, Targets, PartMax, PartOther, PartTarget, PartAcc, L, C, tiles_per_split, scale_log2,
+    stride_q, stride_i,
     D: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PREC: tl.constexpr, GRAD_QUERY: tl.constexpr, ITEMS_T: tl.constexpr,
+    DOT_PREC: tl.constexpr, GRAD_QUERY: tl.constexpr,
 ):
     split = tl.program_id(1)
     offs_l = (tl.program_id(0) * BLOCK_L + tl.arange(0, BLOCK_L)).to(tl.int64)
@@ -156,25 +136,23 @@ def _forward_kernel(
     run_max = tl.full((BLOCK_L,), float("-inf"), dtype=tl.float32)
     other_sum = tl.zeros((BLOCK_L,), dtype=tl.float32)
     target_logit = tl.zeros((BLOCK_L,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_D, BLOCK_L) if ITEMS_T else (BLOCK_L, BLOCK_D), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_L, BLOCK_D), dtype=tl.float32)
     first = split * tiles_per_split
     stop = tl.minimum(first + tiles_per_split, tl.cdiv(C, BLOCK_C))
     full = C // BLOCK_C
     for tile in range(first, tl.minimum(stop, full)):
         run_max, other_sum, target_logit, acc = _forward_tile(
-            q, Items, ItemsT, stride_i, stride_t, tile, target, offs_d, d_ok, run_max, other_sum, target_logit, acc,
-            C, scale_log2, BLOCK_C, DOT_PREC, GRAD_QUERY, ITEMS_T, False)
+            q, Items, stride_i, tile, target, offs_d, d_ok, run_max, other_sum, target_logit, acc, C, scale_log2,
+            BLOCK_C, DOT_PREC, GRAD_QUERY, False)
     if stop > full:  # this split holds the partial last tile
         run_max, other_sum, target_logit, acc = _forward_tile(
-            q, Items, ItemsT, stride_i, stride_t, full, target, offs_d, d_ok, run_max, other_sum, target_logit, acc,
-            C, scale_log2, BLOCK_C, DOT_PREC, GRAD_QUERY, ITEMS_T, True)
+            q, Items, stride_i, full, target, offs_d, d_ok, run_max, other_sum, target_logit, acc, C, scale_log2,
+            BLOCK_C, DOT_PREC, GRAD_QUERY, True)
     part = split * L + offs_l
     tl.store(PartMax + part, run_max, mask=row_ok)
     tl.store(PartOther + part, other_sum, mask=row_ok)
     tl.store(PartTarget + part, target_logit, mask=row_ok)
-    if GRAD_QUERY and ITEMS_T:
-        tl.store(PartAcc + part[None, :] * BLOCK_D + offs_d[:, None], acc, mask=row_ok[None, :])
-    elif GRAD_QUERY:
+    if GRAD_QUERY:
         tl.store(PartAcc + part[:, None] * BLOCK_D + offs_d[None, :], acc, mask=row_ok[:, None])
 
 
@@ -276,55 +254,9 @@ def default_blocks(device: torch.device, dtype: torch.dtype, dim: int, columns: 
     return Blocks(tiles, tiles)
 
 
-# The forward's two matmuls take the item tile in opposite orientations (K = D for the logits, K = C for dQ), and
-# Hopper's fp32 (TF32) wgmma takes both shared-memory operands K-major only: from one (C, D) tile Triton stores the
-# tile to shared memory twice per iteration from registers, without software pipelining, once dQ is accumulated.
-# With ITEMS_T the forward also reads a (D, C) copy of the items (made per call, freed after the launch) and
-# accumulates dQ transposed, acc.T += items.T @ e.T: each matmul gets its own K-major operand, both loads are
-# asynchronous copies, and e reaches the matmul through shared memory instead of a register shuffle (offline sm_90
-# compile, benchmarks/linear_cross_entropy_sass.py). Costs a transposing pass over the items, C x D elements
-# during the forward, and shared memory for a second item tile per stage and for e. Timed on an H100
-# (benchmarks/linear_cross_entropy.md, last section): forward -25% at L = 6,400 x 695,762 (tiles 128 x 64 x 8 x 3),
-# but +9% at the trainer's Books step (L = 1,952), where the copy outweighs the shorter walk. None: the default
-# rule, off; True / False force it (benchmarks, tests), True wherever it fits (_items_t).
-ITEMS_T: Optional[bool] = None
-
-
-def _items_t(grad_query: bool, tiles: Tiles, block_d: int, columns: int, dtype: torch.dtype,
-             device: torch.device) -> bool:
-    """Whether this forward reads the dQ matmul's items from a (D, C) copy: ITEMS_T with the query gradient, where
-    the copy's int32 tile offsets (up to BLOCK_D rows of it) and, on a GPU, the variant's shared memory fit."""
-    if not (grad_query and ITEMS_T and block_d * _t_stride(columns) < 2**31):
-        return False
-    return device.type != "cuda" or _items_t_fits(tiles, block_d, dtype.itemsize, device)
-
-
-def _items_t_fits(tiles: Tiles, block_d: int, itemsize: int, device: torch.device) -> bool:
-    """The variant's shared memory within one block's: the query tile, two item tiles per stage and e (within 0.5 KB
-    of what Triton 3.9 allocates at the Books tiles), plus 1 KB the driver keeps per block and 1 KB of margin."""
-    elements = tiles.block_l * block_d + 2 * tiles.num_stages * tiles.block_c * block_d + tiles.block_l * tiles.block_c
-    return elements * itemsize + 2048 <= _shared_per_sm(_device_index(device))
-
-
-def _t_stride(columns: int) -> int:
-    return triton.cdiv(columns, 16) * 16  # rows of 16-element multiples: the JIT then vectorises the copies
-
-
-def _transposed(items: torch.Tensor) -> torch.Tensor:
-    """items.T, contiguous along C, in a buffer of row stride _t_stride(C) (the padding is never read)."""
-    columns, dim = items.shape
-    out = items.new_empty((dim, _t_stride(columns)))[:, :columns]
-    return out.copy_(items.T)
-
-
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-@functools.lru_cache(maxsize=None)
-def _shared_per_sm(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).shared_memory_per_multiprocessor
 
 
 def _device_index(device: torch.device) -> int:
@@ -357,14 +289,11 @@ def _forward(query: torch.Tensor, items: torch.Tensor, targets: torch.Tensor, sc
     f32 = dict(dtype=torch.float32, device=query.device)
     part_max, part_other, part_target = torch.empty((3, splits, rows), **f32)
     part_acc = torch.empty((splits, rows, block_d) if grad_query else (1,), **f32)
-    items_t = _items_t(grad_query, t, block_d, items.shape[0], items.dtype, items.device)
-    # The transposed copy is a temporary of the launch: freed (to the stream-ordered cache) once it is queued.
     _forward_kernel[(triton.cdiv(rows, t.block_l), splits)](
-        query, items, _transposed(items) if items_t else items, targets, part_max, part_other, part_target, part_acc,
-        rows, items.shape[0], per_split, scale * LOG2E.value, query.stride(0), items.stride(0),
-        _t_stride(items.shape[0]),
+        query, items, targets, part_max, part_other, part_target, part_acc, rows, items.shape[0], per_split,
+        scale * LOG2E.value, query.stride(0), items.stride(0),
         D=dim, BLOCK_L=t.block_l, BLOCK_C=t.block_c, BLOCK_D=block_d, DOT_PREC=dot_precision(query.dtype),
-        GRAD_QUERY=grad_query, ITEMS_T=items_t, num_warps=t.num_warps, num_stages=t.num_stages,
+        GRAD_QUERY=grad_query, num_warps=t.num_warps, num_stages=t.num_stages,
     )
     # Combine the splits, each one's sum relative to its own max (finite: every split has a column), and add
     # the target's term. The row numbers are few: fp64 keeps lse to one rounding, also in the raw products'
