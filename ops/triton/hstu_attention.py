@@ -793,11 +793,10 @@ def rab_pass_wins(dtype: torch.dtype, heads: int, programs: int, sm_count: int) 
     return dtype != torch.float32 and heads >= 2 and programs >= sm_count
 
 
-def _use_rab_pass(q: torch.Tensor, batch: int, max_seq_len: int, block_m: int) -> bool:
+def _use_rab_pass(q: torch.Tensor, programs: int) -> bool:
     if RAB_PASS is not None:
         return RAB_PASS
-    return q.is_cuda and rab_pass_wins(q.dtype, q.shape[1], batch * triton.cdiv(max_seq_len, block_m),
-                                       _sm_count(q.device.index or 0))
+    return q.is_cuda and rab_pass_wins(q.dtype, q.shape[1], programs, _sm_count(q.device.index or 0))
 
 
 # The backward in one walk (`_hstu_bwd_kernel` with FUSED_DQ): dQ by fp32 atomics from the dK/dV walk instead of
@@ -816,11 +815,10 @@ def fused_dq_wins(has_bias: bool, heads: int, programs: int, sm_count: int) -> b
     return has_bias and heads >= 2 and programs >= sm_count
 
 
-def _use_fused_dq(q: torch.Tensor, has_bias: bool, batch: int, max_seq_len: int, block_m: int) -> bool:
+def _use_fused_dq(q: torch.Tensor, has_bias: bool, programs: int) -> bool:
     if FUSED_DQ is not None:
         return FUSED_DQ
-    return q.is_cuda and fused_dq_wins(has_bias, q.shape[1], batch * triton.cdiv(max_seq_len, block_m),
-                                       _sm_count(q.device.index or 0))
+    return q.is_cuda and fused_dq_wins(has_bias, q.shape[1], programs, _sm_count(q.device.index or 0))
 
 
 def _rab_config(q: torch.Tensor) -> Tuple[int, int, int, int]:
@@ -898,8 +896,9 @@ def _backward(do, q, k, v, seq_offsets, max_seq_len, timestamps, ts_w, pos_w,
     ts_stride = 32 * triton.cdiv(num_buckets + 1, 32)  # whole 128-byte lines per private copy
     rab_config = rab_config or _rab_config(q)
     weight_grads = has_bias and (need_ts_grad or need_pos_grad)
-    fused = _use_fused_dq(q, has_bias, batch, max_seq_len, rab_config[0])
-    rab_pass = weight_grads and (fused or _use_rab_pass(q, batch, max_seq_len, rab_config[0]))
+    pass_programs = batch * triton.cdiv(max_seq_len, rab_config[0])  # both rules count the pass's grid
+    fused = _use_fused_dq(q, has_bias, pass_programs)
+    rab_pass = weight_grads and (fused or _use_rab_pass(q, pass_programs))
     # The fused walk adds unscaled fp32 partial sums into dQ; the 1/N and the cast come after it.
     dq = (torch.zeros if fused else torch.empty)((total, heads, dqk), dtype=torch.float32 if fused else q.dtype,
                                                  device=q.device)
